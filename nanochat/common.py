@@ -1,0 +1,93 @@
+"""Small shared pieces of the core: who this process is in a distributed run, which device and
+dtype to compute in, and seeding.
+
+Notable:
+- `DistInfo` is the one way distributed facts reach the core (rank, world size, device). It is
+  built by the caller; `DistInfo.from_process_group` reads an already initialised
+  torch.distributed group (Ray Train initialises it; the core never calls init_process_group).
+- `compute_dtype`: bf16 autocast on CUDA, plain float32 on CPU.
+
+Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a (possibly single-process) training run."""
+
+    rank: int = 0  # global rank of this process, 0..world_size-1
+    world_size: int = 1  # number of processes taking part in the run
+    local_rank: int = 0  # rank on this node (picks the GPU index on multi-GPU nodes)
+    device: str = "cpu"  # torch device string this process computes on, e.g. "cuda:0"
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"DistInfo(rank={self.rank}, world_size={self.world_size}) is impossible: "
+                "need world_size >= 1 and 0 <= rank < world_size"
+            )
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs and writes shared files (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when collectives are needed (more than one process)."""
+        return self.world_size > 1
+
+    @classmethod
+    def from_process_group(cls, device: str | torch.device, local_rank: int | None = None) -> DistInfo:
+        """Read rank and world size from torch.distributed if a process group is initialised,
+        else describe a single process. `local_rank` defaults to the CUDA device index (0 on CPU)."""
+        device = torch.device(device)
+        if local_rank is None:
+            local_rank = (device.index or 0) if device.type == "cuda" else 0
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            return cls(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, str(device))
+        return cls(0, 1, local_rank, str(device))
+
+
+def autodetect_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu" (MPS is not a supported training target)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype matmuls run in: bfloat16 (via autocast) on CUDA, float32 on CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def autocast_context(device: str | torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA; a disabled (no-op) autocast elsewhere so CPU stays float32."""
+    device_type = torch.device(device).type
+    dtype = compute_dtype(device)
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def peak_bf16_flops(device: str | torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of one device for MFU, or None when unknown (CPU, other GPUs).
+
+    989e12 is the H100 SXM datasheet figure (without sparsity); the H200 has the same compute."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name or "H200" in name:
+        return 989e12
+    return None
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's and torch's generators (all devices) for a reproducible run."""
+    random.seed(seed)
+    torch.manual_seed(seed)

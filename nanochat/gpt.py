@@ -1,0 +1,253 @@
+"""The GPT model of nanochat (October 2025): a dense decoder-only Transformer.
+
+Notable features:
+- rotary embeddings (base 10000), no absolute positional embeddings
+- QK norm (queries and keys RMS-normalised after rotary)
+- RMSNorm without learnable parameters: after the token embedding, before each attention and
+  MLP, and before the head
+- untied token embedding and lm_head
+- ReLU^2 MLP with 4x expansion; no biases anywhere
+- group-query attention (n_kv_head <= n_head) for cheaper inference
+- logits soft-capped at 15 * tanh(x / 15), returned in float32
+- zero-initialised output projections (attention c_proj, MLP c_proj, lm_head)
+- optional KV cache with rows at different positions (nanochat/kv_cache.py)
+
+Build on the meta device and materialise to avoid double initialisation:
+    with torch.device("meta"): model = GPT(config)
+    model.to_empty(device=device); model.init_weights()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.adamw import AdamW
+from nanochat.common import DistInfo
+from nanochat.kv_cache import KVCache
+from nanochat.muon import Muon
+
+LOGIT_SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15): bounded logits, steadier early training
+ROTARY_BASE = 10000.0
+ROTARY_LENGTH_FACTOR = 10  # rotary tables cover 10x sequence_len so inference can run longer
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024  # training context length in tokens
+    vocab_size: int = 50304  # number of token ids (embedding rows, logits per position)
+    n_layer: int = 12  # number of transformer blocks
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when < n_head; must divide n_head)
+    n_embd: int = 768  # model width; head_dim = n_embd / n_head
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int, head_dim: int = 128) -> GPTConfig:
+        """nanochat's single dial: width = 64 * depth, heads = width / head_dim (as many kv heads).
+
+        head_dim 128 is the seed's; tiny CPU models may use less (depth 2: width 128, head_dim 64)."""
+        model_dim = 64 * depth
+        if depth < 1 or head_dim < 2 or head_dim % 2 or model_dim % head_dim:
+            raise ValueError(
+                f"depth {depth} gives width {model_dim}, which does not split into heads of "
+                f"head_dim {head_dim} (need an even head_dim dividing 64 * depth); pick another "
+                "depth or head_dim"
+            )
+        n_head = model_dim // head_dim
+        return cls(sequence_len, vocab_size, depth, n_head, n_head, model_dim)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last dim without learnable scale."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (B, T, H, D) by angles given as cos/sin (B|1, T, 1, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+            raise ValueError(
+                f"n_embd {config.n_embd} must divide by n_head {config.n_head}, and n_head by "
+                f"n_kv_head {config.n_kv_head}"
+            )
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)  # QK norm; keep autocast's dtype
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        gqa = self.n_head != self.n_kv_head
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k_all, v_all, mask = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T_keys, D)
+            k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
+    ) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        """Build the modules. Weights are PyTorch defaults until init_weights() is called."""
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.rotary_len = config.sequence_len * ROTARY_LENGTH_FACTOR
+        cos, sin = self._rotary_tables(device=self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)  # (rotary_len, head_dim/2) float32
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        head_dim = self.config.n_embd // self.config.n_head
+        channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)  # (D/2,)
+        inv_freq = 1.0 / (ROTARY_BASE ** (channels / head_dim))
+        t = torch.arange(self.rotary_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)  # (rotary_len, D/2) radians
+        return freqs.cos(), freqs.sin()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat init: N(0, 1) embedding; linear std = fan_in^-0.5 * min(1, sqrt(fan_out/fan_in));
+        zero output projections and lm_head; recompute the rotary tables (after to_empty)."""
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        for module in self.transformer.h.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = fan_in**-0.5 * min(1.0, (fan_out / fan_in) ** 0.5)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        nn.init.zeros_(self.lm_head.weight)
+        cos, sin = self._rotary_tables(device=self.lm_head.weight.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def _rotary_for(self, idx: torch.Tensor, kv_cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the positions of idx (B, T): (1, T, 1, D/2), or (B, T, 1, D/2) with a cache."""
+        T = idx.size(1)
+        limit = T if kv_cache is None else kv_cache.seq_len
+        if limit > self.rotary_len:
+            raise ValueError(
+                f"positions up to {limit} exceed the rotary tables ({self.rotary_len} = "
+                f"{ROTARY_LENGTH_FACTOR} x sequence_len); use shorter inputs or a shorter KV cache"
+            )
+        if kv_cache is None:
+            return self.cos[None, :T, None, :], self.sin[None, :T, None, :]
+        positions = kv_cache.get_pos()[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+        return self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        loss_reduction: str = "mean",
+    ) -> torch.Tensor:
+        """idx (B, T) token ids -> float32 logits (B, T, V), or with targets (B, T) the
+        cross-entropy loss (targets == -1 ignored): a scalar for "mean"/"sum", (B, T) for "none".
+        With a kv_cache, idx continues the cache's active rows (see nanochat/kv_cache.py)."""
+        cos, sin = self._rotary_for(idx, kv_cache)
+        x = norm(self.transformer.wte(idx))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        x = norm(x)
+        logits = self.lm_head(x).float()  # (B, T, V)
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
+        )
+        return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    def num_params(self) -> int:
+        """All parameters, embedding and lm_head included (the seed's count for data ratios)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> int:
+        """Training FLOPs per token: 6 x (params without the embedding) + attention 12 L H D T
+        (PaLM appendix B; the embedding lookup is not a matmul)."""
+        cfg = self.config
+        nparams = self.num_params() - self.transformer.wte.weight.numel()
+        head_dim = cfg.n_embd // cfg.n_head
+        return 6 * nparams + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+
+    def setup_optimizers(
+        self,
+        unembedding_lr: float = 0.004,
+        embedding_lr: float = 0.2,
+        matrix_lr: float = 0.02,
+        weight_decay: float = 0.0,
+        dist: DistInfo | None = None,
+    ) -> list[AdamW | Muon]:
+        """[AdamW for lm_head + embedding, Muon for the block matrices], sharded over `dist`.
+
+        AdamW lrs were tuned at width 768 and scale by (n_embd / 768)^-0.5; every group records
+        its "initial_lr" for the schedule."""
+        dist = dist or DistInfo()
+        scale = (self.config.n_embd / 768) ** -0.5
+        adam_groups = [
+            dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),
+            dict(params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale),
+        ]
+        adamw = AdamW(adam_groups, dist=dist, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        muon = Muon(list(self.transformer.h.parameters()), dist=dist, lr=matrix_lr, momentum=0.95)
+        optimizers: list[AdamW | Muon] = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return optimizers

@@ -1,0 +1,206 @@
+"""Tests of the GPT model and its KV cache (nanochat/gpt.py, nanochat/kv_cache.py) on CPU.
+
+Run: PYTHONPATH=. python -m pytest tests/test_gpt.py -q
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanochat.common import DistInfo
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import KVCache
+
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(n_kv_head: int | None = None, sequence_len: int = 24) -> GPTConfig:
+    cfg = GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=sequence_len, head_dim=32)  # 4 heads
+    if n_kv_head is not None:
+        cfg.n_kv_head = n_kv_head
+    return cfg
+
+
+def random_model(cfg: GPTConfig, seed: int = 0) -> GPT:
+    """A model whose every weight is random (init_weights zeroes the output projections, which
+    would make all logits 0 and every test below trivially pass)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def new_cache(cfg: GPTConfig, batch_size: int, seq_len: int) -> KVCache:
+    head_dim = cfg.n_embd // cfg.n_head
+    return KVCache(batch_size, cfg.n_kv_head, seq_len, head_dim, cfg.n_layer)
+
+
+@pytest.mark.parametrize("depth, expected", [(20, 560_988_160), (32, 1_879_048_192)])
+def test_param_counts_of_seed_sizes(depth, expected):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(depth, vocab_size=65_536, sequence_len=2048))
+    assert model.num_params() == expected
+    cfg = model.config
+    assert (cfg.n_embd, cfg.n_head, cfg.n_kv_head) == (64 * depth, depth // 2, depth // 2)
+
+
+def test_from_depth_rejects_width_that_does_not_split_into_heads():
+    with pytest.raises(ValueError, match="head_dim"):
+        GPTConfig.from_depth(3, vocab_size=VOCAB, sequence_len=16)  # width 192, head_dim 128
+    assert GPTConfig.from_depth(2, VOCAB, 16, head_dim=64).n_head == 2
+
+
+def test_estimate_flops_follows_the_seed_formula():
+    cfg = tiny_config()
+    model = GPT(cfg)
+    non_embedding = model.num_params() - VOCAB * cfg.n_embd
+    attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.sequence_len
+    assert model.estimate_flops() == 6 * non_embedding + attention
+
+
+def test_output_shapes_dtypes_and_loss_reductions():
+    model = random_model(tiny_config())
+    idx = torch.randint(0, VOCAB, (3, 10))
+    targets = torch.randint(0, VOCAB, (3, 10))
+    logits = model(idx)
+    assert logits.shape == (3, 10, VOCAB) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 15.0  # soft cap
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == (3, 10)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), reduction="none")
+    torch.testing.assert_close(per_token.view(-1), expected)
+    torch.testing.assert_close(model(idx, targets), per_token.mean())
+    ignored = targets.clone()
+    ignored[:, :5] = -1
+    torch.testing.assert_close(model(idx, ignored), per_token[:, 5:].mean())
+    assert (model(idx, ignored, loss_reduction="none")[:, :5] == 0).all()
+
+
+def test_fresh_init_predicts_uniformly():
+    model = GPT(tiny_config())
+    model.init_weights()
+    idx = torch.randint(0, VOCAB, (2, 8))
+    assert model(idx, idx).item() == pytest.approx(math.log(VOCAB), rel=1e-6)  # zero lm_head
+    assert all((b.attn.c_proj.weight == 0).all() and (b.mlp.c_proj.weight == 0).all() for b in model.transformer.h)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_future_tokens_never_change_earlier_logits(n_kv_head):
+    model = random_model(tiny_config(n_kv_head))
+    idx = torch.randint(0, VOCAB, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % VOCAB
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)
+    assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-3  # and the later ones do change
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_cached_decode_matches_full_recompute(n_kv_head):
+    cfg = tiny_config(n_kv_head)
+    model = random_model(cfg)
+    idx = torch.randint(0, VOCAB, (2, 14))
+    full = model(idx)
+    cache = new_cache(cfg, batch_size=2, seq_len=20)
+    with torch.no_grad():
+        steps = [model(idx[:, :6], kv_cache=cache)]  # prefill 6 tokens
+        for t in range(6, 14):
+            steps.append(model(idx[:, t : t + 1], kv_cache=cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    assert cache.pos.tolist() == [14, 14]
+
+
+def test_ragged_batch_equals_each_row_alone():
+    cfg = tiny_config(2)
+    model = random_model(cfg)
+    lengths = [3, 7, 5]
+    prompts = [torch.randint(0, VOCAB, (1, n)) for n in lengths]
+    cache = new_cache(cfg, batch_size=3, seq_len=16)
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):  # prefill each row with its own length
+            cache.set_active([row])
+            model(prompt, kv_cache=cache)
+        cache.set_active(None)
+        assert cache.get_pos().tolist() == lengths
+        new_tokens = torch.randint(0, VOCAB, (3, 4))
+        ragged = torch.cat([model(new_tokens[:, t : t + 1], kv_cache=cache) for t in range(4)], dim=1)
+    for row, prompt in enumerate(prompts):
+        alone = model(torch.cat([prompt, new_tokens[row : row + 1]], dim=1))[:, -4:]
+        torch.testing.assert_close(ragged[row : row + 1], alone, rtol=0, atol=1e-5)
+    assert cache.pos.tolist() == [n + 4 for n in lengths]
+
+
+def test_decoding_a_subset_of_rows_leaves_the_others_untouched():
+    cfg = tiny_config()
+    model = random_model(cfg)
+    prompt = torch.randint(0, VOCAB, (3, 5))
+    cache = new_cache(cfg, batch_size=3, seq_len=12)
+    with torch.no_grad():
+        model(prompt, kv_cache=cache)
+        k_row1 = cache.k[:, 1].clone()
+        cache.set_active([2, 0])  # idx row 0 -> cache row 2, idx row 1 -> cache row 0
+        step = torch.randint(0, VOCAB, (2, 1))
+        out = model(step, kv_cache=cache)
+    assert cache.pos.tolist() == [6, 5, 6]
+    assert torch.equal(cache.k[:, 1], k_row1)
+    for i, row in enumerate([2, 0]):
+        alone = model(torch.cat([prompt[row : row + 1], step[i : i + 1]], dim=1))[:, -1:]
+        torch.testing.assert_close(out[i : i + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_copy_row_reset_rows_and_prefill_from():
+    cfg = tiny_config()
+    model = random_model(cfg)
+    prompt = torch.randint(0, VOCAB, (1, 6))
+    single = new_cache(cfg, batch_size=1, seq_len=10)
+    with torch.no_grad():
+        model(prompt, kv_cache=single)
+        wide = new_cache(cfg, batch_size=4, seq_len=16)
+        wide.prefill_from(single, src_row=0, dst_rows=[0, 1])
+        wide.copy_row(1, [2])
+        wide.reset_rows([3])
+        assert wide.pos.tolist() == [6, 6, 6, 0]
+        wide.set_active([0, 1, 2])
+        nxt = torch.randint(0, VOCAB, (3, 1))
+        out = model(nxt, kv_cache=wide)
+    for i in range(3):
+        alone = model(torch.cat([prompt, nxt[i : i + 1]], dim=1))[:, -1:]
+        torch.testing.assert_close(out[i : i + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_cache_errors_are_clear():
+    cfg = tiny_config()
+    model = random_model(cfg)
+    cache = new_cache(cfg, batch_size=2, seq_len=4)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(torch.randint(0, VOCAB, (2, 5)), kv_cache=cache)
+    cache.set_active([0])
+    with pytest.raises(ValueError, match="set_active"):
+        model(torch.randint(0, VOCAB, (2, 1)), kv_cache=cache)
+
+
+def test_setup_optimizers_groups_and_lrs():
+    cfg = GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=16, head_dim=64)  # width 128
+    model = GPT(cfg)
+    adamw, muon = model.setup_optimizers(dist=DistInfo())
+    scale = (128 / 768) ** -0.5
+    assert [g["initial_lr"] for g in adamw.param_groups] == pytest.approx([0.004 * scale, 0.2 * scale])
+    assert adamw.param_groups[0]["params"][0] is model.lm_head.weight
+    assert adamw.param_groups[1]["params"][0] is model.transformer.wte.weight
+    assert muon.param_groups[0]["initial_lr"] == 0.02
+    covered = {id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]}
+    assert covered == {id(p) for p in model.parameters()}
