@@ -1,0 +1,55 @@
+# nanochat on Ray: the two commands are `make demo` and `make test` (see README.md).
+#
+# The Python environment lives outside the clone ($(VENV)) and is reused while pyproject.toml is
+# unchanged (a stamp holds its hash), so a fresh clone does not download torch again; the Rust
+# build directory ($(CARGO_TARGET_DIR)) is outside the clone too.
+
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/nanochat-ray
+VENV ?= $(CACHE)/venv
+PY := $(VENV)/bin/python
+export CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
+PRESET ?= tiny
+RUN ?= demo
+
+.PHONY: env demo test test-fast lint cluster-start cluster-stop clean-cache
+
+env:
+	@set -e; \
+	if [ ! -x "$(PY)" ]; then python3 -m venv "$(VENV)"; fi; \
+	want=$$(cat pyproject.toml | sha256sum | cut -c1-16); \
+	have=$$(cat "$(VENV)/.deps-stamp" 2>/dev/null || true); \
+	if [ "$$want" != "$$have" ]; then \
+		echo "[env] installing Python dependencies into $(VENV)"; \
+		$(PY) -m pip install -q --upgrade pip; \
+		$(PY) -m pip install -q -e ".[dev]"; \
+		echo "$$want" > "$(VENV)/.deps-stamp"; \
+	else \
+		$(PY) -m pip install -q --no-deps --no-build-isolation -e . ; \
+	fi; \
+	src=$$(cat rustbpe/Cargo.toml rustbpe/pyproject.toml $$(find rustbpe/src -type f | sort) | sha256sum | cut -c1-16); \
+	if [ "$$src" != "$$(cat "$(VENV)/.rustbpe-stamp" 2>/dev/null || true)" ]; then \
+		echo "[env] building rustbpe"; \
+		rm -rf "$(CACHE)/wheels"; \
+		PATH="$(VENV)/bin:$$PATH" maturin build -q --release -m rustbpe/Cargo.toml --out "$(CACHE)/wheels"; \
+		$(PY) -m pip install -q --force-reinstall --no-deps "$(CACHE)"/wheels/rustbpe-*.whl; \
+		echo "$$src" > "$(VENV)/.rustbpe-stamp"; \
+	fi; \
+	for s in scripts/install_*_deps.sh; do if [ -x "$$s" ]; then "$$s"; fi; done
+
+demo: env
+	$(PY) -m cluster.local start
+	$(PY) -m jobs.pipeline --preset $(PRESET) --run $(RUN)
+
+test: env
+	cd rustbpe && cargo test -q --release 2>&1 | tail -n 5
+	$(PY) -m pytest -q -rs --durations=15
+
+lint: env
+	$(VENV)/bin/ruff check .
+
+cluster-start: env
+	$(PY) -m cluster.local start
+
+cluster-stop:
+	$(PY) -m cluster.local stop

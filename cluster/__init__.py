@@ -1,0 +1,1 @@
+"""Ray glue: local cluster, run storage, Ray Data pipelines, Ray Train and actor pools."""

@@ -1,0 +1,1 @@
+"""Stage entrypoints (one per stage), their configs and presets, and the pipeline runner."""

@@ -1,0 +1,103 @@
+"""Stage configuration: pydantic models filled from a preset YAML plus `--set key=value` overrides.
+
+Every stage has one config class (`extra="forbid"`, a description on every field). A preset is
+`jobs/presets/<name>.yaml` with one section per stage (the section name is the stage name):
+
+    tokenizer:
+      vocab_size: 512
+    pretrain:
+      depth: 2
+
+`load_stage_config(TokenizerConfig, "tokenizer", "micro", ["vocab_size=1024"])` validates the
+section merged with the overrides; unknown keys, wrong types and unknown presets are errors that
+name the key, the preset and the file. The resolved config is saved in the stage's meta.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A preset, override or config value that cannot be used; the message says which."""
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(preset: str) -> dict[str, Any]:
+    """The whole preset file as a dict of stage sections."""
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {preset!r}; available presets: {', '.join(available_presets())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset file {path} must be a mapping of stage sections")
+    return data
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """`["a=1", "b.c=x"]` → `{"a": 1, "b": {"c": "x"}}`; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_stage_config(cls: type[C], stage: str, preset: str, overrides: list[str] | None = None) -> C:
+    """Validate the preset's `stage` section plus overrides against the stage's config class."""
+    section = load_preset(preset).get(stage) or {}
+    values = _merge(section, parse_overrides(overrides))
+    try:
+        return cls.model_validate(values)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid {stage} config (preset {preset!r} + overrides): {problems}") from None
+
+
+def stage_argparser(stage: str, description: str) -> argparse.ArgumentParser:
+    """The arguments every stage accepts: --preset, --run, --storage, --set, --force."""
+    p = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=description)
+    p.add_argument("--preset", default="micro", help="preset name in jobs/presets/ (default: micro)")
+    p.add_argument("--run", required=True, help="run id: the directory under the storage that holds all stages")
+    p.add_argument("--storage", default=None, help="local dir, s3:// or gs:// prefix (default: $NANOCHAT_HOME/runs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--force", action="store_true", help="rerun even if the stage output is complete")
+    return p

@@ -1,0 +1,183 @@
+"""Run every registered stage of a run in order, each as a Ray job it waits on.
+
+    python -m jobs.pipeline --preset tiny --run demo            # against the local cluster
+    python -m jobs.pipeline --preset tiny --run demo --no-submit # stages as local subprocesses
+    python -m jobs.pipeline --preset micro --run r1 --stages tokenizer --force tokenizer
+
+Before any stage: the run id, preset and stage names are checked, the storage must be writable,
+and the preset's data source must be ready (the embedded pack is built or repaired here).
+A stage whose output is complete (meta.json written) is skipped, so a killed pipeline rerun
+with the same arguments resumes where it stopped; an incomplete stage is run again (training
+stages then resume from their own last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cluster.storage import RunStorage, git_commit, validate_run_id
+from jobs import registry
+from jobs.config import ConfigError, load_preset, parse_overrides
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UPLOAD_EXCLUDES = [".git", "**/__pycache__", "rustbpe/target", ".pytest_cache", ".ruff_cache", "*.egg-info"]
+
+
+class PipelineError(RuntimeError):
+    """A stage failed or the pipeline cannot start; the message names the stage and what to do."""
+
+
+def ensure_data(preset: dict) -> str:
+    """Make the preset's training data ready and return its location (a local dir or a URI)."""
+    from nanochat import dataset
+
+    data = preset.get("data") or {}
+    source = data.get("source", "embedded")
+    dataset.get_source(source)  # unknown names fail here, naming the known ones
+    if source == "embedded":
+        from nanochat.datapack import build_embedded_pack, pack_status
+
+        status = pack_status()
+        if not status.ok:
+            print(f"[data] embedded pack: {status.reason}; building it")
+        path = build_embedded_pack()
+        return str(path)
+    if data.get("uri"):
+        return data["uri"]
+    return str(dataset.nanochat_home() / "data" / "fineweb")
+
+
+def _job_env() -> dict[str, str]:
+    """What a stage's job needs from the submitting environment (never the Ray auth token)."""
+    env = {"NANOCHAT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1"}
+    if os.environ.get("NANOCHAT_HOME"):
+        env["NANOCHAT_HOME"] = os.environ["NANOCHAT_HOME"]
+    return env
+
+
+def run_stage_subprocess(cmd: list[str], stage: str) -> None:
+    """Run a stage in a local process (no job submission), streaming its output."""
+    env = {**os.environ, **_job_env(), "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, *cmd[1:]], cwd=REPO_ROOT, env=env)
+    if proc.returncode != 0:
+        raise PipelineError(f"stage {stage} failed with exit code {proc.returncode}: {shlex.join(cmd)}")
+
+
+def run_stage_job(cmd: list[str], stage: str, run: str, address: str | None, poll_s: float = 2.0) -> None:
+    """Submit a stage as a Ray job and wait for it, printing its log as it grows."""
+    from cluster.local import LocalCluster
+
+    cluster = LocalCluster.from_state()
+    address = address or os.environ.get("RAY_ADDRESS") or (cluster.dashboard_url if cluster else None)
+    if not address or (cluster and address == cluster.dashboard_url and not cluster.is_running()):
+        raise PipelineError("no Ray cluster to submit to: start one with `python -m cluster.local start` "
+                            "or pass --address / set RAY_ADDRESS (or use --no-submit)")
+    os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray when the client first connects
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = f"{run}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    client.submit_job(
+        entrypoint=shlex.join(cmd), submission_id=job_id,
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": _job_env()},
+    )
+    print(f"[{stage}] submitted job {job_id} to {address}", flush=True)
+    shown = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        for line in logs[shown:].splitlines():
+            print(f"[{stage}] {line}", flush=True)
+        shown = len(logs)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(poll_s)
+    if status != JobStatus.SUCCEEDED:
+        info = client.get_job_info(job_id)
+        raise PipelineError(f"stage {stage} job {job_id} ended {status}: {info.message}. Logs: "
+                            f"RAY_AUTH_MODE=token ray job logs --address {address} {job_id}")
+
+
+def run_pipeline(preset: str, run: str, *, storage_uri: str | None = None, stages: list[str] | None = None,
+                 force: list[str] | None = None, overrides: list[str] | None = None, submit: bool = True,
+                 address: str | None = None) -> RunStorage:
+    """Run the selected stages of one run in order; returns the run's storage."""
+    validate_run_id(run)
+    preset_data = load_preset(preset)
+    selected = registry.select(stages)
+    force = force or []
+    for name in force:
+        registry.get_stage(name)
+    by_stage = parse_overrides(overrides)
+    storage = RunStorage(run, storage_uri)
+    storage.check_writable()
+    t0 = time.time()
+    data_dir = ensure_data(preset_data)
+    print(f"[data] ready: {data_dir}", flush=True)
+    for i, stage in enumerate(selected, 1):
+        banner = f"[{i}/{len(selected)}] {stage.name}"
+        if stage.is_complete(storage) and stage.name not in force:
+            print(f"{banner}: complete, skipped ({storage.stage_uri(stage.out_dir)})", flush=True)
+            continue
+        missing = [s for s in stage.inputs if not registry.get_stage(s).is_complete(storage)]
+        if missing:
+            raise PipelineError(f"stage {stage.name} needs {missing} of run {run}, which are not complete")
+        stage_overrides = [f"{k}={v}" for k, v in _flatten(by_stage.get(stage.name, {}))]
+        cmd = stage.command(preset, run, storage.uri or "", stage_overrides)
+        if stage.name in force:
+            cmd.append("--force")
+        print(f"{banner}: running {shlex.join(cmd)}  (elapsed {time.time() - t0:.0f}s)", flush=True)
+        t_stage = time.time()
+        if submit:
+            run_stage_job(cmd, stage.name, run, address)
+        else:
+            run_stage_subprocess(cmd, stage.name)
+        if not stage.is_complete(storage):
+            raise PipelineError(f"stage {stage.name} exited without writing {storage.stage_uri(stage.out_dir)}/meta.json")
+        print(f"{banner}: done in {time.time() - t_stage:.0f}s", flush=True)
+    print(f"pipeline {run} ({preset}) finished in {time.time() - t0:.0f}s; outputs in {storage.uri}/{run}/",
+          flush=True)
+    return storage
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--run", required=True)
+    p.add_argument("--storage", default=None, help="local dir, s3:// or gs:// (default $NANOCHAT_HOME/runs)")
+    p.add_argument("--stages", default=None, help="comma-separated subset of stages (default: all)")
+    p.add_argument("--force", default="", help="comma-separated stages to rerun even if complete")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a stage config field, e.g. --set pretrain.num_steps=10")
+    p.add_argument("--no-submit", action="store_true", help="run stages as local processes, not Ray jobs")
+    p.add_argument("--address", default=None, help="Ray dashboard URL to submit to (default: the local cluster)")
+    args = p.parse_args(argv)
+    try:
+        run_pipeline(args.preset, args.run, storage_uri=args.storage,
+                     stages=[s for s in (args.stages or "").split(",") if s] or None,
+                     force=[s for s in args.force.split(",") if s], overrides=args.overrides,
+                     submit=not args.no_submit, address=args.address)
+    except (PipelineError, ConfigError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The stages of a run, in pipeline order: name, inputs, output, and how to run each.
+
+A stage is run as `python -m jobs.<stage> --preset P --run R --storage S [args]`, by the
+pipeline (as a Ray job it waits on) or by hand. Its output is `{run}/<output>/`, complete when
+its meta.json exists (see cluster/storage.py). Stages never import each other; this table is the
+only place that knows their order. Each later stage adds its entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cluster.storage import RunStorage
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One entry of the pipeline."""
+
+    name: str  # unique key, also used in `--stages` and job ids
+    module: str  # `python -m <module>` runs it, e.g. "jobs.tokenizer"
+    inputs: tuple[str, ...] = ()  # stage names whose outputs it reads
+    output: str = ""  # directory under the run; defaults to `name`
+    args: tuple[str, ...] = ()  # extra command-line arguments
+    description: str = ""
+    complete: Callable[[RunStorage], bool] | None = field(default=None, compare=False)
+
+    @property
+    def out_dir(self) -> str:
+        return self.output or self.name
+
+    def is_complete(self, storage: RunStorage) -> bool:
+        if self.complete is not None:
+            return self.complete(storage)
+        return storage.is_complete(self.out_dir)
+
+    def command(self, preset: str, run: str, storage_uri: str, overrides: list[str] | None = None) -> list[str]:
+        cmd = ["python", "-m", self.module, *self.args, "--preset", preset, "--run", run,
+               "--storage", storage_uri]
+        for o in overrides or []:
+            cmd += ["--set", o]
+        return cmd
+
+
+STAGES: list[Stage] = []
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage at the end of the pipeline order; names must be unique."""
+    if any(s.name == stage.name for s in STAGES):
+        raise ValueError(f"stage {stage.name!r} is registered twice")
+    unknown = [i for i in stage.inputs if i not in {s.name for s in STAGES}]
+    if unknown:
+        raise ValueError(f"stage {stage.name!r} reads {unknown}, which are not registered before it")
+    STAGES.append(stage)
+    return stage
+
+
+def get_stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(s.name for s in STAGES) or '(none)'}")
+
+
+def select(names: list[str] | None) -> list[Stage]:
+    """The stages to run, in pipeline order; unknown names are an error naming them."""
+    if not names:
+        return list(STAGES)
+    for n in names:
+        get_stage(n)
+    return [s for s in STAGES if s.name in names]

@@ -1,0 +1,69 @@
+"""Shared test fixtures: one isolated local Ray cluster per session, and per-tier timing.
+
+Tests marked `cluster` get `ray_cluster`: a head node started by this test session on fresh
+ports with its own temp dir and state file (never a cluster a user left running), token auth on,
+stopped at the end. At the end the time spent in each tier (unit / cluster) is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_TIER_TIME: dict[str, float] = defaultdict(float)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A running isolated LocalCluster; the driver in this process is connected to it."""
+    from cluster.local import LocalCluster
+
+    tmp = tempfile.mkdtemp(prefix="ncray-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    cluster = LocalCluster.isolated(num_cpus=4, temp_dir=f"{tmp}/ray", state_file=f"{tmp}/state.json")
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    os.environ.pop("RAY_ADDRESS", None)
+    cluster.start()
+    os.environ["RAY_AUTH_MODE"] = "token"
+    import ray
+
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+             log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty NANOCHAT_HOME for the test."""
+    monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    t0 = time.time()
+    yield
+    tier = "cluster" if item.get_closest_marker("cluster") else "unit"
+    _TIER_TIME[tier] += time.time() - t0
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _TIER_TIME:
+        parts = ", ".join(f"{tier} {secs:.1f}s" for tier, secs in sorted(_TIER_TIME.items()))
+        terminalreporter.write_line(f"time per tier: {parts}")
