@@ -1,0 +1,195 @@
+"""Tests of the core training loop, schedules and bits-per-byte (nanochat/train.py,
+nanochat/schedule.py) on CPU with a tiny model.
+
+Run: PYTHONPATH=. python -m pytest tests/test_train_loop.py -q
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanochat.adamw import load_optimizer_shards, optimizer_shard_state
+from nanochat.common import DistInfo
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.schedule import grad_accum_steps, lr_multiplier, muon_momentum, num_steps_from
+from nanochat.train import LoopConfig, clip_grad_norm, evaluate_bpb, train_loop
+
+VOCAB, SEQ = 64, 16
+SINGLE = DistInfo()
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=SEQ, head_dim=64))
+    model.init_weights()
+    return model
+
+
+def blocks(n: int, rows: int, seed: int = 5) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (rows, SEQ + 1), generator=gen) for _ in range(n)]
+
+
+def as_batches(data: list[torch.Tensor]):
+    return iter([(d[:, :-1], d[:, 1:]) for d in data])
+
+
+# ---- schedules and horizon --------------------------------------------------------------------
+
+
+def test_lr_multiplier_warmup_constant_warmdown():
+    values = [lr_multiplier(s, 10, warmup_ratio=0.2, warmdown_ratio=0.4, final_lr_frac=0.1) for s in range(10)]
+    assert values[:2] == [0.5, 1.0]
+    assert values[2:7] == [1.0] * 5
+    assert values[7:] == pytest.approx([0.1 + 0.9 * 3 / 4, 0.1 + 0.9 * 2 / 4, 0.1 + 0.9 * 1 / 4])
+    assert lr_multiplier(99, 100) == pytest.approx(1 / 20)  # seed default: last 20% decay to 0
+
+
+def test_muon_momentum_warmup():
+    assert muon_momentum(0) == pytest.approx(0.85)
+    assert muon_momentum(150) == pytest.approx(0.90)
+    assert muon_momentum(300) == muon_momentum(5000) == pytest.approx(0.95)
+
+
+def test_horizon_and_accumulation_arithmetic():
+    # d20 speedrun: 20 tokens per parameter with a 524,288-token batch
+    assert num_steps_from(total_batch_tokens=524_288, num_params=560_988_160, flops_per_token=1) == 21_400
+    assert num_steps_from(total_batch_tokens=1000, num_params=1, flops_per_token=10, flops_budget=1e6) == 100
+    assert num_steps_from(total_batch_tokens=1000, num_params=1, flops_per_token=1, num_iterations=7) == 7
+    assert grad_accum_steps(524_288, device_batch_size=32, seq_len=2048, world_size=8) == 1
+    assert grad_accum_steps(524_288, device_batch_size=16, seq_len=2048, world_size=2) == 8
+    with pytest.raises(ValueError, match="not a multiple"):
+        grad_accum_steps(524_288, device_batch_size=3, seq_len=2048, world_size=1)
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+def test_loss_goes_down_on_a_tiny_batch_and_metrics_are_reported():
+    model = make_model()
+    optimizers = model.setup_optimizers()
+    data = blocks(1, rows=4) * 25
+    seen = []
+    final = train_loop(model, optimizers, as_batches(data), LoopConfig(num_steps=25), SINGLE, on_metrics=seen.append)
+    assert seen[0]["loss"] == pytest.approx(math.log(VOCAB), rel=1e-3)  # zero-init lm_head
+    assert final["loss"] < 0.5 * seen[0]["loss"]
+    assert [m["step"] for m in seen] == list(range(1, 26))
+    assert final["tokens_per_sec"] > 0 and 0 <= final["data_wait_frac"] < 1
+    assert final["mfu_percent"] is None  # no peak FLOP/s given
+
+
+def test_mfu_uses_the_flops_estimate():
+    model = make_model()
+    final = train_loop(model, model.setup_optimizers(), as_batches(blocks(1, 2)), LoopConfig(1, peak_flops=1e9), SINGLE)
+    expected = 100 * model.estimate_flops() * final["tokens_per_sec"] / 1e9
+    assert final["mfu_percent"] == pytest.approx(expected)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    data = blocks(3, rows=4)
+    big = make_model()
+    train_loop(big, big.setup_optimizers(), as_batches(data), LoopConfig(num_steps=3), SINGLE)
+    small = make_model()
+    halves = [half for d in data for half in (d[:2], d[2:])]
+    train_loop(small, small.setup_optimizers(), as_batches(halves), LoopConfig(3, grad_accum_steps=2), SINGLE)
+    for (name, a), b in zip(big.state_dict().items(), small.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_resume_equals_uninterrupted_training():
+    data = blocks(6, rows=2)
+    cfg = LoopConfig(num_steps=6, warmdown_ratio=0.5, grad_clip=0.5)
+    straight = make_model()
+    train_loop(straight, straight.setup_optimizers(), as_batches(data), cfg, SINGLE)
+
+    first = make_model()
+    optimizers = first.setup_optimizers()
+    checkpoints = []
+    train_loop(first, optimizers, as_batches(data[:3]), cfg, SINGLE, stop_step=3, on_checkpoint=checkpoints.append)
+    assert checkpoints == [3]
+    saved_model = {k: v.clone() for k, v in first.state_dict().items()}
+    saved_optim = [optimizer_shard_state(opt, SINGLE) for opt in optimizers]
+    del first, optimizers
+
+    resumed = make_model(seed=1)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(saved_model)
+    optimizers = resumed.setup_optimizers()
+    for opt, shard in zip(optimizers, saved_optim, strict=True):
+        load_optimizer_shards(opt, [shard], SINGLE)
+    train_loop(resumed, optimizers, as_batches(data[3:]), cfg, SINGLE, start_step=3)
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+def test_evaluate_and_checkpoint_hooks_fire_on_schedule():
+    model = make_model()
+    evaluated, checkpoints, logged = [], [], []
+    cfg = LoopConfig(num_steps=7, eval_every=3, checkpoint_every=2, log_every=4)
+    train_loop(
+        model,
+        model.setup_optimizers(),
+        as_batches(blocks(7, 2)),
+        cfg,
+        SINGLE,
+        evaluate=lambda step: evaluated.append(step) or {"val_bpb": float(step)},
+        on_metrics=logged.append,
+        on_checkpoint=checkpoints.append,
+    )
+    assert evaluated == [0, 3, 6, 7]
+    assert checkpoints == [2, 4, 6, 7]
+    assert [(m["step"], "loss" in m, m.get("val_bpb")) for m in logged] == [
+        (0, False, 0.0),
+        (3, False, 3.0),
+        (4, True, None),
+        (6, False, 6.0),
+        (7, True, 7.0),
+    ]
+
+
+def test_running_out_of_batches_names_the_step():
+    model = make_model()
+    with pytest.raises(RuntimeError, match="ran out at step 1, micro-batch 1"):
+        train_loop(model, model.setup_optimizers(), as_batches(blocks(3, 2)), LoopConfig(3, grad_accum_steps=2), SINGLE)
+
+
+def test_clipping_bounds_the_global_norm():
+    model = make_model()
+    optimizers = model.setup_optimizers()
+    x = blocks(1, 4)[0]
+    model(x[:, :-1], x[:, 1:]).backward()
+    full_norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    before = clip_grad_norm(optimizers, max_norm=0.1, dist=SINGLE)
+    torch.testing.assert_close(before, full_norm)
+    after = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert after == pytest.approx(0.1, rel=1e-4)
+
+
+def test_evaluate_bpb_counts_only_real_bytes():
+    model = make_model()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    token_bytes = torch.randint(1, 4, (VOCAB,))
+    token_bytes[:3] = 0  # special tokens: not counted
+    x = blocks(1, 2)[0]
+    inputs, targets = x[:, :-1], x[:, 1:].clone()
+    targets[0, :4] = -1  # ignored positions
+    targets[1, :2] = 1  # a special token as target
+    bpb = evaluate_bpb(model, iter([(inputs, targets)] * 2), token_bytes, SINGLE)
+    with torch.no_grad():
+        nats = model(inputs, targets, loss_reduction="none")
+    counted = (targets >= 0) & (token_bytes[targets.clamp(min=0)] > 0)
+    expected = nats[counted].sum() / (math.log(2) * token_bytes[targets[counted]].sum())
+    assert bpb == pytest.approx(float(expected), rel=1e-5)
+    assert evaluate_bpb(model, iter([(inputs, targets)] * 5), token_bytes, SINGLE, steps=1) == pytest.approx(bpb)
+    assert evaluate_bpb(model, iter([]), token_bytes, SINGLE) == math.inf
