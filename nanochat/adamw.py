@@ -80,9 +80,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         is the squared global gradient norm, since owned parts never overlap."""
         self.reduce_gradients()
         assert self._owned_grads is not None
-        total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
-        for g in self._owned_grads.values():
-            total = total + g.float().pow(2).sum().to(total.device)
+        grads = list(self._owned_grads.values())
+        device = grads[0].device if grads else torch.device(self.dist.device)
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for g in grads:
+            total = total + g.float().pow(2).sum()
         return total
 
     def scale_owned_grads(self, factor: torch.Tensor | float) -> None:
@@ -168,7 +170,9 @@ class AdamW(ShardedOptimizer):
             if self._tensor_collectives:
                 padded = self._padded(g)
                 out = padded.new_empty((self._chunk(g), *g.shape[1:]))
-                work = torch_dist.reduce_scatter_tensor(out, padded, op=torch_dist.ReduceOp.SUM, async_op=True)
+                work = torch_dist.reduce_scatter_tensor(
+                    out, padded, op=torch_dist.ReduceOp.SUM, async_op=True
+                )
             else:
                 out = g.clone()  # full gradient summed over ranks, sliced below
                 work = torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM, async_op=True)

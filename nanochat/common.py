@@ -58,7 +58,7 @@ class DistInfo:
 
 
 def autodetect_device() -> str:
-    """"cuda" when a GPU is visible, else "cpu" (MPS is not a supported training target)."""
+    """Return "cuda" when a GPU is visible, else "cpu" (MPS is not a supported training target)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -237,8 +237,8 @@ class GPT(nn.Module):
         """[AdamW for lm_head + embedding, Muon for the block matrices], sharded over `dist`.
 
         AdamW lrs were tuned at width 768 and scale by (n_embd / 768)^-0.5; every group records
-        its "initial_lr" for the schedule."""
-        dist = dist or DistInfo()
+        its "initial_lr" for the schedule. Without `dist`: one process on the model's device."""
+        dist = dist or DistInfo(device=str(self.lm_head.weight.device))
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
             dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 
 def lr_multiplier(
-    step: int, num_steps: int, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0
+    step: int,
+    num_steps: int,
+    warmup_ratio: float = 0.0,
+    warmdown_ratio: float = 0.2,
+    final_lr_frac: float = 0.0,
 ) -> float:
     """Multiplier of the initial lr at `step` (0-based) of a run of `num_steps` steps."""
     warmup = round(warmup_ratio * num_steps)
@@ -63,7 +67,9 @@ def num_steps_from(
     elif target_param_data_ratio > 0:
         steps = int(target_param_data_ratio * num_params) // total_batch_tokens
     else:
-        raise ValueError("set one of num_iterations, flops_budget or target_param_data_ratio to a positive value")
+        raise ValueError(
+            "set one of num_iterations, flops_budget or target_param_data_ratio to a positive value"
+        )
     if steps < 1:
         raise ValueError(
             f"the horizon rounds to {steps} steps with a batch of {total_batch_tokens} tokens; "

@@ -136,7 +136,9 @@ def train_loop(
     logged step's dict. All ranks must call train_loop alike (collectives inside)."""
     stop = cfg.num_steps if stop_step is None else stop_step
     if not 0 <= start_step <= stop <= cfg.num_steps:
-        raise ValueError(f"need 0 <= start_step ({start_step}) <= stop_step ({stop}) <= num_steps ({cfg.num_steps})")
+        raise ValueError(
+            f"need 0 <= start_step ({start_step}) <= stop_step ({stop}) <= num_steps ({cfg.num_steps})"
+        )
     use_compile = cfg.compile if cfg.compile is not None else torch.device(dist.device).type == "cuda"
     forward = torch.compile(model, dynamic=False) if use_compile else model
     flops_per_token = model.estimate_flops() if hasattr(model, "estimate_flops") else None

@@ -95,7 +95,9 @@ def test_fresh_init_predicts_uniformly():
     model.init_weights()
     idx = torch.randint(0, VOCAB, (2, 8))
     assert model(idx, idx).item() == pytest.approx(math.log(VOCAB), rel=1e-6)  # zero lm_head
-    assert all((b.attn.c_proj.weight == 0).all() and (b.mlp.c_proj.weight == 0).all() for b in model.transformer.h)
+    assert all(
+        (b.attn.c_proj.weight == 0).all() and (b.mlp.c_proj.weight == 0).all() for b in model.transformer.h
+    )
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])

@@ -161,7 +161,9 @@ def _two_rank_worker(rank: int, store_path: str, out_dir: str) -> None:
 
 def assert_same_params(a: dict, b: dict, what: str) -> None:
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{what} {n}: {m}")
+        torch.testing.assert_close(
+            a[name], b[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{what} {n}: {m}"
+        )
 
 
 def test_two_gloo_ranks_match_one_rank_and_reshard_both_ways(tmp_path):

@@ -49,7 +49,9 @@ def as_batches(data: list[torch.Tensor]):
 
 
 def test_lr_multiplier_warmup_constant_warmdown():
-    values = [lr_multiplier(s, 10, warmup_ratio=0.2, warmdown_ratio=0.4, final_lr_frac=0.1) for s in range(10)]
+    values = [
+        lr_multiplier(s, 10, warmup_ratio=0.2, warmdown_ratio=0.4, final_lr_frac=0.1) for s in range(10)
+    ]
     assert values[:2] == [0.5, 1.0]
     assert values[2:7] == [1.0] * 5
     assert values[7:] == pytest.approx([0.1 + 0.9 * 3 / 4, 0.1 + 0.9 * 2 / 4, 0.1 + 0.9 * 1 / 4])
@@ -81,7 +83,9 @@ def test_loss_goes_down_on_a_tiny_batch_and_metrics_are_reported():
     optimizers = model.setup_optimizers()
     data = blocks(1, rows=4) * 25
     seen = []
-    final = train_loop(model, optimizers, as_batches(data), LoopConfig(num_steps=25), SINGLE, on_metrics=seen.append)
+    final = train_loop(
+        model, optimizers, as_batches(data), LoopConfig(num_steps=25), SINGLE, on_metrics=seen.append
+    )
     assert seen[0]["loss"] == pytest.approx(math.log(VOCAB), rel=1e-3)  # zero-init lm_head
     assert final["loss"] < 0.5 * seen[0]["loss"]
     assert [m["step"] for m in seen] == list(range(1, 26))
@@ -91,7 +95,9 @@ def test_loss_goes_down_on_a_tiny_batch_and_metrics_are_reported():
 
 def test_mfu_uses_the_flops_estimate():
     model = make_model()
-    final = train_loop(model, model.setup_optimizers(), as_batches(blocks(1, 2)), LoopConfig(1, peak_flops=1e9), SINGLE)
+    final = train_loop(
+        model, model.setup_optimizers(), as_batches(blocks(1, 2)), LoopConfig(1, peak_flops=1e9), SINGLE
+    )
     expected = 100 * model.estimate_flops() * final["tokens_per_sec"] / 1e9
     assert final["mfu_percent"] == pytest.approx(expected)
 
@@ -116,7 +122,9 @@ def test_resume_equals_uninterrupted_training():
     first = make_model()
     optimizers = first.setup_optimizers()
     checkpoints = []
-    train_loop(first, optimizers, as_batches(data[:3]), cfg, SINGLE, stop_step=3, on_checkpoint=checkpoints.append)
+    train_loop(
+        first, optimizers, as_batches(data[:3]), cfg, SINGLE, stop_step=3, on_checkpoint=checkpoints.append
+    )
     assert checkpoints == [3]
     saved_model = {k: v.clone() for k, v in first.state_dict().items()}
     saved_optim = [optimizer_shard_state(opt, SINGLE) for opt in optimizers]
@@ -160,7 +168,13 @@ def test_evaluate_and_checkpoint_hooks_fire_on_schedule():
 def test_running_out_of_batches_names_the_step():
     model = make_model()
     with pytest.raises(RuntimeError, match="ran out at step 1, micro-batch 1"):
-        train_loop(model, model.setup_optimizers(), as_batches(blocks(3, 2)), LoopConfig(3, grad_accum_steps=2), SINGLE)
+        train_loop(
+            model,
+            model.setup_optimizers(),
+            as_batches(blocks(3, 2)),
+            LoopConfig(3, grad_accum_steps=2),
+            SINGLE,
+        )
 
 
 def test_clipping_bounds_the_global_norm():
@@ -191,5 +205,7 @@ def test_evaluate_bpb_counts_only_real_bytes():
     counted = (targets >= 0) & (token_bytes[targets.clamp(min=0)] > 0)
     expected = nats[counted].sum() / (math.log(2) * token_bytes[targets[counted]].sum())
     assert bpb == pytest.approx(float(expected), rel=1e-5)
-    assert evaluate_bpb(model, iter([(inputs, targets)] * 5), token_bytes, SINGLE, steps=1) == pytest.approx(bpb)
+    assert evaluate_bpb(model, iter([(inputs, targets)] * 5), token_bytes, SINGLE, steps=1) == pytest.approx(
+        bpb
+    )
     assert evaluate_bpb(model, iter([]), token_bytes, SINGLE) == math.inf
