@@ -273,7 +273,9 @@ def _deb_info_files(deb: Path) -> list[Path]:
     Streams `dpkg-deb --fsys-tarfile` through tarfile: the other ~70 MB (HTML docs) never hit the disk.
     """
     tree = deb.with_suffix("")
-    if not tree.is_dir():
+    pattern = "python3*.info*.gz"
+    if not list(tree.glob(pattern)):  # never unpacked, or a cache from another layout: unpack again
+        shutil.rmtree(tree, ignore_errors=True)
         partial = Path(tempfile.mkdtemp(prefix=".unpack-", dir=deb.parent))
         cmd = ["dpkg-deb", "--fsys-tarfile", str(deb)]
         with subprocess.Popen(cmd, stdout=subprocess.PIPE) as proc, tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
@@ -283,7 +285,7 @@ def _deb_info_files(deb: Path) -> list[Path]:
         if proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, cmd)
         os.replace(partial, tree)
-    return sorted(tree.glob("python3*.info*.gz"))
+    return sorted(tree.glob(pattern))
 
 
 def _deb_record(deb: Path) -> SourceRecord:
