@@ -15,7 +15,7 @@ from nanochat.adamw import AdamW, load_optimizer_shards, optimizer_shard_state
 from nanochat.common import DistInfo
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.muon import Muon, _balanced_owners, orthogonalize
-from nanochat.train import LoopConfig, train_loop
+from nanochat.train import LoopConfig, evaluate_bpb, train_loop
 
 VOCAB = 75  # odd on purpose: the embedding rows do not split evenly over 2 ranks
 SEQ = 16
@@ -114,6 +114,19 @@ def run(model: GPT, optimizers, data, dist: DistInfo, start: int, stop: int) -> 
     train_loop(model, optimizers, batches, cfg, dist, start_step=start, stop_step=stop)
 
 
+def token_bytes() -> torch.Tensor:
+    """(VOCAB,) bytes per token id; ids 0..4 act as special tokens (0 bytes, not counted)."""
+    out = torch.arange(VOCAB) % 3 + 1
+    out[:5] = 0
+    return out
+
+
+def bpb_batches(dist: DistInfo):
+    """The same 4 evaluation rows as make_data's, split over ranks like the training batches."""
+    rows = slice(2 * dist.rank, 2 * dist.rank + 2) if dist.is_distributed else slice(None)
+    return iter([(d[rows, :-1], d[rows, 1:]) for d in make_data()[:2]])
+
+
 def save_point(model: GPT, optimizers, dist: DistInfo) -> dict:
     return {
         "model": {k: v.clone() for k, v in model.state_dict().items()},
@@ -141,6 +154,7 @@ def _two_rank_worker(rank: int, store_path: str, out_dir: str) -> None:
         model = make_model()  # A: the whole run on 2 ranks
         run(model, model.setup_optimizers(dist=dist), data, dist, 0, STEPS)
         results["full"] = model.state_dict()
+        results["bpb"] = evaluate_bpb(model, bpb_batches(dist), token_bytes(), dist)
         model = make_model()  # B: half the run, then save this rank's shard
         optimizers = model.setup_optimizers(dist=dist)
         run(model, optimizers, data, dist, 0, HALF)
@@ -182,6 +196,8 @@ def test_two_gloo_ranks_match_one_rank_and_reshard_both_ways(tmp_path):
         assert_same_params(res["full"], reference, f"2 ranks vs 1 (rank {r})")
         assert_same_params(res["resumed_from_1"], reference, f"1->2 resume (rank {r})")
         assert_same_params(res["fallback"], reference, f"fallback collectives (rank {r})")
+    single_bpb = evaluate_bpb(model, bpb_batches(single), token_bytes(), single)
+    assert [res["bpb"] for res in ranks] == pytest.approx([single_bpb] * 2, rel=1e-4)
     shards = [res["half_point"]["optim"][0] for res in ranks]
     assert [s["params"][1]["rows"] for s in shards] == [[0, 38], [38, 75]]  # embedding rows split
 
