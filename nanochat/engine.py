@@ -1,0 +1,476 @@
+"""Inference engine: batched prefill and decode over a ragged KV cache, sampling, tool use, streaming.
+
+Boundary: the engine knows token ids only. Text enters through callables the caller passes
+(`ToolUse.encode/decode` for the Python tool, a `token_bytes` function for IncrementalDecoder);
+it never imports a tokenizer, Ray or a web framework.
+
+Notable:
+- slots: the KV cache has `max_batch_size` rows, one sequence each, each at its own position, so
+  one batch mixes sequences of different lengths (continuous batching, ragged RL rollouts).
+- scheduler contract (as vLLM v1): `schedule()` picks the rows of the next forward, `execute(plan)`
+  runs exactly one forward pass, `update_from_output(plan, logits)` samples and advances state;
+  `step()` does all three. A step is either a prefill (new prompts, right-padded into one batch,
+  then each row's length is rolled back to its prompt so pads are never attended) or a decode
+  (one token for every running row). Prefill first: new requests get their first token soon.
+- `add_group` prefills a prompt once and copies its cache row to n slots (n samples).
+- sampling per row: temperature (0 = greedy), top-k, top-p and a per-request seed. Random draws
+  come from a CPU `random.Random` per slot, so a seed gives the same tokens on any device and in
+  any batch; log-probs are those of the model (log-softmax of raw logits) for each emitted token.
+- tool use: a sampled <|python_start|> ... <|python_end|> block is decoded and run by `ToolUse.run`
+  in a thread pool while the row waits (other rows go on); then <|output_start|> result
+  <|output_end|> is forced into the sequence one token per step. Forced tokens carry mask 0 so RL
+  does not train on them; stop tokens only count when sampled.
+- `stream()` yields every token as it is made; `generate()` collects whole generations; the
+  IncrementalDecoder turns token bytes into text without ever splitting a UTF-8 character.
+
+One driver thread per Engine (the serving loop or a rollout worker); tool calls run in its pool.
+Tests: `python -m pytest tests/test_engine.py` (mock model + byte tokenizer, and a tiny real GPT).
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.kv_cache import KVCache
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is sampled; validated on construction."""
+
+    max_new_tokens: int = 256  # emitted tokens, forced tool output included
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the smallest set with this much probability; 1 = off
+    seed: int | None = None  # None = fresh entropy
+    stop_token_ids: tuple[int, ...] = ()  # a sampled stop token ends the sequence (and is kept)
+    n: int = 1  # samples per prompt (generate/add_group), sharing one prefill
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.n < 1:
+            problems.append(f"n must be >= 1, got {self.n}")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The Python tool: `run(code) -> output text`, and the token ids that delimit its blocks."""
+
+    run: Callable[[str], str]
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    python_start: int
+    python_end: int
+    output_start: int
+    output_end: int
+    max_workers: int = 4  # tool calls in flight at once
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One token emitted for one slot in one step."""
+
+    slot: int
+    token: int
+    forced: bool  # True for tool output forced into the sequence (RL mask 0)
+    logprob: float | None  # model log-prob of `token` (when params.logprobs)
+    finished: bool
+    finish_reason: FinishReason | None
+
+
+@dataclass
+class Generation:
+    """A finished sequence: new tokens only (the prompt is not repeated)."""
+
+    tokens: list[int]
+    mask: list[int]  # 1 = sampled by the model, 0 = forced tool output
+    logprobs: list[float] | None
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one forward pass feeds: `kind` prefill or decode, cache rows, and tokens (R, T)."""
+
+    kind: Literal["prefill", "decode", "idle"]
+    slots: tuple[int, ...] = ()
+    tokens: torch.Tensor | None = None  # (R, T) long
+    lengths: tuple[int, ...] = ()  # real tokens per row (prefill rows are right-padded to T)
+
+
+@dataclass
+class _Slot:
+    prompt: list[int]
+    params: SamplingParams
+    rng: random.Random
+    state: Literal["prefill", "copy", "running", "tool", "finished"]
+    leader: int  # slot whose prefill this one copies (itself for a leader)
+    tokens: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    forced: deque[int] = field(default_factory=deque)
+    python: list[int] | None = None  # tokens of an open python block
+    tool_future: Future | None = None
+    finish_reason: FinishReason | None = None
+
+
+class IncrementalDecoder:
+    """Token ids -> text for streaming; holds back bytes of an incomplete UTF-8 character."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self._token_bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """Text completed by this token ('' while a character is still incomplete)."""
+        return self._utf8.decode(self._token_bytes(token))
+
+    def flush(self) -> str:
+        """Whatever is held back, with U+FFFD for bytes that never became a character."""
+        return self._utf8.decode(b"", final=True)
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """Pick one token per row. logits (R, V) float; temperature (R,) (0 = greedy); top_k (R,) long
+    (0 = off); top_p (R,) (1 = off); uniforms (R,) in [0, 1): the row's random draw, used by
+    inverse-CDF sampling so the draw, not the device's RNG, decides the token. Returns (R,) long."""
+    vocab = logits.size(-1)
+    greedy = logits.argmax(-1)
+    safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).to(logits.device)
+    scaled = logits.float() / safe_t[:, None]  # greedy rows are replaced by argmax at the end
+    probs = scaled.softmax(-1)  # (R, V), vocabulary order
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        rank = torch.arange(vocab, device=logits.device)
+        keep = rank[None, :] < torch.where(top_k > 0, top_k, vocab)[:, None]  # top-k, sorted space
+        kept = sorted_probs * keep
+        kept = kept / kept.sum(-1, keepdim=True)  # top-p acts on the renormalised top-k
+        keep &= kept.cumsum(-1) - kept < top_p[:, None]  # mass before a token not yet enough
+        keep[:, 0] = True
+        probs = probs * torch.zeros_like(keep).scatter(-1, order, keep)
+    # inverse CDF in vocabulary order for every row, so a row's token never depends on its batch
+    cdf = probs.cumsum(-1)  # (R, V)
+    draw = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, draw, right=True).clamp_max(vocab - 1)[:, 0]
+    return torch.where(temperature.to(logits.device) == 0, greedy, choice)
+
+
+class Engine:
+    """Slots over one KV cache; see the module docstring for the step contract."""
+
+    def __init__(
+        self,
+        model: Any,
+        max_batch_size: int = 8,
+        max_seq_len: int | None = None,
+        tool_use: ToolUse | None = None,
+        max_prefill_tokens: int = 4096,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """model: forward(idx (B, T) long, kv_cache=KVCache) -> logits (B, T, V), with `config`
+        holding n_layer, n_head, n_kv_head, n_embd, sequence_len, vocab_size.
+        max_prefill_tokens bounds rows x padded length of one prefill (its logits are (R, T, V))."""
+        cfg = model.config
+        self.model = model
+        self.vocab_size = cfg.vocab_size
+        self.max_seq_len = max_seq_len or cfg.sequence_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.tool_use = tool_use
+        param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        device = param.device if param is not None else torch.device("cpu")
+        self.cache = KVCache(
+            max_batch_size, cfg.n_kv_head, self.max_seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer,
+            device=device, dtype=dtype or (param.dtype if param is not None else torch.float32),
+        )
+        self._slots: dict[int, _Slot] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ---- slot management -----------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.cache.batch_size) if s not in self._slots]
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
+        """Queue one sequence for prefill; returns its slot (for n > 1 use add_group)."""
+        if params.n != 1:
+            raise ValueError(f"add_request makes one sequence but params.n = {params.n}; use add_group")
+        return self.add_group(prompt_ids, params)[0]
+
+    def add_group(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """Queue params.n samples of one prompt, prefilled once; returns their slots."""
+        prompt = self._check_prompt(prompt_ids)
+        free = self.free_slots()
+        if params.n > len(free):
+            raise RuntimeError(
+                f"{params.n} slots requested but {len(free)} of {self.cache.batch_size} are free; "
+                "remove finished slots first or build the Engine with a larger max_batch_size"
+            )
+        slots = free[: params.n]
+        for j, slot in enumerate(slots):
+            rng = random.Random(f"{params.seed}/{j}") if params.seed is not None else random.Random()
+            state = "prefill" if j == 0 else "copy"
+            self._slots[slot] = _Slot(prompt, params, rng, state, leader=slots[0])
+        self.cache.reset_rows(slots)
+        return slots
+
+    def remove(self, slot: int) -> None:
+        """Free a slot (finished or cancelled) for reuse; a running tool call is abandoned."""
+        entry = self._slots.pop(slot, None)
+        if entry is None:
+            raise KeyError(f"slot {slot} is not in use")
+        if entry.tool_future is not None:
+            entry.tool_future.cancel()
+        followers = [s for s, e in self._slots.items() if e.state == "copy" and e.leader == slot]
+        for follower in followers:  # they waited for this leader's prefill: the first one takes over
+            self._slots[follower].leader = followers[0]
+        if followers:
+            self._slots[followers[0]].state = "prefill"
+
+    def is_finished(self, slot: int) -> bool:
+        return self._slots[slot].state == "finished"
+
+    def result(self, slot: int) -> Generation:
+        """The generation of a finished slot (call before remove)."""
+        s = self._slots[slot]
+        if s.state != "finished":
+            raise RuntimeError(f"slot {slot} is still generating ({s.state})")
+        return Generation(list(s.tokens), list(s.mask), list(s.logprobs) if s.params.logprobs else None,
+                          s.finish_reason)
+
+    def has_unfinished(self) -> bool:
+        return any(s.state != "finished" for s in self._slots.values())
+
+    def close(self) -> None:
+        """Stop the tool thread pool (running tool calls finish in the background)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt: pass at least one token id (e.g. the BOS token)")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens leaves no room in the context of {self.max_seq_len}; "
+                "shorten the prompt or build the Engine with a larger max_seq_len"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return prompt
+
+    # ---- one step: schedule -> execute -> update_from_output -----------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """One forward pass (or none when idle): the tokens emitted by it."""
+        plan = self.schedule()
+        if plan.kind == "idle":
+            return []
+        return self.update_from_output(plan, self.execute(plan))
+
+    def schedule(self) -> StepPlan:
+        """Prefill waiting prompts in arrival order while rows x padded length fit max_prefill_tokens
+        (at least one), else decode all running rows. Blocks on tool calls only when every
+        unfinished row is waiting for one."""
+        self._collect_tool_results(block=False)
+        waiting = [s for s, e in self._slots.items() if e.state == "prefill"]
+        if waiting:
+            chosen, longest = [], 0
+            for s in waiting:
+                new_longest = max(longest, len(self._slots[s].prompt))
+                if chosen and new_longest * (len(chosen) + 1) > self.max_prefill_tokens:
+                    break
+                chosen, longest = chosen + [s], new_longest
+            lengths = tuple(len(self._slots[s].prompt) for s in chosen)
+            tokens = torch.zeros(len(chosen), longest, dtype=torch.long)  # pad id 0: never attended
+            for i, s in enumerate(chosen):
+                tokens[i, : lengths[i]] = torch.tensor(self._slots[s].prompt)
+            return StepPlan("prefill", tuple(chosen), tokens.to(self.device), lengths)
+        running = [s for s, e in self._slots.items() if e.state == "running"]
+        if not running and any(e.state == "tool" for e in self._slots.values()):
+            self._collect_tool_results(block=True)
+            running = [s for s, e in self._slots.items() if e.state == "running"]
+        if not running:
+            return StepPlan("idle")
+        last = torch.tensor([[self._slots[s].tokens[-1]] for s in running], dtype=torch.long)
+        return StepPlan("decode", tuple(running), last.to(self.device), (1,) * len(running))
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run the model once on the plan's rows; returns the logits (R, V) after each row's last
+        real token. After a padded prefill, rolls each row back to its true length."""
+        rows = torch.tensor(plan.slots, dtype=torch.long, device=self.device)
+        self.cache.set_active(rows)
+        logits = self.model(plan.tokens, kv_cache=self.cache)  # (R, T, V)
+        last = torch.tensor(plan.lengths, device=self.device) - 1  # (R,)
+        if plan.kind == "prefill":
+            self.cache.pos[rows] = last + 1  # drop the pads' keys: the next write overwrites them
+        self.cache.set_active(None)
+        return logits[torch.arange(len(plan.slots), device=self.device), last]
+
+    def update_from_output(self, plan: StepPlan, logits: torch.Tensor) -> list[StepOutput]:
+        """Choose each row's next token (forced tool output, else sampled), record it, and
+        finish rows on stop tokens, max_new_tokens or a full context."""
+        rows = list(plan.slots)
+        source = list(range(len(rows)))  # logits row of each slot
+        if plan.kind == "prefill":
+            for i, leader in enumerate(plan.slots):
+                followers = [s for s, e in self._slots.items() if e.state == "copy" and e.leader == leader]
+                if followers:
+                    self.cache.copy_row(leader, followers)
+                    rows += followers
+                    source += [i] * len(followers)
+        logits = logits[torch.tensor(source, device=logits.device)]  # (R', V)
+        slots = [self._slots[s] for s in rows]
+        sampled_idx = [i for i, s in enumerate(slots) if not s.forced]
+        chosen = [s.forced[0] if s.forced else -1 for s in slots]
+        if sampled_idx:
+            picked = self._sample(logits[sampled_idx], [slots[i] for i in sampled_idx])
+            for i, tok in zip(sampled_idx, picked, strict=True):
+                chosen[i] = tok
+        logprobs = None
+        if any(s.params.logprobs for s in slots):
+            token_t = torch.tensor(chosen, device=logits.device)
+            logprobs = F.log_softmax(logits.float(), -1).gather(-1, token_t[:, None])[:, 0].tolist()
+        return [self._emit(slot, s, tok, logprobs[i] if logprobs else None)
+                for i, (slot, s, tok) in enumerate(zip(rows, slots, chosen, strict=True))]
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=logits.device)
+
+        temperature = column([s.params.temperature for s in slots], torch.float32)
+        top_k = column([s.params.top_k for s in slots], torch.long)
+        top_p = column([s.params.top_p for s in slots], torch.float32)
+        uniforms = torch.tensor([s.rng.random() for s in slots], dtype=torch.float64)
+        return sample_tokens(logits, temperature, top_k, top_p, uniforms).tolist()
+
+    def _emit(self, slot: int, s: _Slot, token: int, logprob: float | None) -> StepOutput:
+        forced = bool(s.forced)
+        if forced:
+            s.forced.popleft()
+        else:
+            s.state = "running"
+        s.tokens.append(token)
+        s.mask.append(0 if forced else 1)
+        if logprob is not None:
+            s.logprobs.append(logprob)
+        if not forced and token in s.params.stop_token_ids:
+            s.finish_reason = "stop"
+        elif len(s.tokens) >= s.params.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_seq_len:
+            s.finish_reason = "length"  # the last token never needs a cache position
+        elif not forced and self.tool_use is not None:
+            self._track_tool_block(s, token)
+        if s.finish_reason is not None:
+            s.state = "finished"
+        return StepOutput(slot, token, forced, logprob, s.finish_reason is not None, s.finish_reason)
+
+    def _track_tool_block(self, s: _Slot, token: int) -> None:
+        tool = self.tool_use
+        if s.python is None:
+            if token == tool.python_start:
+                s.python = []
+        elif token == tool.python_end:
+            code = tool.decode(s.python)
+            s.python = None
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(tool.max_workers, thread_name_prefix="engine-tool")
+            s.tool_future = self._pool.submit(tool.run, code)
+            s.state = "tool"
+        else:
+            s.python.append(token)
+
+    def _collect_tool_results(self, block: bool) -> None:
+        """Move rows whose tool call finished back to running, their output queued as forced."""
+        pending = {e.tool_future: e for e in self._slots.values() if e.state == "tool"}
+        if block and pending:
+            wait(pending, return_when=FIRST_COMPLETED)
+        tool = self.tool_use
+        for future, e in pending.items():
+            if not future.done():
+                continue
+            try:
+                text = future.result()
+            except Exception as exc:  # noqa: BLE001 - a failing tool becomes text the model reads
+                text = f"{type(exc).__name__}: {exc}"
+            e.forced.extend([tool.output_start, *tool.encode(text), tool.output_end])
+            e.tool_future, e.state = None, "running"
+
+    # ---- drivers for RL, eval and batch use -----------------------------------------------------
+
+    def stream(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> Iterator[tuple[int, StepOutput]]:
+        """Generate params.n samples per prompt, admitting prompts as slots free up; yields
+        (row, output) for every token, row = prompt_index * n + sample_index."""
+        if params.n > self.cache.batch_size:
+            raise ValueError(f"n = {params.n} exceeds max_batch_size = {self.cache.batch_size}")
+        for p in prompts:
+            self._check_prompt(p)  # fail before any work
+        queue = deque(enumerate(prompts))
+        row_of: dict[int, int] = {}
+        try:
+            while queue or row_of:
+                while queue and len(self.free_slots()) >= params.n:
+                    i, prompt = queue.popleft()
+                    seeded = params if params.seed is None else replace(params, seed=params.seed + i)
+                    for j, slot in enumerate(self.add_group(prompt, seeded)):
+                        row_of[slot] = i * params.n + j
+                outputs = self.step()
+                if not outputs and not self.has_unfinished():
+                    raise RuntimeError("engine idle with rows outstanding: slots were removed elsewhere")
+                for out in outputs:
+                    if out.slot in row_of:
+                        yield row_of[out.slot], out
+                        if out.finished:
+                            row_of.pop(out.slot)
+                            self.remove(out.slot)
+        finally:
+            for slot in row_of:
+                self.remove(slot)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        """All generations, ordered prompt-major (len(prompts) * params.n of them)."""
+        gens = [Generation([], [], [] if params.logprobs else None, "length")
+                for _ in range(len(prompts) * params.n)]
+        for row, out in self.stream(prompts, params):
+            g = gens[row]
+            g.tokens.append(out.token)
+            g.mask.append(0 if out.forced else 1)
+            if g.logprobs is not None:
+                g.logprobs.append(out.logprob)
+            if out.finished:
+                g.finish_reason = out.finish_reason
+        return gens
