@@ -112,7 +112,7 @@ impl<'py> TextSource<'py> {
 fn as_str_object<'py>(item: Bound<'py, PyAny>, i: usize) -> PyResult<Bound<'py, PyString>> {
     item.cast_into::<PyString>().map_err(|e| {
         let ty = e.into_inner().get_type().name().map(|n| n.to_string()).unwrap_or_default();
-        PyTypeError::new_err(format!("text {i} is a {ty}, expected str"))
+        PyTypeError::new_err(format!("text {i} has type {ty}, expected str"))
     })
 }
 
