@@ -213,6 +213,7 @@ class Sandbox:
             "namespaces(user,pid,net,ipc,uts,mount)": mode == "bwrap",
             "read-only /usr + private tmpfs /tmp": mode == "bwrap",
             f"unprivileged uid {host_uid}": host_uid != 0,
+            "uid separate from the caller's": self._as_root,
             "seccomp(no sockets/ptrace/mount/setsid)": facts["seccomp"],
             "network blocked": facts["net_blocked"],
             "host home hidden": facts["home_hidden"],
