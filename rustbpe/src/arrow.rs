@@ -116,7 +116,12 @@ unsafe extern "C" fn release_array(array: *mut ArrowArray) {
     array.release = None;
 }
 
-fn array(length: usize, buffers: Vec<*const c_void>, children: Vec<ArrowArray>, owner: &Arc<ChunkCounts>) -> ArrowArray {
+fn array(
+    length: usize,
+    buffers: Vec<*const c_void>,
+    children: Vec<ArrowArray>,
+    owner: &Arc<ChunkCounts>,
+) -> ArrowArray {
     let children: Vec<*mut ArrowArray> = children.into_iter().map(|c| Box::into_raw(Box::new(c))).collect();
     let mut private = Box::new(ArrayPrivate { buffers, children, _owner: Arc::clone(owner) });
     ArrowArray {
@@ -135,19 +140,20 @@ fn array(length: usize, buffers: Vec<*const c_void>, children: Vec<ArrowArray>, 
 
 /// Exports counts as a struct array `{chunk: large_binary, count: uint64}` that owns them.
 pub fn export_counts(counts: Arc<ChunkCounts>) -> (ArrowSchema, ArrowArray) {
-    let schema = schema(
-        "+s",
-        "",
-        vec![schema("Z", "chunk", Vec::new()), schema("L", "count", Vec::new())],
-    );
+    let schema = schema("+s", "", vec![schema("Z", "chunk", Vec::new()), schema("L", "count", Vec::new())]);
     let n = counts.len();
     let chunk = array(
         n,
-        vec![std::ptr::null(), counts.offsets.as_ptr() as *const c_void, counts.data.as_ptr() as *const c_void],
+        vec![
+            std::ptr::null(),
+            counts.offsets.as_ptr() as *const c_void,
+            counts.data.as_ptr() as *const c_void,
+        ],
         Vec::new(),
         &counts,
     );
-    let count = array(n, vec![std::ptr::null(), counts.counts.as_ptr() as *const c_void], Vec::new(), &counts);
+    let count =
+        array(n, vec![std::ptr::null(), counts.counts.as_ptr() as *const c_void], Vec::new(), &counts);
     let parent = array(n, vec![std::ptr::null()], vec![chunk, count], &counts);
     (schema, parent)
 }
@@ -201,7 +207,11 @@ unsafe fn binary_parts<'a>(
     if end < 0 {
         return Err("a binary array has a negative offset".into());
     }
-    let data = if end == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(bufs[2] as *const u8, end as usize) } };
+    let data = if end == 0 {
+        &[][..]
+    } else {
+        unsafe { std::slice::from_raw_parts(bufs[2] as *const u8, end as usize) }
+    };
     Ok((data, offsets))
 }
 
@@ -211,7 +221,10 @@ unsafe fn binary_parts<'a>(
 /// # Safety
 /// `schema` and `array` must be valid, unreleased and describe the same array; the view lives
 /// as long as they do.
-pub unsafe fn import_counts<'a>(schema: &'a ArrowSchema, array: &'a ArrowArray) -> Result<CountsView<'a>, String> {
+pub unsafe fn import_counts<'a>(
+    schema: &'a ArrowSchema,
+    array: &'a ArrowArray,
+) -> Result<CountsView<'a>, String> {
     let want = "chunk counts must be a struct/record batch with columns chunk (binary) and count (uint64)";
     if unsafe { format_of(schema) } != "+s" || schema.n_children != array.n_children {
         return Err(format!("{want}; got format {:?}", unsafe { format_of(schema) }));
@@ -254,7 +267,10 @@ pub unsafe fn import_counts<'a>(schema: &'a ArrowSchema, array: &'a ArrowArray) 
 ///
 /// # Safety
 /// As for [`import_counts`].
-pub unsafe fn import_strings<'a>(schema: &'a ArrowSchema, array: &'a ArrowArray) -> Result<Vec<&'a str>, String> {
+pub unsafe fn import_strings<'a>(
+    schema: &'a ArrowSchema,
+    array: &'a ArrowArray,
+) -> Result<Vec<&'a str>, String> {
     let format = unsafe { format_of(schema) };
     if !matches!(format, "u" | "U") {
         return Err(format!(
@@ -269,7 +285,8 @@ pub unsafe fn import_strings<'a>(schema: &'a ArrowSchema, array: &'a ArrowArray)
         Offsets::I32(o) => o[i] as usize,
         Offsets::I64(o) => o[i] as usize,
     };
-    let text = std::str::from_utf8(&data[offset(0)..]).map_err(|e| format!("the text column is not UTF-8: {e}"))?;
+    let text =
+        std::str::from_utf8(&data[offset(0)..]).map_err(|e| format!("the text column is not UTF-8: {e}"))?;
     let base = offset(0);
     (0..length)
         .map(|i| {

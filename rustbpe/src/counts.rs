@@ -196,7 +196,10 @@ mod tests {
         let texts = ["a b a", "b c", "a"];
         let whole = count_chunks(&texts, &s).unwrap();
         let rows: Vec<(&[u8], u64)> = whole.view().iter().collect();
-        assert_eq!(rows, vec![(&b" a"[..], 1), (&b" b"[..], 1), (&b" c"[..], 1), (&b"a"[..], 2), (&b"b"[..], 1)]);
+        assert_eq!(
+            rows,
+            vec![(&b" a"[..], 1), (&b" b"[..], 1), (&b" c"[..], 1), (&b"a"[..], 2), (&b"b"[..], 1)]
+        );
         let left = count_chunks(&texts[..1], &s).unwrap();
         let right = count_chunks(&texts[1..], &s).unwrap();
         assert_eq!(merge_counts(&[left.view(), right.view()]), whole);

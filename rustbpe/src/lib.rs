@@ -18,9 +18,9 @@
 pub mod arrow;
 pub mod counts;
 pub mod pretokenize;
+mod py;
 pub mod tokenizer;
 pub mod train;
-mod py;
 
 use std::sync::{Arc, Mutex, OnceLock};
 

@@ -98,7 +98,7 @@ impl<'py> TextSource<'py> {
 
     fn borrow(&self) -> PyResult<Vec<&str>> {
         match self {
-            TextSource::Strs(v) => v.iter().map(|s| Ok(s.to_str()?)).collect(),
+            TextSource::Strs(v) => v.iter().map(|s| s.to_str()).collect(),
             TextSource::Arrow(caps) => {
                 let (schema, array) = caps.structs()?;
                 // SAFETY: the capsules outlive the returned strs (both borrow `self`).
@@ -117,7 +117,10 @@ fn as_str_object<'py>(item: Bound<'py, PyAny>, i: usize) -> PyResult<Bound<'py, 
 }
 
 /// Borrows chunk-count views from one part or a sequence of parts and calls `f` on them.
-fn with_count_views<R>(parts: &Bound<'_, PyAny>, f: impl FnOnce(&[CountsView<'_>]) -> PyResult<R>) -> PyResult<R> {
+fn with_count_views<R>(
+    parts: &Bound<'_, PyAny>,
+    f: impl FnOnce(&[CountsView<'_>]) -> PyResult<R>,
+) -> PyResult<R> {
     let items: Vec<Bound<'_, PyAny>> =
         if parts.is_instance_of::<PyChunkCounts>() || parts.hasattr("__arrow_c_array__")? {
             vec![parts.clone()]
@@ -235,7 +238,9 @@ impl PyTokenizer {
         let pattern = pattern.unwrap_or(DEFAULT_PATTERN);
         let splitter = splitter_for(Some(pattern))?;
         if vocab_size < 256 {
-            return Err(value_err(format!("vocab_size {vocab_size} is below 256, the number of byte tokens")));
+            return Err(value_err(format!(
+                "vocab_size {vocab_size} is below 256, the number of byte tokens"
+            )));
         }
         let mut totals: FxHashMap<Vec<u8>, u64> = FxHashMap::default();
         let mut iter = iterator.try_iter()?;
@@ -246,7 +251,8 @@ impl PyTokenizer {
             while batch.len() < ITER_BATCH_TEXTS && bytes < ITER_BATCH_BYTES {
                 let Some(item) = iter.next() else { break };
                 let s = as_str_object(item?, seen)?;
-                let text = s.to_str().map_err(|e| value_err(format!("text {seen} is not valid Unicode: {e}")))?;
+                let text =
+                    s.to_str().map_err(|e| value_err(format!("text {seen} is not valid Unicode: {e}")))?;
                 bytes += text.len();
                 seen += 1;
                 batch.push(s);
@@ -269,7 +275,8 @@ impl PyTokenizer {
             .map_err(value_err)?;
         }
         let rows = totals.iter().map(|(k, &c)| (k.as_slice(), c));
-        let inner = py.detach(|| Tokenizer::train_from_chunks(rows, vocab_size, pattern)).map_err(value_err)?;
+        let inner =
+            py.detach(|| Tokenizer::train_from_chunks(rows, vocab_size, pattern)).map_err(value_err)?;
         Ok(PyTokenizer { inner })
     }
 
@@ -285,7 +292,8 @@ impl PyTokenizer {
     ) -> PyResult<Self> {
         let pattern = pattern.unwrap_or(DEFAULT_PATTERN);
         with_count_views(counts, |views| {
-            let inner = py.detach(|| Tokenizer::train_from_counts(views, vocab_size, pattern)).map_err(value_err)?;
+            let inner =
+                py.detach(|| Tokenizer::train_from_counts(views, vocab_size, pattern)).map_err(value_err)?;
             Ok(PyTokenizer { inner })
         })
     }
@@ -309,7 +317,12 @@ impl PyTokenizer {
     /// Token ids of each text (a list of str or a pyarrow string array), in parallel over
     /// `num_threads` threads (None: one per core), GIL released.
     #[pyo3(signature = (texts, num_threads=None))]
-    fn encode_batch(&self, py: Python<'_>, texts: &Bound<'_, PyAny>, num_threads: Option<usize>) -> PyResult<Vec<Vec<u32>>> {
+    fn encode_batch(
+        &self,
+        py: Python<'_>,
+        texts: &Bound<'_, PyAny>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<u32>>> {
         let source = TextSource::of(texts)?;
         let strs = source.borrow()?;
         py.detach(|| with_threads(num_threads, || self.inner.encode_batch(&strs)))

@@ -81,7 +81,11 @@ impl Tokenizer {
 
     /// Trains on chunk counts (merged first when several views hold the same chunk).
     /// `vocab_size` counts the 256 byte tokens.
-    pub fn train_from_counts(views: &[CountsView<'_>], vocab_size: usize, pattern: &str) -> Result<Self, String> {
+    pub fn train_from_counts(
+        views: &[CountsView<'_>],
+        vocab_size: usize,
+        pattern: &str,
+    ) -> Result<Self, String> {
         Self::train_from_chunks(crate::counts::merged_map(views), vocab_size, pattern)
     }
 
@@ -143,7 +147,12 @@ impl Tokenizer {
             .collect()
     }
 
-    fn encode_into<'a>(&self, text: &'a str, cache: &mut ChunkCache<'a>, out: &mut Vec<u32>) -> Result<(), String> {
+    fn encode_into<'a>(
+        &self,
+        text: &'a str,
+        cache: &mut ChunkCache<'a>,
+        out: &mut Vec<u32>,
+    ) -> Result<(), String> {
         let mut work: Vec<u32> = Vec::new();
         self.splitter.for_each_chunk(text, |chunk| {
             let bytes = chunk.as_bytes();
@@ -326,7 +335,8 @@ impl Tokenizer {
 
     /// Loads a tokenizer saved by [`Self::save`].
     pub fn load(path: &Path) -> Result<Self, String> {
-        let f = std::fs::File::open(path).map_err(|e| format!("cannot open tokenizer {}: {e}", path.display()))?;
+        let f = std::fs::File::open(path)
+            .map_err(|e| format!("cannot open tokenizer {}: {e}", path.display()))?;
         Self::read_from(&mut std::io::BufReader::new(f)).map_err(|e| format!("{}: {e}", path.display()))
     }
 }

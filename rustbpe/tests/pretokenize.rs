@@ -7,6 +7,7 @@ use rustbpe::{Splitter, DEFAULT_PATTERN};
 /// Characters where the pattern's alternatives meet: contractions (with 'ſ' and the Kelvin
 /// sign for case folding), spaces of every kind, newlines, numbers that are not digits,
 /// combining marks, letters outside the BMP, emoji, CJK, punctuation.
+#[rustfmt::skip]
 const TRICKY: &[char] = &[
     'a', 'Z', 's', 'S', 'ſ', 'd', 'm', 't', 'T', 'l', 'L', 'v', 'e', 'E', 'r', 'R', 'K', 'k', '\'', '’', ' ', ' ', ' ',
     '\t', '\n', '\r', '\u{0B}', '\u{0C}', '\u{85}', '\u{A0}', '\u{1680}', '\u{2028}', '\u{3000}', '\u{200B}',

@@ -80,6 +80,10 @@ fn load_rejects_corrupt_files() {
 
 #[test]
 fn training_rejects_small_vocab_and_empty_corpus() {
-    assert!(Tokenizer::train_from_chunks([(&b"ab"[..], 1)], 255, DEFAULT_PATTERN).unwrap_err().contains("below 256"));
-    assert!(Tokenizer::train_from_chunks(std::iter::empty(), 300, DEFAULT_PATTERN).unwrap_err().contains("empty"));
+    assert!(Tokenizer::train_from_chunks([(&b"ab"[..], 1)], 255, DEFAULT_PATTERN)
+        .unwrap_err()
+        .contains("below 256"));
+    assert!(Tokenizer::train_from_chunks(std::iter::empty(), 300, DEFAULT_PATTERN)
+        .unwrap_err()
+        .contains("empty"));
 }
