@@ -385,6 +385,8 @@ class Tokenizer:
 
     def export_hf(self, path: str | os.PathLike) -> None:
         """Write `hf_json()` to `path` (e.g. .../tokenizer.json) atomically; load it with
-        `tokenizers.Tokenizer.from_file(path)`."""
+        `tokenizers.Tokenizer.from_file(path)`. HF matches special-token text (e.g. "<|bos|>") inside
+        raw text, which `encode` never does: set `hf.encode_special_tokens = True` after loading for
+        identical ids on such text (the flag is not stored in tokenizer.json)."""
         data = json.dumps(self.hf_json(), ensure_ascii=False).encode()
         _atomic_write(Path(path), lambda f: f.write(data))

@@ -134,6 +134,8 @@ def test_ids_equal_tiktoken_and_decode_round_trips(tok, tiktoken_enc, s):
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("aá1² \t\n\r'sSſlLvVeEK.,😀中\u0301\u00a0\u2028")), max_size=60))
 def test_default_splitter_equals_regex_module(s):
+    # An alphabet of long-assigned characters: the `regex` module may know a newer Unicode version
+    # than the Rust regex tables (which tiktoken shares), and classify new code points differently.
     table = pa.record_batch(rustbpe.count_chunks([s]))
     assert dict(zip(table["chunk"].to_pylist(), table["count"].to_pylist(), strict=True)) == {
         c.encode(): n for c, n in Counter(regex_chunks(s)).items()
@@ -187,7 +189,7 @@ def test_counts_of_split_blocks_merge_to_counts_of_the_whole(texts, data):
     merged = pa.record_batch(rustbpe.merge_counts([rustbpe.count_chunks(texts[:cut]),
                                                    pa.record_batch(rustbpe.count_chunks(texts[cut:]))]))
     assert merged.equals(whole)
-    assert sum(whole["count"].to_pylist()) == sum(len(regex_chunks(t)) for t in texts)
+    assert sum(whole["count"].to_pylist()) == sum(rustbpe.count_chunks([t]).total for t in texts)
 
 
 def test_counts_are_arrow_buffers_shared_without_copy():

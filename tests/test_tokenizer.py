@@ -166,16 +166,28 @@ def test_tiktoken_gives_identical_ids(tok):
     assert enc.n_vocab == tok.vocab_size
 
 
-def test_hf_tokenizer_json_gives_identical_ids(tok, tmp_path):
-    path = tmp_path / "tokenizer.json"
+@pytest.fixture(scope="module")
+def hf_tok(tok, tmp_path_factory) -> tokenizers.Tokenizer:
+    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
     tok.export_hf(path)
-    hf = tokenizers.Tokenizer.from_file(str(path))
+    return tokenizers.Tokenizer.from_file(str(path))
+
+
+def test_hf_tokenizer_json_gives_identical_ids(tok, hf_tok):
     texts = [*CORPUS[:4], "  leading spaces\n\n\ttabs  and trailing   ", "numbers 1234567 3.14159", "I'LL we've"]
     for text in texts:
-        assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text)
-        assert hf.decode(tok.encode(text)) == text
-    assert hf.token_to_id("<|assistant_end|>") == tok.encode_special("<|assistant_end|>")
-    assert hf.get_vocab_size() == tok.vocab_size
+        assert hf_tok.encode(text, add_special_tokens=False).ids == tok.encode(text)
+        assert hf_tok.decode(tok.encode(text)) == text
+    assert hf_tok.token_to_id("<|assistant_end|>") == tok.encode_special("<|assistant_end|>")
+    assert hf_tok.get_vocab_size() == tok.vocab_size
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_hf_ids_equal_on_random_unicode(tok, hf_tok, s):
+    # HF splits special-token text out of raw text unless told not to (not saved in tokenizer.json).
+    hf_tok.encode_special_tokens = True
+    assert hf_tok.encode(s, add_special_tokens=False).ids == tok.encode(s)
 
 
 # -- training from count tables ------------------------------------------------------------------
