@@ -15,9 +15,10 @@ Notable:
 - the scored span is found in token space: the common token prefix of the choice prompts (MC), the
   common suffix (schema), or where the prompt without the continuation ends (LM); sequences longer
   than the model's context keep their last `max_seq_len` tokens;
-- exact ties (a model with uniform logits) give fractional credit, 1/(number of tied choices) if
-  the gold one is among them: the expected accuracy of random tie-breaking, so a uniform model
-  scores exactly chance. Real models practically never tie, where this is DCLM's argmin;
+- ties (a model with uniform logits; mean losses equal to a relative 1e-6) give fractional credit,
+  1/(number of tied choices) if the gold one is among them: the expected accuracy of random
+  tie-breaking, so a uniform model scores exactly chance. Real models practically never tie,
+  where this is DCLM's argmin;
 - accuracy is centred by the task's random baseline, (acc - b) / (1 - b), and CORE is the mean
   of the centred accuracies; a random model scores about 0, a perfect one 1;
 - the real bundle (`eval_bundle.zip`, 22 tasks) loads from disk, or is downloaded once; offline the
@@ -203,10 +204,13 @@ def crop_left(tokens: list[list[int]], spans: list[tuple[int, int]], max_len: in
     return out_tokens, out_spans
 
 
+TIE_RTOL = 1e-6  # mean losses this close tie: float32 means of n equal losses differ by ulps (~1e-7) with n
+
+
 def option_credit(mean_losses: Sequence[float], gold: int) -> float:
-    """1 if gold has the strictly lowest mean loss; 1/k if it ties with k-1 others; else 0."""
+    """1 if gold has the lowest mean loss; 1/k if it ties (within TIE_RTOL) with k-1 others; else 0."""
     best = min(mean_losses)
-    tied = [i for i, loss in enumerate(mean_losses) if loss == best]
+    tied = [i for i, loss in enumerate(mean_losses) if loss - best <= TIE_RTOL * max(1.0, abs(best))]
     return 1.0 / len(tied) if gold in tied else 0.0
 
 
@@ -236,7 +240,7 @@ def score_request(model: Callable[[torch.Tensor], torch.Tensor], tokenizer: Any,
     mean_losses = []
     for row, (s, e) in enumerate(spans):
         nll = F.cross_entropy(logits[row, s - 1: e - 1], idx[row, s:e], reduction="none")  # (e - s,) nats
-        mean_losses.append(float(nll.mean()))
+        mean_losses.append(float(nll.double().mean()))  # float64: equal losses give equal means for any n
     return option_credit(mean_losses, request.gold)
 
 

@@ -168,6 +168,8 @@ def test_ties_give_fractional_credit_and_a_strict_minimum_full_credit():
     assert core_eval.option_credit([1.0, 1.0, 2.0, 1.0], gold=1) == pytest.approx(1 / 3)
     assert core_eval.option_credit([1.0, 1.0, 2.0, 1.0], gold=2) == 0.0
     assert core_eval.option_credit([0.5, 1.0], gold=0) == 1.0
+    ulp_apart = [float(torch.full((n,), 6.238).mean()) for n in (3, 5, 7)]  # float32 means of one loss
+    assert len(set(ulp_apart)) > 1 and core_eval.option_credit(ulp_apart, gold=0) == pytest.approx(1 / 3)
 
 
 def test_spans_keep_at_least_one_token_when_one_choice_is_a_prefix_of_another():

@@ -1,0 +1,175 @@
+"""A pool of evaluation actors: each loads the model once, then evaluates whatever shards it is given.
+
+Used by jobs/evaluate.py for CORE (and validation bpb and samples) and meant for the chat
+evaluations too: the pool knows nothing about tasks. It is built from a `loader(device) -> state`
+(e.g. `functools.partial(nanochat.evaluation.load_eval_state, model_dir, tokenizer_dir)`) and runs
+`fn(state, items) -> list[result]` functions, one result per item, in the actors:
+
+    spec = plan_pool(num_actors=2, cpus_per_actor=1.0, resources=ray.cluster_resources())
+    with EvalPool(loader, spec) as pool:
+        results = pool.map(nanochat.core_eval.score_requests, requests)   # same order as requests
+
+Notable:
+- sizing (`plan_pool`): with GPUs in the cluster one GPU per actor (and no more actors than GPUs);
+  without, CPUs per actor shrink to fit the cluster, fractions allowed: on a 2-core box two
+  actors of 1 CPU, or four of 0.5 when four are asked for. torch threads = whole CPUs reserved
+  (at least 1), set in the actor, since Ray's OMP_NUM_THREADS is not what torch uses everywhere;
+- `map` cuts the items into contiguous chunks (several per actor) handed to whichever actor is
+  free (ray.util.ActorPool) and puts the results back in item order; the results are those of
+  one process because every item is scored on its own;
+- a model or tokenizer that cannot be loaded is reported once, by `EvalPool.ready()`, with the
+  actor's error, before any work is handed out.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+from ray.util import ActorPool
+
+from nanochat.evaluation import EvalState, load_eval_state, shard_items
+
+
+class EvalPoolError(RuntimeError):
+    """The pool cannot be built or an actor failed; the message carries the actor's error."""
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """How many evaluation actors, and what each one reserves."""
+
+    num_actors: int
+    num_cpus: float  # Ray CPUs per actor (fractions allowed)
+    num_gpus: float  # Ray GPUs per actor (0 on CPU clusters)
+    threads: int  # torch intra-op threads per actor
+
+
+def plan_pool(num_actors: int, cpus_per_actor: float, resources: dict[str, float],
+              gpus_per_actor: float | None = None) -> PoolSpec:
+    """Size the pool for a cluster whose totals are `resources` (ray.cluster_resources()).
+
+    gpus_per_actor None: 1 when the cluster has GPUs, else 0. With GPUs, at most as many actors as
+    GPUs fit. CPUs per actor are cut so all actors fit in the cluster's CPUs at once."""
+    if num_actors < 1 or cpus_per_actor <= 0:
+        raise ValueError(f"need num_actors >= 1 and cpus_per_actor > 0, got {num_actors} and {cpus_per_actor}")
+    total_cpus = float(resources.get("CPU", 0.0))
+    total_gpus = float(resources.get("GPU", 0.0))
+    if total_cpus <= 0:
+        raise EvalPoolError(f"the Ray cluster reports no CPUs ({resources}); is it running?")
+    gpus = (1.0 if total_gpus >= 1 else 0.0) if gpus_per_actor is None else gpus_per_actor
+    if gpus > 0:
+        if total_gpus < gpus:
+            raise EvalPoolError(f"{gpus} GPU(s) per actor asked for, but the cluster has {total_gpus}")
+        num_actors = min(num_actors, int(total_gpus // gpus))
+    cpus = min(cpus_per_actor, total_cpus / num_actors)
+    return PoolSpec(num_actors, cpus, gpus, max(1, int(cpus)))
+
+
+def localize(uri: str) -> str:
+    """A local directory with the files of `uri`: local paths as they are; s3:// and gs:// copied
+    into a fresh temporary directory (evaluation actors may run on nodes without the run's disk)."""
+    if "://" not in uri:
+        return uri
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    fs, path = pafs.FileSystem.from_uri(uri)
+    dest = tempfile.mkdtemp(prefix="nanochat-eval-")
+    pafs.copy_files(path, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+def load_from_storage(model_uri: str, tokenizer_uri: str | None, device: str) -> EvalState:
+    """Loader for an exported model: `functools.partial(load_from_storage, model_uri, tokenizer_uri)`;
+    tokenizer_uri None: the tokenizer exported beside the weights."""
+    return load_eval_state(localize(model_uri), localize(tokenizer_uri) if tokenizer_uri else None, device)
+
+
+class EvalActor:
+    """Holds one loaded state and runs evaluation functions on it (wrapped by ray.remote in EvalPool)."""
+
+    def __init__(self, loader: Callable[[str], Any], threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
+        t0 = time.perf_counter()
+        self.state = loader(self.device)
+        self.load_seconds = time.perf_counter() - t0
+        self.threads = threads
+
+    def describe(self) -> dict[str, Any]:
+        """Where this actor runs and how long loading took."""
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": self.device,
+                "threads": self.threads, "load_seconds": round(self.load_seconds, 3)}
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(state, *args): a shard of items, or any single job (bpb, samples)."""
+        return fn(self.state, *args)
+
+
+class EvalPool:
+    """`spec.num_actors` EvalActors over one loader; close() (or a with-block) frees them."""
+
+    def __init__(self, loader: Callable[[str], Any], spec: PoolSpec) -> None:
+        if not ray.is_initialized():
+            raise EvalPoolError("Ray is not initialised: call ray.init() (or run as a Ray job) before EvalPool")
+        self.spec = spec
+        remote = ray.remote(EvalActor).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
+        self.actors = [remote.remote(loader, spec.threads) for _ in range(spec.num_actors)]
+        self._described: list[dict[str, Any]] | None = None
+
+    def ready(self) -> list[dict[str, Any]]:
+        """Wait until every actor has loaded its state; describe them. Raises EvalPoolError."""
+        if self._described is None:
+            self._described = self._get([a.describe.remote() for a in self.actors], "loading the model")
+        return self._described
+
+    def submit(self, actor: int, fn: Callable[..., Any], *args: Any) -> ray.ObjectRef:
+        """Run fn(state, *args) on actor number `actor` (modulo the pool size); returns an ObjectRef."""
+        return self.actors[actor % len(self.actors)].run.remote(fn, *args)
+
+    def get(self, refs: Any, what: str = "evaluation") -> Any:
+        """ray.get with the actor's error turned into an EvalPoolError naming `what`."""
+        return self._get(refs, what)
+
+    def map(self, fn: Callable[[Any, list[Any]], list[Any]], items: Sequence[Any], chunks_per_actor: int = 4) -> list[Any]:
+        """fn(state, chunk) over contiguous chunks of items on free actors; results in item order."""
+        self.ready()
+        if not items:
+            return []
+        chunks = [c for c in shard_items(items, min(len(items), self.spec.num_actors * chunks_per_actor)) if c]
+        pool = ActorPool(self.actors)
+        try:
+            outputs = list(pool.map(lambda actor, chunk: actor.run.remote(fn, chunk), chunks))
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+            raise EvalPoolError(f"an evaluation actor failed: {e}") from e
+        results = [r for out in outputs for r in out]
+        if len(results) != len(items):
+            raise EvalPoolError(f"{fn.__name__} returned {len(results)} results for {len(items)} items")
+        return results
+
+    def close(self) -> None:
+        """Kill the actors (their reserved CPUs/GPUs return to the cluster)."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> EvalPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _get(refs: Any, what: str) -> Any:
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+            raise EvalPoolError(f"an evaluation actor failed while {what}: {e}") from e
