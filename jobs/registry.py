@@ -71,3 +71,6 @@ def select(names: list[str] | None) -> list[Stage]:
     for n in names:
         get_stage(n)
     return [s for s in STAGES if s.name in names]
+
+
+register(Stage("tokenizer", "jobs.tokenizer", description="count chunks on the cluster, train BPE merges"))

@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+# Ray reads RAY_AUTH_MODE once, when it is first imported: clients of the token-auth test cluster
+# need it set before any test module imports ray.
+os.environ["RAY_AUTH_MODE"] = "token"
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _TIER_TIME: dict[str, float] = defaultdict(float)
 
@@ -46,6 +50,14 @@ def ray_cluster():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def embedded_pack() -> Path:
+    """The embedded data pack (built once per machine from PyPI/Debian, then reused)."""
+    from nanochat.datapack import build_embedded_pack
+
+    return build_embedded_pack()
 
 
 @pytest.fixture
