@@ -1,6 +1,8 @@
 # nanochat on Ray: the two commands are `make demo` and `make test` (see README.md).
 #
-# The Python environment lives outside the clone ($(VENV)) and is reused while pyproject.toml is
+# The project itself is not installed: commands run from the clone (PYTHONPATH below), Ray jobs
+# upload it as their working dir. The Python environment lives outside the clone ($(VENV)) and
+# is reused while pyproject.toml is
 # unchanged (a stamp holds its hash), so a fresh clone does not download torch again; the Rust
 # build directory ($(CARGO_TARGET_DIR)) is outside the clone too.
 
@@ -8,11 +10,12 @@ SHELL := /bin/bash
 CACHE ?= $(HOME)/.cache/nanochat-ray
 VENV ?= $(CACHE)/venv
 PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
 export CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
 PRESET ?= tiny
 RUN ?= demo
 
-.PHONY: env demo test test-fast lint cluster-start cluster-stop clean-cache
+.PHONY: env demo test lint cluster-start cluster-stop
 
 env:
 	@set -e; \
@@ -22,10 +25,10 @@ env:
 	if [ "$$want" != "$$have" ]; then \
 		echo "[env] installing Python dependencies into $(VENV)"; \
 		$(PY) -m pip install -q --upgrade pip; \
-		$(PY) -m pip install -q -e ".[dev]"; \
+		$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+			print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > "$(VENV)/requirements.txt"; \
+		$(PY) -m pip install -q -r "$(VENV)/requirements.txt" maturin; \
 		echo "$$want" > "$(VENV)/.deps-stamp"; \
-	else \
-		$(PY) -m pip install -q --no-deps --no-build-isolation -e . ; \
 	fi; \
 	src=$$(cat rustbpe/Cargo.toml rustbpe/pyproject.toml $$(find rustbpe/src -type f | sort) | sha256sum | cut -c1-16); \
 	if [ "$$src" != "$$(cat "$(VENV)/.rustbpe-stamp" 2>/dev/null || true)" ]; then \
