@@ -1,0 +1,263 @@
+"""Pretraining rows: BOS-aligned packing, a fixed per-rank order of row groups, and a data
+position that resumes exactly. Pure Python (numpy + torch); the cluster's Ray Data pipeline
+(cluster/pretrain_data.py) and the single-process path here call the same functions, so both
+produce the same rows.
+
+Notable:
+- The unit of reading is one row group of one training shard, an "item". Items form one endless
+  sequence: item i is row group `plan[i % N]` (N row groups in all) in epoch i // N. Rank r of W
+  reads items r, r + W, r + 2W, ... — a fixed assignment, never a dynamic split, so every rank
+  always has data and its place in the stream is two integers:
+  `DataPosition(item, row)` = the item being read and how many of its rows are already used.
+- `pack_rows` turns one item's documents into rows of exactly `row_len` tokens, each starting
+  with BOS: a document longer than a row is cut into row-sized pieces, every piece after the
+  first getting a BOS of its own; the remaining shorter pieces are packed best-fit (largest piece
+  that fits the space left); when nothing fits, a piece is cropped to fill the row and its rest,
+  behind a new BOS, goes back to the pool. No token is lost except the last partial row of an
+  item (< row_len tokens per row group of ~1,000 documents). Deterministic: same documents,
+  same rows.
+- Exact resume at the same world size: re-read and re-pack item `item`, skip `row` rows.
+- Resume at another world size is approximate (`resume_positions`): every new rank restarts at
+  the earliest item any old rank had not finished, i0, new rank r taking i0 + r, i0 + r + W', ...
+  Nothing is skipped; rows of the items the old ranks had started at or after i0 are read again
+  (at most W_old items, partly).
+- `RowBatcher` turns chunks of rows into (B, T) input/target micro-batches and keeps the position
+  just after the last row it handed out: that is what a checkpoint saves.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from nanochat.dataset import iter_row_groups, validate_shard
+
+Item = tuple[str, int]  # (shard path or URI, row group index inside it)
+RowChunk = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows (n, row_len) int, their items (n,), row indices (n,)
+
+
+class TextTokenizer(Protocol):
+    """What packing needs from a tokenizer (nanochat.tokenizer.Tokenizer has it)."""
+
+    def encode(self, text: Any, prepend: Any = None, append: Any = None, num_threads: int | None = None) -> Any: ...
+
+    def get_bos_token_id(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where one rank is in its item stream."""
+
+    item: int  # global index of the item being read (item % N is the row group, item // N the epoch)
+    row: int = 0  # rows of that item already consumed
+
+    def as_dict(self) -> dict[str, int]:
+        return {"item": self.item, "row": self.row}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataPosition:
+        return cls(int(d["item"]), int(d["row"]))
+
+
+def start_positions(world_size: int) -> list[DataPosition]:
+    """Fresh run: rank r starts at item r."""
+    return [DataPosition(r, 0) for r in range(world_size)]
+
+
+def resume_positions(saved: Sequence[DataPosition], new_world_size: int) -> list[DataPosition]:
+    """Positions for `new_world_size` ranks from the positions of every rank of a saved run.
+
+    Same world size: the saved positions (exact). Otherwise all ranks restart at the earliest
+    unfinished item i0 (every item before i0 was fully consumed by its old owner), new rank r at
+    i0 + r: no data is skipped, some rows are seen twice (see the module docstring)."""
+    if new_world_size < 1 or not saved:
+        raise ValueError(f"need saved positions and a world size >= 1, got {len(saved)} and {new_world_size}")
+    if len(saved) == new_world_size:
+        return list(saved)
+    first = min(p.item for p in saved)
+    return [DataPosition(first + r, 0) for r in range(new_world_size)]
+
+
+def plan_row_groups(shards: Sequence[str], threads: int = 16) -> list[Item]:
+    """Every (shard, row group) of `shards`, in shard then row-group order (footers read in parallel)."""
+    if not shards:
+        raise ValueError("no training shards given: point the stage at a directory/prefix with parquet shards")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+        infos = list(pool.map(validate_shard, shards))
+    plan = [(info.path, g) for info in infos for g in range(info.num_row_groups)]
+    if not plan:
+        raise ValueError(f"the shards {list(shards)[:3]}... hold no row groups (empty files?)")
+    return plan
+
+
+def item_source(plan: Sequence[Item], item: int) -> Item:
+    """(shard, row group) that global item `item` reads."""
+    return plan[item % len(plan)]
+
+
+def read_texts(shard: str, row_group: int) -> list[str]:
+    """The documents of one row group of one shard (local path or s3:// / gs:// URI)."""
+    return next(iter_row_groups([shard], start=(0, row_group))).texts
+
+
+def pack_rows(docs: Sequence[Sequence[int]], row_len: int, bos_id: int) -> np.ndarray:
+    """Pack documents (token ids WITHOUT a leading BOS) into (R, row_len) int32 rows that each
+    start with BOS; see the module docstring for the rule. Empty documents are skipped."""
+    if row_len < 2:
+        raise ValueError(f"row_len must be >= 2 (a BOS and one token), got {row_len}")
+    body = row_len - 1  # document tokens that fit behind one BOS
+    rows: list[list[int]] = []
+    pool = _PiecePool()
+    for doc in docs:
+        n = len(doc)
+        for start in range(0, n, body):
+            piece = [bos_id, *doc[start : start + body]]
+            if len(piece) == row_len:
+                rows.append(piece)
+            else:
+                pool.push(piece)
+    while pool.total >= row_len:
+        row: list[int] = []
+        space = row_len
+        while space:
+            piece = pool.pop_largest_at_most(space)
+            if piece is None:  # every piece is longer than the space left: crop one to fill the row
+                piece = pool.pop_smallest()
+                row += piece[:space]
+                pool.push([bos_id, *piece[space:]])
+                break
+            row += piece
+            space -= len(piece)
+        rows.append(row)
+    if not rows:
+        return np.zeros((0, row_len), dtype=np.int32)
+    return np.asarray(rows, dtype=np.int32)
+
+
+class _PiecePool:
+    """Pieces (lists starting with BOS) bucketed by length; FIFO within a length, so deterministic."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, deque[list[int]]] = {}
+        self.lengths: list[int] = []  # sorted distinct lengths present
+        self.total = 0  # tokens in the pool
+
+    def push(self, piece: list[int]) -> None:
+        n = len(piece)
+        if n not in self.buckets:
+            self.buckets[n] = deque()
+            bisect.insort(self.lengths, n)
+        self.buckets[n].append(piece)
+        self.total += n
+
+    def _pop(self, n: int) -> list[int]:
+        bucket = self.buckets[n]
+        piece = bucket.popleft()
+        if not bucket:
+            del self.buckets[n]
+            self.lengths.remove(n)
+        self.total -= n
+        return piece
+
+    def pop_largest_at_most(self, space: int) -> list[int] | None:
+        k = bisect.bisect_right(self.lengths, space) - 1
+        return self._pop(self.lengths[k]) if k >= 0 else None
+
+    def pop_smallest(self) -> list[int]:
+        return self._pop(self.lengths[0])
+
+
+def tokenize_and_pack(tokenizer: TextTokenizer, texts: Any, row_len: int, num_threads: int = 1) -> np.ndarray:
+    """Rows of one item: encode its documents (list of str or a pyarrow string array), pack them."""
+    docs = tokenizer.encode(texts, num_threads=num_threads)
+    return pack_rows(docs, row_len, tokenizer.get_bos_token_id())
+
+
+def local_row_chunks(
+    plan: Sequence[Item], tokenizer: TextTokenizer, row_len: int, start: DataPosition, world_size: int
+) -> Iterator[RowChunk]:
+    """This rank's rows item by item, read and packed in this process (no Ray): the reference
+    for the cluster pipeline, and the data path of single-process runs. Endless."""
+    item, skip = start.item, start.row
+    while True:
+        rows = tokenize_and_pack(tokenizer, read_texts(*item_source(plan, item)), row_len)[skip:]
+        n = len(rows)
+        yield rows, np.full(n, item, dtype=np.int64), np.arange(skip, skip + n, dtype=np.int64)
+        item, skip = item + world_size, 0
+
+
+class RowBatcher:
+    """Iterator of (inputs (B, T), targets (B, T)) int64 micro-batches cut from row chunks.
+
+    `position` is always where the next unread row is: after a checkpoint, a new RowBatcher over
+    a stream started at that position continues with exactly the rows this one would have given."""
+
+    def __init__(self, chunks: Iterator[RowChunk], batch_size: int, start: DataPosition) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.chunks, self.batch_size, self.position = chunks, batch_size, start
+        self._rows: list[np.ndarray] = []
+        self._items: list[np.ndarray] = []
+        self._idx: list[np.ndarray] = []
+        self._buffered = 0
+
+    def __iter__(self) -> RowBatcher:
+        return self
+
+    def close(self) -> None:
+        """Stop the underlying stream (a Ray Data pipeline shuts down its actors)."""
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+
+    def prime(self) -> None:
+        """Read ahead until one micro-batch is buffered (starts a lazy pipeline; the position
+        does not move)."""
+        while self._buffered < self.batch_size:
+            rows, items, idx = next(self.chunks)
+            if len(rows):
+                self._rows.append(np.asarray(rows))
+                self._items.append(np.asarray(items))
+                self._idx.append(np.asarray(idx))
+                self._buffered += len(rows)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.prime()
+        rows, items, idx = (np.concatenate(parts) for parts in (self._rows, self._items, self._idx))
+        b = self.batch_size
+        self._rows, self._items, self._idx = [rows[b:]], [items[b:]], [idx[b:]]
+        self._buffered -= b
+        self.position = DataPosition(int(items[b - 1]), int(idx[b - 1]) + 1)
+        batch = torch.from_numpy(rows[:b].astype(np.int64))  # (B, row_len)
+        return batch[:, :-1], batch[:, 1:]
+
+
+def validation_rows(val_shards: Sequence[str], tokenizer: TextTokenizer, row_len: int, num_rows: int) -> np.ndarray:
+    """The first `num_rows` packed rows of the validation shard(s): (num_rows, row_len) int32.
+
+    Every rank computes the same rows; rank r evaluates rows r, r + W, ... (sums are all-reduced)."""
+    got: list[np.ndarray] = []
+    count = 0
+    for group in iter_row_groups(val_shards):
+        rows = tokenize_and_pack(tokenizer, group.texts, row_len)
+        got.append(rows)
+        count += len(rows)
+        if count >= num_rows:
+            return np.concatenate(got)[:num_rows]
+    raise ValueError(
+        f"the validation shard(s) {list(val_shards)} give only {count} rows of {row_len} tokens, "
+        f"{num_rows} are needed: lower eval_tokens or use a larger validation shard"
+    )
+
+
+def rank_batches(rows: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank `rank`'s share (rows rank::world_size) of evaluation rows as (inputs, targets) batches."""
+    mine = torch.from_numpy(np.asarray(rows[rank::world_size], dtype=np.int64))
+    return [(b[:, :-1], b[:, 1:]) for b in mine.split(batch_size)]
