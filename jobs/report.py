@@ -1,0 +1,87 @@
+"""Report stage: the run's report card as Markdown with plots, from what every stage wrote.
+
+    python -m jobs.report --preset tiny --run demo
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python -m jobs.report --preset tiny --run demo
+
+Reads `{run}/<stage>/meta.json`, `{run}/<stage>/metrics.jsonl` and `{run}/evaluate/<stage>.json`
+of every stage that exists (a missing one shows as "-") and writes `{run}/report/report.md` plus
+PNG plots. No Ray work: it runs where it is submitted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+from pydantic import Field
+
+from cluster.storage import RunStorage, StorageError, git_commit, software_versions
+from jobs.config import ConfigError, StageConfig, load_stage_config, stage_argparser
+from nanochat.report import STAGE_ORDER, RunRecord, make_plots, render_report
+
+
+class ReportConfig(StageConfig):
+    """The `report:` section of a preset."""
+
+    hourly_rate: float = Field(3.0, ge=0, description="price of one GPU-hour in dollars, for the cost estimate")
+
+
+def read_run(storage: RunStorage) -> RunRecord:
+    """Everything the report needs, skipping stages that are missing or incomplete."""
+    rec = RunRecord(run=storage.run)
+    for stage in STAGE_ORDER:
+        if storage.is_complete(stage):
+            rec.metas[stage] = storage.read_meta(stage)
+        rows = storage.read_metrics(stage)
+        if rows:
+            rec.metrics[stage] = rows
+        path = f"{storage.stage_path('evaluate')}/{stage}.json"
+        if storage.exists(path):
+            with storage.fs.open_input_stream(path) as f:
+                try:
+                    rec.evaluations[stage] = json.loads(f.read().decode())
+                except json.JSONDecodeError:
+                    print(f"[report] {path} is corrupt; its stage shows as '-'", file=sys.stderr)
+    return rec
+
+
+def hardware() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0)
+            return f"{torch.cuda.device_count()} x {name}, {os.cpu_count()} CPUs"
+    except Exception:
+        pass
+    return f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), no GPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_argparser("report", __doc__.splitlines()[0]).parse_args(argv)
+    try:
+        cfg = load_stage_config(ReportConfig, "report", args.preset, args.overrides)
+        storage = RunStorage(args.run, args.storage)
+        if storage.is_complete("report") and not args.force:
+            print(f"report of run {args.run} is complete ({storage.stage_uri('report')}); --force rewrites it")
+            return 0
+        rec = read_run(storage)
+        with storage.writer("report", cfg.model_dump()) as w:
+            plots = make_plots(rec, w.path)
+            text = render_report(rec, hourly_rate=cfg.hourly_rate, plots=plots, hardware=hardware(),
+                                 versions=software_versions(), git_commit=git_commit())
+            (w.path / "report.md").write_text(text)
+            w.metrics["stages"] = len(rec.metas)
+            w.commit()
+    except (ConfigError, StorageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"[report] written to {storage.stage_uri('report')}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

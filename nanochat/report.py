@@ -1,0 +1,150 @@
+"""The report card of a run: Markdown from every stage's meta.json, evaluations and metrics.jsonl.
+
+Pure rendering: `jobs/report.py` reads the run and calls `render_report`; plots are PNGs made
+with matplotlib (Agg backend, no display). A stage that did not run shows as "-", never an error.
+
+Summary table (as the seed's): columns BASE / MID / SFT / RL, rows CORE, ARC-Easy,
+ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE. CORE comes from the base evaluation
+(`evaluate/pretrain.json`: `core.label`, `core.metric`); the chat rows from each chat stage's
+evaluation (`evaluate/<stage>.json`: `chat.tasks.<task>.accuracy`, `chat.chatcore`).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "rl")
+COLUMNS = (("BASE", "pretrain"), ("MID", "midtrain"), ("SFT", "sft"), ("RL", "rl"))
+CHAT_ROWS = (("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge"), ("MMLU", "mmlu"),
+             ("GSM8K", "gsm8k"), ("HumanEval", "humaneval"))
+
+
+@dataclass
+class RunRecord:
+    """What the report needs of a run, already read from storage."""
+
+    run: str
+    metas: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> meta.json
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> evaluate/<stage>.json
+    metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> metrics.jsonl rows
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def summary_table(rec: RunRecord) -> tuple[str, str]:
+    """The BASE/MID/SFT/RL table and the CORE label used in it."""
+    base = rec.evaluations.get("pretrain", {})
+    core_label = base.get("core", {}).get("label", "CORE")
+    header = "| metric | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
+    core_row = [_fmt(base.get("core", {}).get("metric")) if stage == "pretrain" else "-" for _, stage in COLUMNS]
+    lines.append(f"| {core_label} | " + " | ".join(core_row) + " |")
+    for label, task in CHAT_ROWS:
+        cells = [_fmt(rec.evaluations.get(stage, {}).get("chat", {}).get("tasks", {}).get(task, {}).get("accuracy"))
+                 for _, stage in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    chatcore = [_fmt(rec.evaluations.get(stage, {}).get("chat", {}).get("chatcore")) for _, stage in COLUMNS]
+    lines.append("| ChatCORE | " + " | ".join(chatcore) + " |")
+    return "\n".join(lines), core_label
+
+
+def gpu_hours(rec: RunRecord) -> float:
+    """GPU-hours of all stages: each stage's duration × the GPUs it reserved (meta `resources.gpus`)."""
+    total = 0.0
+    for meta in rec.metas.values():
+        gpus = (meta.get("resources") or {}).get("gpus", 0) or 0
+        total += gpus * meta.get("duration_s", 0.0) / 3600
+    return total
+
+
+def _stage_section(stage: str, meta: dict[str, Any] | None, evaluation: dict[str, Any] | None) -> str:
+    if meta is None:
+        return f"## {stage}\n\n-\n"
+    lines = [f"## {stage}", "", f"- time: {meta.get('duration_s', 0):.1f} s"]
+    timings = meta.get("timings") or {}
+    if timings:
+        lines.append("- phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    for k, v in (meta.get("metrics") or {}).items():
+        if not isinstance(v, dict | list):
+            lines.append(f"- {k}: {_fmt(v)}")
+    config = meta.get("config") or {}
+    if config:
+        lines.append("- config: " + ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, dict)))
+    if evaluation:
+        if "val_bpb" in evaluation:
+            lines.append(f"- validation bpb: {_fmt(evaluation['val_bpb'])}")
+        core = evaluation.get("core")
+        if core:
+            lines.append(f"- {core.get('label', 'CORE')}: {_fmt(core.get('metric'))}")
+        for s in (evaluation.get("samples") or [])[:5]:
+            lines.append(f"- sample: `{s.get('prompt', '')}` → `{s.get('completion', '').strip()[:120]}`")
+    return "\n".join(lines) + "\n"
+
+
+def render_report(rec: RunRecord, *, hourly_rate: float, plots: list[str], now: float | None = None,
+                  hardware: str | None = None, versions: dict[str, str] | None = None,
+                  git_commit: str = "unknown") -> str:
+    """The whole report.md text."""
+    now = now or time.time()
+    table, _ = summary_table(rec)
+    hours = gpu_hours(rec)
+    wall = sum(m.get("duration_s", 0.0) for m in rec.metas.values())
+    versions = versions or {}
+    head = [
+        f"# nanochat on Ray — report card for run `{rec.run}`", "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(now))}",
+        f"- git commit: {git_commit}",
+        f"- hardware: {hardware or platform.platform()}",
+        "- software: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- GPU-hours: {hours:.2f}; cost estimate: {hours:.2f} h × ${hourly_rate:.2f}/GPU-h = ${hours * hourly_rate:.2f}",
+        f"- total wall-clock of the stages: {wall / 60:.1f} min", "",
+        "## Summary", "", table, "",
+    ]
+    sections = [_stage_section(s, rec.metas.get(s), rec.evaluations.get(s)) for s in STAGE_ORDER]
+    tok = rec.metas.get("tokenizer", {}).get("evaluation", {}).get("bytes_per_token")
+    if tok:
+        from nanochat.tokenizer_eval import format_report
+
+        sections[0] += "\nBytes per token:\n\n" + format_report(tok) + "\n"
+    figs = ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] if plots else []
+    return "\n".join(head + sections + figs) + "\n"
+
+
+def make_plots(rec: RunRecord, out_dir: Path) -> list[str]:
+    """PNG plots from metrics.jsonl: training loss, validation bpb, RL reward, tokens/s. Returns paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wanted = (("loss", "training loss"), ("val_bpb", "validation bits per byte"),
+              ("reward_mean", "RL mean reward"), ("tokens_per_sec", "tokens per second"))
+    written = []
+    for key, title in wanted:
+        series = {stage: [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+                  for stage, rows in rec.metrics.items()}
+        series = {s: pts for s, pts in series.items() if pts}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for stage, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=stage)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{key}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+    return written
