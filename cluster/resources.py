@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=["describe", "check"])
     p.add_argument("--address", default=None, help="dashboard URL of a running cluster, e.g. http://127.0.0.1:8265")
     p.add_argument("--config", default=None, help="cluster.yaml or a KubeRay RayCluster/RayJob manifest")
-    p.add_argument("--stage", default="stage")
+    p.add_argument("--stage", default="(cli)", help="stage name for the message")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpu", type=float, default=1.0, help="CPUs per worker")
     p.add_argument("--gpu", type=float, default=0.0, help="GPUs per worker")
