@@ -4,10 +4,11 @@
     RAY_AUTH_MODE=token ray job submit --working-dir . -- \\
         python -m jobs.evaluate --stage pretrain --preset tiny --run demo
 
-Reads `{run}/<stage>/model/` and `{run}/tokenizer/`, writes `{run}/evaluate/<stage>.json`
-atomically, last: the evaluation of a stage is complete when that file exists (a rerun skips it
-unless --force). CORE uses DCLM's eval bundle when it is on disk or can be downloaded, else the
-embedded pack's tasks (nanochat/core_tasks.py), labelled "CORE-k (our config)".
+Reads the exported model `{run}/<stage>/model/` with the tokenizer saved beside it (model/tokenizer/,
+else `{run}/tokenizer/`) and the validation shard; writes `{run}/evaluate/<stage>.json` atomically,
+last: the evaluation of a stage is complete when that file exists (a rerun skips it unless --force).
+CORE uses DCLM's eval bundle when it is on disk or can be downloaded, else the embedded pack's tasks
+(nanochat/core_tasks.py), labelled "CORE-k (our config)".
 
 On the cluster (numbered as the Ray calls happen):
   1. ray.init(): join the cluster this job was submitted to;
