@@ -128,7 +128,8 @@ def run_pipeline(preset: str, run: str, *, storage_uri: str | None = None, stage
         missing = [s for s in stage.inputs if not registry.get_stage(s).is_complete(storage)]
         if missing:
             raise PipelineError(f"stage {stage.name} needs {missing} of run {run}, which are not complete")
-        stage_overrides = [f"{k}={v}" for k, v in _flatten(by_stage.get(stage.name, {}))]
+        stage_overrides = [f"{k}={v}" for k, v in _flatten({**by_stage.get(stage.section, {}),
+                                                             **by_stage.get(stage.name, {})})]
         cmd = stage.command(preset, run, storage.uri or "", stage_overrides)
         if stage.name in force:
             cmd.append("--force")
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=None, help="comma-separated subset of stages (default: all)")
     p.add_argument("--force", default="", help="comma-separated stages to rerun even if complete")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                   help="override a stage config field, e.g. --set pretrain.num_steps=10")
+                   help="override a stage config field by section, e.g. --set pretrain.num_steps=10 "
+                        "(evaluate.* applies to every evaluation, evaluate_pretrain.* to one)")
     p.add_argument("--no-submit", action="store_true", help="run stages as local processes, not Ray jobs")
     p.add_argument("--address", default=None, help="Ray dashboard URL to submit to (default: the local cluster)")
     args = p.parse_args(argv)

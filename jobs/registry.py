@@ -27,6 +27,11 @@ class Stage:
     complete: Callable[[RunStorage], bool] | None = field(default=None, compare=False)
 
     @property
+    def section(self) -> str:
+        """The preset section its config comes from (the module's last name)."""
+        return self.module.rsplit(".", 1)[-1]
+
+    @property
     def out_dir(self) -> str:
         return self.output or self.name
 
@@ -73,4 +78,28 @@ def select(names: list[str] | None) -> list[Stage]:
     return [s for s in STAGES if s.name in names]
 
 
+def _evaluated(stage: str) -> Callable[[RunStorage], bool]:
+    """Evaluations write `{run}/evaluate/<stage>.json` last; that file is their completion marker."""
+    return lambda storage: storage.exists(f"{storage.stage_path('evaluate')}/{stage}.json")
+
+
+# Pipeline order (the seed's speedrun). Config sections are named after the module: every
+# evaluate_* stage reads the preset's `evaluate:` section.
 register(Stage("tokenizer", "jobs.tokenizer", description="count chunks on the cluster, train BPE merges"))
+register(Stage("pretrain", "jobs.pretrain", inputs=("tokenizer",),
+               description="Ray Train + Ray Data pretraining with checkpoints and resume"))
+register(Stage("evaluate_pretrain", "jobs.evaluate", inputs=("pretrain",), args=("--stage", "pretrain"),
+               output="evaluate", description="validation bpb, samples and CORE of the base model",
+               complete=_evaluated("pretrain")))
+def _report_current(storage: RunStorage) -> bool:
+    """The report is complete only if it was written after every other stage finished."""
+    if not storage.is_complete("report"):
+        return False
+    written = storage.read_meta("report").get("finished_at", 0)
+    others = [storage.read_meta(s.out_dir).get("finished_at", 0) for s in STAGES
+              if s.name != "report" and s.complete is None and storage.is_complete(s.out_dir)]
+    return all(written >= t for t in others)
+
+
+register(Stage("report", "jobs.report", description="report card of the run (report.md + plots)",
+               complete=_report_current))

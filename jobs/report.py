@@ -5,7 +5,8 @@
 
 Reads `{run}/<stage>/meta.json`, `{run}/<stage>/metrics.jsonl` and `{run}/evaluate/<stage>.json`
 of every stage that exists (a missing one shows as "-") and writes `{run}/report/report.md` plus
-PNG plots. No Ray work: it runs where it is submitted.
+PNG plots. No Ray work: it runs where it is submitted. It always rewrites the report (cheap),
+so a rerun after later stages finished brings it up to date.
 """
 
 from __future__ import annotations
@@ -64,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_stage_config(ReportConfig, "report", args.preset, args.overrides)
         storage = RunStorage(args.run, args.storage)
-        if storage.is_complete("report") and not args.force:
-            print(f"report of run {args.run} is complete ({storage.stage_uri('report')}); --force rewrites it")
-            return 0
         rec = read_run(storage)
         with storage.writer("report", cfg.model_dump()) as w:
             plots = make_plots(rec, w.path)

@@ -79,3 +79,14 @@ def test_stages_run_as_submitted_ray_jobs(fake_stages, tmp_path, ray_cluster, ca
     out = capsys.readouterr().out
     assert "submitted job r2-a-" in out and "submitted job r2-b-" in out
     assert storage.is_complete("a") and storage.is_complete("b")
+
+
+def test_report_is_stale_once_a_stage_finishes_after_it(tmp_path):
+    storage = RunStorage("r1", str(tmp_path))
+    report = registry.get_stage("report")
+    storage.writer("tokenizer", {}).commit()
+    assert not report.is_complete(storage)
+    storage.writer("report", {}).commit()
+    assert report.is_complete(storage)
+    storage.writer("tokenizer", {"again": True}).commit()
+    assert not report.is_complete(storage), "a report older than a stage's output must be rewritten"
