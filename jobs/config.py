@@ -71,17 +71,17 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_sections(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        merged[k] = merge_sections(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
 
 
 def load_stage_config(cls: type[C], stage: str, preset: str, overrides: list[str] | None = None) -> C:
     """Validate the preset's `stage` section plus overrides against the stage's config class."""
     section = load_preset(preset).get(stage) or {}
-    values = _merge(section, parse_overrides(overrides))
+    values = merge_sections(section, parse_overrides(overrides))
     try:
         return cls.model_validate(values)
     except ValidationError as e:

@@ -147,6 +147,44 @@ def run_pipeline(preset: str, run: str, *, storage_uri: str | None = None, stage
     return storage
 
 
+H100_BF16_PEAK = 989e12  # FLOP/s, dense bf16
+
+
+def plan_text(preset: str, *, hourly_rate: float, mfu: float, overrides: list[str] | None = None) -> str:
+    """What a preset implies before anything runs: model, batch, steps, tokens, time and cost."""
+    from dataclasses import fields
+
+    from cluster.train import TrainSpec, make_plan
+    from jobs.config import merge_sections
+
+    data = load_preset(preset)
+    section = merge_sections(data.get("pretrain") or {}, parse_overrides(overrides).get("pretrain", {}))
+    known = {f.name for f in fields(TrainSpec)}
+    spec = TrainSpec(**{k: v for k, v in section.items() if k in known})
+    vocab = (data.get("tokenizer") or {}).get("vocab_size", 65536)
+    plan = make_plan(spec, vocab, spec.num_workers)
+    m, steps = plan.model, plan.loop.num_steps
+    tokens = steps * spec.total_batch_tokens
+    flops = plan.flops_per_token * tokens
+    lines = [
+        f"preset {preset}: depth {m.n_layer}, width {m.n_embd}, {m.n_head} heads, {plan.num_params:,} parameters, "
+        f"vocab {m.vocab_size:,}, context {m.sequence_len}",
+        f"batch {spec.total_batch_tokens:,} tokens/step = {spec.num_workers} workers x {spec.device_batch_size} rows "
+        f"x {spec.sequence_len} tokens x {plan.loop.grad_accum_steps} accumulation",
+        f"horizon {steps:,} steps = {tokens:,} tokens ({tokens / plan.num_params:.1f} per parameter), "
+        f"{flops:.3g} training FLOPs",
+    ]
+    if spec.use_gpu:
+        hours = flops / (spec.num_workers * H100_BF16_PEAK * mfu) / 3600
+        gpu_hours = hours * spec.num_workers
+        lines.append(f"pretraining at {mfu:.0%} MFU on {spec.num_workers} x H100 (989 TFLOP/s bf16): {hours:.2f} h "
+                     f"wall, {gpu_hours:.1f} GPU-hours, ${gpu_hours * hourly_rate:,.2f} at ${hourly_rate:.2f}/GPU-hour "
+                     "(later stages add roughly 10-20%)")
+    else:
+        lines.append(f"CPU preset: {spec.num_workers} worker(s) x {spec.cpus_per_worker:g} CPUs, no GPU-hours")
+    return "\n".join(lines)
+
+
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     out = []
     for k, v in d.items():
@@ -169,8 +207,14 @@ def main(argv: list[str] | None = None) -> int:
                         "(evaluate.* applies to every evaluation, evaluate_pretrain.* to one)")
     p.add_argument("--no-submit", action="store_true", help="run stages as local processes, not Ray jobs")
     p.add_argument("--address", default=None, help="Ray dashboard URL to submit to (default: the local cluster)")
+    p.add_argument("--plan", action="store_true", help="print what the preset implies (size, steps, cost) and exit")
+    p.add_argument("--hourly-rate", type=float, default=3.0, help="--plan: dollars per GPU-hour")
+    p.add_argument("--mfu", type=float, default=0.40, help="--plan: assumed model FLOPs utilisation")
     args = p.parse_args(argv)
     try:
+        if args.plan:
+            print(plan_text(args.preset, hourly_rate=args.hourly_rate, mfu=args.mfu, overrides=args.overrides))
+            return 0
         run_pipeline(args.preset, args.run, storage_uri=args.storage,
                      stages=[s for s in (args.stages or "").split(",") if s] or None,
                      force=[s for s in args.force.split(",") if s], overrides=args.overrides,

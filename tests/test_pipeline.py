@@ -90,3 +90,9 @@ def test_report_is_stale_once_a_stage_finishes_after_it(tmp_path):
     assert report.is_complete(storage)
     storage.writer("tokenizer", {"again": True}).commit()
     assert not report.is_complete(storage), "a report older than a stage's output must be rewritten"
+
+
+def test_plan_of_the_speedrun_preset_matches_the_seed():
+    text = pipeline.plan_text("d20", hourly_rate=2.0, mfu=0.4)
+    assert "560,988,160 parameters" in text and "21,400 steps" in text and "GPU-hours" in text
+    assert "CPU preset" in pipeline.plan_text("micro", hourly_rate=2.0, mfu=0.4)
