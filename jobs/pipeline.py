@@ -69,8 +69,8 @@ def run_stage_subprocess(cmd: list[str], stage: str) -> None:
         raise PipelineError(f"stage {stage} failed with exit code {proc.returncode}: {shlex.join(cmd)}")
 
 
-def run_stage_job(cmd: list[str], stage: str, run: str, address: str | None, poll_s: float = 2.0) -> None:
-    """Submit a stage as a Ray job and wait for it, printing its log as it grows."""
+def job_address(address: str | None) -> str:
+    """The dashboard URL to submit to: --address, $RAY_ADDRESS, else the running local cluster."""
     from cluster.local import LocalCluster
 
     cluster = LocalCluster.from_state()
@@ -78,8 +78,43 @@ def run_stage_job(cmd: list[str], stage: str, run: str, address: str | None, pol
     if not address or (cluster and address == cluster.dashboard_url and not cluster.is_running()):
         raise PipelineError("no Ray cluster to submit to: start one with `python -m cluster.local start` "
                             "or pass --address / set RAY_ADDRESS (or use --no-submit)")
+    return address
+
+
+def stage_demand(stage: registry.Stage, preset: dict):
+    """The resources a stage asks for, from its preset section (workers or actors), or None."""
+    from cluster.resources import Demand
+
+    sec = preset.get(stage.section) or {}
+    if "num_workers" in sec:
+        per = {"CPU": float(sec.get("cpus_per_worker", 1.0)), "GPU": 1.0 if sec.get("use_gpu") else 0.0}
+        return Demand.workers(stage.name, int(sec["num_workers"]), per)
+    if "num_actors" in sec:
+        per = {"CPU": float(sec.get("cpus_per_actor", 1.0)), "GPU": float(sec.get("gpus_per_actor") or 0.0)}
+        return Demand.workers(stage.name, int(sec["num_actors"]), per)
+    return None
+
+
+def check_placement(stages: list[registry.Stage], preset: dict, address: str, cluster_config: str | None):
+    """Refuse, before submitting anything, a stage the cluster can never place (autoscaling included)."""
+    from cluster.resources import check_placeable, describe_cluster
+
+    cluster = describe_cluster(address, cluster_config)
+    for stage in stages:
+        demand = stage_demand(stage, preset)
+        if demand is not None:
+            check_placeable(demand, cluster)
+    return cluster
+
+
+def run_stage_job(cmd: list[str], stage: str, run: str, address: str, poll_s: float = 2.0, *,
+                  pending_timeout_s: float = 1800.0, cluster=None) -> None:
+    """Submit a stage as a Ray job and wait for it, printing its log as it grows; a job whose
+    work waits for resources longer than `pending_timeout_s` is stopped with a message naming them."""
     os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray when the client first connects
     from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from cluster.resources import PendingWatcher
 
     client = JobSubmissionClient(address)
     job_id = f"{run}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -88,9 +123,14 @@ def run_stage_job(cmd: list[str], stage: str, run: str, address: str | None, pol
         runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": _job_env()},
     )
     print(f"[{stage}] submitted job {job_id} to {address}", flush=True)
+    watcher = PendingWatcher(address, limit_s=pending_timeout_s, cluster=cluster)
     shown = 0
     while True:
         status = client.get_job_status(job_id)
+        stuck = watcher.check(job_id) if status == JobStatus.RUNNING else None
+        if stuck:
+            client.stop_job(job_id)
+            raise PipelineError(f"stage {stage}: {stuck}")
         logs = client.get_job_logs(job_id)
         for line in logs[shown:].splitlines():
             print(f"[{stage}] {line}", flush=True)
@@ -106,7 +146,8 @@ def run_stage_job(cmd: list[str], stage: str, run: str, address: str | None, pol
 
 def run_pipeline(preset: str, run: str, *, storage_uri: str | None = None, stages: list[str] | None = None,
                  force: list[str] | None = None, overrides: list[str] | None = None, submit: bool = True,
-                 address: str | None = None) -> RunStorage:
+                 address: str | None = None, cluster_config: str | None = None,
+                 pending_timeout_s: float = 1800.0) -> RunStorage:
     """Run the selected stages of one run in order; returns the run's storage."""
     validate_run_id(run)
     preset_data = load_preset(preset)
@@ -117,6 +158,10 @@ def run_pipeline(preset: str, run: str, *, storage_uri: str | None = None, stage
     by_stage = parse_overrides(overrides)
     storage = RunStorage(run, storage_uri)
     storage.check_writable()
+    cluster = None
+    if submit:
+        address = job_address(address)
+        cluster = check_placement(selected, preset_data, address, cluster_config)
     t0 = time.time()
     data_dir = ensure_data(preset_data)
     print(f"[data] ready: {data_dir}", flush=True)
@@ -136,7 +181,7 @@ def run_pipeline(preset: str, run: str, *, storage_uri: str | None = None, stage
         print(f"{banner}: running {shlex.join(cmd)}  (elapsed {time.time() - t0:.0f}s)", flush=True)
         t_stage = time.time()
         if submit:
-            run_stage_job(cmd, stage.name, run, address)
+            run_stage_job(cmd, stage.name, run, address, pending_timeout_s=pending_timeout_s, cluster=cluster)
         else:
             run_stage_subprocess(cmd, stage.name)
         if not stage.is_complete(storage):
@@ -207,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(evaluate.* applies to every evaluation, evaluate_pretrain.* to one)")
     p.add_argument("--no-submit", action="store_true", help="run stages as local processes, not Ray jobs")
     p.add_argument("--address", default=None, help="Ray dashboard URL to submit to (default: the local cluster)")
+    p.add_argument("--cluster-config", default=None,
+                   help="cluster.yaml or KubeRay manifest: node types the autoscaler may add (placement check)")
+    p.add_argument("--pending-timeout", type=float, default=1800.0,
+                   help="seconds a stage may wait for resources before it is stopped (cloud nodes boot in ~10 min)")
     p.add_argument("--plan", action="store_true", help="print what the preset implies (size, steps, cost) and exit")
     p.add_argument("--hourly-rate", type=float, default=3.0, help="--plan: dollars per GPU-hour")
     p.add_argument("--mfu", type=float, default=0.40, help="--plan: assumed model FLOPs utilisation")
@@ -218,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         run_pipeline(args.preset, args.run, storage_uri=args.storage,
                      stages=[s for s in (args.stages or "").split(",") if s] or None,
                      force=[s for s in args.force.split(",") if s], overrides=args.overrides,
-                     submit=not args.no_submit, address=args.address)
+                     submit=not args.no_submit, address=args.address, cluster_config=args.cluster_config,
+                     pending_timeout_s=args.pending_timeout)
     except (PipelineError, ConfigError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -96,3 +96,14 @@ def test_plan_of_the_speedrun_preset_matches_the_seed():
     text = pipeline.plan_text("d20", hourly_rate=2.0, mfu=0.4)
     assert "560,988,160 parameters" in text and "21,400 steps" in text and "GPU-hours" in text
     assert "CPU preset" in pipeline.plan_text("micro", hourly_rate=2.0, mfu=0.4)
+
+
+@pytest.mark.cluster
+def test_a_preset_the_cluster_can_never_place_is_refused_before_submitting(ray_cluster, tmp_path, monkeypatch):
+    from cluster.resources import UnplaceableError
+
+    monkeypatch.delenv("NANOCHAT_CLUSTER_CONFIG", raising=False)
+    with pytest.raises(UnplaceableError, match="GPU"):
+        pipeline.run_pipeline("d20", "r3", storage_uri=str(tmp_path), stages=["pretrain"], submit=True,
+                              address=ray_cluster.dashboard_url)
+    assert not (tmp_path / "r3" / "pretrain").exists()
