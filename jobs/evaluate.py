@@ -1,42 +1,57 @@
-"""Evaluate a trained stage: validation bits per byte, greedy samples of fixed prompts, and CORE.
+"""Evaluate a trained stage: validation bits per byte, then CORE (base model) or the chat tasks (chat models).
 
     python -m jobs.evaluate --stage pretrain --preset micro --run r1
+    python -m jobs.evaluate --stage sft --preset tiny --run demo
     RAY_AUTH_MODE=token ray job submit --working-dir . -- \\
-        python -m jobs.evaluate --stage pretrain --preset tiny --run demo
+        python -m jobs.evaluate --stage sft --preset tiny --run demo
 
 Reads the exported model `{run}/<stage>/model/` with the tokenizer saved beside it (model/tokenizer/,
 else `{run}/tokenizer/`) and the validation shard; writes `{run}/evaluate/<stage>.json` atomically,
 last: the evaluation of a stage is complete when that file exists (a rerun skips it unless --force).
-CORE uses DCLM's eval bundle when it is on disk or can be downloaded, else the embedded pack's tasks
-(nanochat/core_tasks.py), labelled "CORE-k (our config)".
+- pretrain: greedy samples of fixed prompts and CORE. CORE uses DCLM's eval bundle when it is on
+  disk or can be downloaded, else the embedded pack's tasks (nanochat/core_tasks.py), labelled
+  "CORE-k (our config)";
+- midtrain, sft, rl: the chat tasks of nanochat/chat_eval.py (ARC-Easy/Challenge and MMLU by a
+  restricted argmax, GSM8K with the Python tool and HumanEval sampled and checked in the sandbox,
+  pass@k) and ChatCORE, under `"chat": {"tasks": {...}, "chatcore": x}`;
+- every stage: `chat.format_rate`, the share of fixed multiple-choice items that free greedy
+  generation answers with exactly one valid letter and <|assistant_end|> (0 disables it).
 
 On the cluster (numbered as the Ray calls happen):
   1. ray.init(): join the cluster this job was submitted to;
   2. EvalPool: evaluation actors sized to the cluster (a GPU each when there are GPUs), each loading
-     the model once;
-  3. bpb on the validation shard and the samples run as single actor calls, while
-  4. the CORE items are sharded over all actors; results come back in item order and are summed.
+     the model once; for chat stages a SandboxPool too (GSM8K's tool, HumanEval's checks), its
+     CPUs set aside before the evaluation actors are sized;
+  3. bpb on the validation shard (and the base samples) run as single actor calls, while
+  4. the CORE or chat items and the format items are sharded over all actors; results come back in
+     item order and are summed; generated answers are checked in the driver and the sandbox pool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field
 
 from cluster.eval_pool import EvalPool, EvalPoolError, load_from_storage, plan_pool
+from cluster.sandbox_pool import SandboxPool, SandboxPoolError
 from cluster.storage import RunStorage, StorageError, git_commit, write_text_atomic
 from jobs.config import ConfigError, StageConfig, load_stage_config, stage_argparser
+from nanochat import chat_eval
 from nanochat.core_eval import build_requests, core_results, score_requests
 from nanochat.core_tasks import CoreSelection, select_core_tasks
 from nanochat.dataset import DownloadError, SourceUnavailableError, get_source, list_shards, train_val_split
 from nanochat.evaluation import SAMPLE_PROMPTS, aggregate, sample_completions, val_bpb
+from nanochat.tasks import Task, eval_tasks
 
-EVALUATED_STAGES = ("pretrain",)  # the chat stages (midtrain, sft, rl) join with the chat evaluations
+EVALUATED_STAGES = ("pretrain", "midtrain", "sft", "rl")
+CHAT_STAGES = ("midtrain", "sft", "rl")  # evaluated on the chat tasks instead of CORE
 
 
 class EvaluateConfig(StageConfig):
@@ -58,11 +73,41 @@ class EvaluateConfig(StageConfig):
                                                      "$NANOCHAT_HOME/eval_bundle")
     bundle_timeout_s: float = Field(10.0, gt=0, description="seconds to wait for the bundle's server before "
                                                             "giving up (offline: fail fast)")
+    chat_source: Literal["auto", "hub", "pack"] = Field(
+        "auto", description="chat evaluation sets: the Hugging Face hub, the embedded pack (GSM8K: its held-out "
+                            "half), or auto (hub when reachable)")
+    chat_tasks: list[str] | None = Field(None, description="chat tasks to run (arc_easy, arc_challenge, mmlu, "
+                                                           "gsm8k, humaneval); default all five (ChatCORE)")
+    chat_max_per_task: int | None = Field(None, ge=1, description="items per chat task (a seeded sample); "
+                                                                  "default all")
+    num_samples: int = Field(1, ge=1, description="sampled answers per GSM8K/HumanEval item: pass@k with k = this")
+    max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per GSM8K/HumanEval answer")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature of generative answers (0 = greedy; "
+                                                      "needs > 0 when num_samples > 1)")
+    top_k: int = Field(50, ge=0, description="sample from the top k tokens of generative answers (0 = all)")
+    chat_seed: int = Field(0, description="seed of generative sampling (each item draws from its own stream)")
+    format_items: int = Field(200, ge=0, description="fixed multiple-choice items for the format metric "
+                                                     "(chat.format_rate); 0 skips it")
+    sandbox_actors: int = Field(1, ge=1, description="sandbox actors for GSM8K's Python tool and HumanEval checks")
+    sandbox_cpus: float = Field(0.25, ge=0, description="Ray CPUs each sandbox actor reserves (set aside before "
+                                                        "the evaluation actors are sized)")
+    humaneval_timeout_s: float = Field(10.0, gt=0, description="wall-clock seconds per HumanEval check")
     num_actors: int = Field(2, ge=1, description="evaluation actors (with GPUs: at most one per GPU)")
     cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs per actor; cut to fit the cluster, "
                                                          "fractions allowed; torch threads = whole CPUs (>= 1)")
     gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor; default 1 when the cluster "
                                                                  "has GPUs, else 0")
+
+
+@dataclass
+class Work:
+    """Everything an evaluation runs, resolved in the driver before any actor starts."""
+
+    core: CoreSelection | None  # pretrain only
+    chat: dict[str, Task]  # chat stages only: {task name: Task}
+    chat_requests: list[chat_eval.ChatRequest]
+    format_requests: list[chat_eval.ChatRequest]
+    sample: chat_eval.SampleSettings
 
 
 def stage_inputs(storage: RunStorage, stage: str, cfg: EvaluateConfig) -> tuple[str, str | None, dict[str, Any]]:
@@ -89,48 +134,113 @@ def validation_shards(cfg: EvaluateConfig) -> list[str]:
     return train_val_split(list_shards(data))[1]
 
 
-def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, selection: CoreSelection) -> dict[str, Any]:
-    """Run bpb, samples and CORE on an evaluation pool; returns the result document."""
+def plan_work(stage: str, cfg: EvaluateConfig) -> Work:
+    """CORE tasks (pretrain) or chat requests (chat stages), and the format items; raises on bad names."""
+    sample = chat_eval.SampleSettings(cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                      cfg.chat_seed)
+    offline = {"auto": None, "hub": False, "pack": True}[cfg.chat_source]
+    evals = eval_tasks(offline) if stage in CHAT_STAGES or cfg.format_items else {}
+    chat = chat_eval.select_tasks(evals, cfg.chat_tasks) if stage in CHAT_STAGES else {}
+    core = None
+    if stage not in CHAT_STAGES:
+        core = select_core_tasks(cfg.core_source, cfg.core_tasks, eval_dir=cfg.eval_dir,
+                                 bundle_dir=cfg.bundle_dir, timeout_s=cfg.bundle_timeout_s)
+    return Work(core, chat, chat_eval.chat_requests(chat, cfg.chat_max_per_task),
+                chat_eval.format_requests(evals, cfg.format_items) if cfg.format_items else [], sample)
+
+
+def run_chat(pool: EvalPool, sandbox: SandboxPool | None, work: Work, cfg: EvaluateConfig) -> dict[str, Any]:
+    """The chat tasks on the pool: categorical in the actors, generative sampled there and checked here."""
+    reqs = work.chat_requests
+    categorical = [r for r in reqs if r.kind == "categorical"]
+    generative = [r for r in reqs if r.kind == "generative"]
+    tool = sandbox.tool() if sandbox is not None else None
+    answers = pool.map(chat_eval.score_choices, categorical)
+    answers += pool.map(chat_eval.SampleAnswers(work.sample, tool), generative)
+    ordered = categorical + generative
+
+    def humaneval(problems: list[dict[str, str]]) -> list[bool]:
+        return [c.passed for c in sandbox.check_humaneval(problems, timeout_s=cfg.humaneval_timeout_s)]
+
+    results = chat_eval.check_answers(ordered, answers, work.chat, humaneval if sandbox is not None else None)
+    doc = chat_eval.chat_results(work.chat, aggregate(results), answers, work.sample.num_samples)
+    doc["examples"] = {name: [{"question": r.conversation["messages"][-2]["content"][:300], "answers": list(a.texts)}
+                              for r, a in zip(ordered, answers, strict=True) if r.task == name][:2]
+                       for name in work.chat}
+    return doc
+
+
+def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -> dict[str, Any]:
+    """Run bpb and CORE (pretrain) or the chat tasks, and the format metric, on an evaluation pool."""
     model_uri, tokenizer_uri, meta = stage_inputs(storage, stage, cfg)  # checked again: cheap, and callable alone
     val = validation_shards(cfg)
-    requests = [r for task in selection.tasks for r in build_requests(task, cfg.max_per_task)]
+    core_requests = [r for task in work.core.tasks for r in build_requests(task, cfg.max_per_task)] if work.core else []
     import ray
 
     t0 = time.time()
     if not ray.is_initialized():
         ray.init()  # 1. the cluster this job runs on (or a local one by hand)
-    spec = plan_pool(cfg.num_actors, cfg.cpus_per_actor, ray.cluster_resources(), cfg.gpus_per_actor)
+    resources = dict(ray.cluster_resources())
+    need_sandbox = any(t.eval_type == "generative" for t in work.chat.values())
+    if need_sandbox:  # the sandbox actors' CPUs first: evaluation actors take what is left
+        resources["CPU"] = resources.get("CPU", 0.0) - cfg.sandbox_actors * cfg.sandbox_cpus
+    spec = plan_pool(cfg.num_actors, cfg.cpus_per_actor, resources, cfg.gpus_per_actor)
     timings: dict[str, float] = {}
-    with EvalPool(functools.partial(load_from_storage, model_uri, tokenizer_uri), spec) as pool:  # 2.
+    doc: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(EvalPool(functools.partial(load_from_storage, model_uri, tokenizer_uri), spec))  # 2.
+        sandbox = stack.enter_context(SandboxPool(cfg.sandbox_actors, cfg.sandbox_cpus)) if need_sandbox else None
         actors = pool.ready()
         timings["load_s"] = round(time.time() - t0, 3)
         t1 = time.time()
         bpb_ref = pool.submit(0, val_bpb, val, cfg.bpb_tokens, cfg.device_batch_size)  # 3.
-        samples_ref = pool.submit(1, sample_completions, list(SAMPLE_PROMPTS), cfg.sample_tokens)
-        results = pool.map(score_requests, requests)  # 4.
-        timings["core_s"] = round(time.time() - t1, 3)
-        bpb, samples = pool.get([bpb_ref, samples_ref], "computing bpb and samples")
+        if work.core is not None:
+            samples_ref = pool.submit(1, sample_completions, list(SAMPLE_PROMPTS), cfg.sample_tokens)
+            core = core_results([t.meta for t in work.core.tasks], aggregate(pool.map(score_requests, core_requests)))
+            doc["core"] = {"label": work.core.label, "source": work.core.source, "note": work.core.note,
+                           "max_per_task": cfg.max_per_task, **core}  # 4.
+            doc["samples"] = pool.get(samples_ref, "sampling the fixed prompts")
+            timings["core_s"] = round(time.time() - t1, 3)
+        chat = run_chat(pool, sandbox, work, cfg) if work.chat else {}
+        if work.chat:
+            timings["chat_s"] = round(time.time() - t1, 3)
+        if work.format_requests:
+            chat.update(chat_eval.format_summary(pool.map(chat_eval.check_format, work.format_requests)))
+        bpb = pool.get(bpb_ref, "computing bpb")
         timings["total_s"] = round(time.time() - t0, 3)
-    core = core_results([t.meta for t in selection.tasks], aggregate(results))
+        if sandbox is not None:
+            doc["sandbox"] = sandbox.ready()
+    if chat:
+        doc["chat"] = chat
     return {
         "stage": stage, "run": storage.run, "model": model_uri, "input_metrics": meta.get("metrics"),
-        "val_bpb": bpb["bpb"], "val_tokens": bpb["tokens"], "val_shards": val, "samples": samples,
-        "core": {"label": selection.label, "source": selection.source, "note": selection.note,
-                 "max_per_task": cfg.max_per_task, **core},
+        "val_bpb": bpb["bpb"], "val_tokens": bpb["tokens"], "val_shards": val, **doc,
         "pool": {"spec": vars(spec), "actors": actors}, "timings": timings,
         "config": cfg.model_dump(), "git_commit": git_commit(), "finished_at": time.time(),
     }
 
 
 def print_summary(doc: dict[str, Any]) -> None:
-    core = doc["core"]
     print(f"[evaluate] {doc['stage']}: val bpb {doc['val_bpb']:.4f} over {doc['val_tokens']} tokens")
-    for s in doc["samples"]:
+    for s in doc.get("samples", []):
         print(f"[evaluate] sample: {s['prompt']!r} -> {s['completion']!r}")
-    for label, t in core["tasks"].items():
-        print(f"[evaluate] {label:20s} acc {t['accuracy']:.4f}  centred {t['centered']:+.4f}  "
-              f"({t['num_items']} items, {t['actor_seconds']:.1f} actor-s)")
-    print(f"[evaluate] {core['label']}: {core['metric']:.4f}  [{core['note']}]", flush=True)
+    if "core" in doc:
+        core = doc["core"]
+        for label, t in core["tasks"].items():
+            print(f"[evaluate] {label:20s} acc {t['accuracy']:.4f}  centred {t['centered']:+.4f}  "
+                  f"({t['num_items']} items, {t['actor_seconds']:.1f} actor-s)")
+        print(f"[evaluate] {core['label']}: {core['metric']:.4f}  [{core['note']}]")
+    chat = doc.get("chat", {})
+    for name, t in chat.get("tasks", {}).items():
+        print(f"[evaluate] {name:20s} {t['metric']:9s} {t['accuracy']:.4f}  centred {t['centered']:+.4f}  "
+              f"({t['num_items']} items, {t['prompts_truncated']} prompts cut, {t['actor_seconds']:.1f} actor-s)")
+    if "chatcore" in chat:
+        print(f"[evaluate] {chat['label']}: {chat['chatcore']:.4f}")
+    if "format_rate" in chat:
+        f = chat["format"]
+        print(f"[evaluate] format: {f['well_formed']}/{f['num_items']} free answers are one letter + "
+              f"<|assistant_end|> ({chat['format_rate']:.3f}); e.g. {f['examples'][:3]}")
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,14 +258,16 @@ def main(argv: list[str] | None = None) -> int:
         storage.check_writable()
         stage_inputs(storage, args.stage, cfg)  # a missing checkpoint fails here, before anything is loaded
         validation_shards(cfg)
-        selection = select_core_tasks(cfg.core_source, cfg.core_tasks, eval_dir=cfg.eval_dir,
-                                      bundle_dir=cfg.bundle_dir, timeout_s=cfg.bundle_timeout_s)
-        print(f"[evaluate] {selection.label}: {selection.note}", flush=True)
-        doc = evaluate(storage, args.stage, cfg, selection)
+        work = plan_work(args.stage, cfg)
+        if work.core is not None:
+            print(f"[evaluate] {work.core.label}: {work.core.note}", flush=True)
+        for name, task in work.chat.items():
+            print(f"[evaluate] chat task {name}: {task.describe()}", flush=True)
+        doc = evaluate(storage, args.stage, cfg, work)
         storage.fs.create_dir(out_dir, recursive=True)
         write_text_atomic(storage.fs, out, json.dumps(doc, indent=2, default=str))  # last: the completion marker
-    except (ConfigError, StorageError, EvalPoolError, SourceUnavailableError, DownloadError, FileNotFoundError,
-            ValueError) as e:
+    except (ConfigError, StorageError, EvalPoolError, SandboxPoolError, SourceUnavailableError, DownloadError,
+            FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(doc)
