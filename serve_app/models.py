@@ -1,0 +1,127 @@
+"""A served model inside a replica: checkpoint + tokenizer + Engine + Scheduler, and its text tables.
+
+`ServedModel.load(spec, config)` reads an exported model (`nanochat.checkpoint.load_model`) from a
+local path, or first copies it from `s3://`/`gs://` into a local cache; builds the Engine (slots
+= `max_batch_size`, optional Python tool through nanochat/sandbox.py) and starts its Scheduler.
+`ServedModel.from_objects(...)` does the same for a model and tokenizer already in memory (unit
+tests, benchmarks). `close()` (also called by Serve when the multiplexer unloads the model) stops
+the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanochat.engine import Engine, ToolUse
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from serve_app.config import ModelSpec, ServeConfig
+from serve_app.scheduler import Scheduler
+from serve_app.textstream import ToolTokens
+
+_CACHE = Path(tempfile.gettempdir()) / "nanochat-serve-models"  # copies of remote checkpoints
+
+
+def local_dir(uri: str) -> Path:
+    """A local directory holding `uri`'s files (copied once per URI when it is remote)."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a directory; check model_uri/tokenizer_uri in the serve config")
+        return path
+    import pyarrow.fs as pafs
+
+    from cluster.storage import resolve_storage
+
+    fs, path = resolve_storage(uri)
+    target = _CACHE / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (target / ".complete").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        (target / ".complete").touch()
+    return target
+
+
+@dataclass
+class ServedModel:
+    """Everything one model needs to answer requests in this replica."""
+
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    engine: Engine
+    scheduler: Scheduler
+    token_bytes: list[bytes]  # bytes of every token id (b"" for special tokens)
+    tools: ToolTokens
+    hidden: frozenset[int]  # special tokens never shown to clients
+    stop_ids: tuple[int, ...]  # special tokens that end a sequence
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @classmethod
+    def load(cls, spec: ModelSpec, config: ServeConfig, on_step: Any = None) -> ServedModel:
+        from nanochat.checkpoint import load_model
+
+        device = torch.device(config.device)
+        model, meta = load_model(local_dir(spec.model_uri), device)
+        tok_dir = local_dir(spec.tokenizer_uri) if spec.tokenizer_uri else meta.get("tokenizer_dir")
+        if tok_dir is None:
+            raise FileNotFoundError(
+                f"model {spec.name}: no tokenizer/ next to the weights in {spec.model_uri}; set tokenizer_uri")
+        if config.dtype == "bfloat16":
+            model = model.to(dtype=torch.bfloat16)
+        return cls.from_objects(spec, model, Tokenizer.load(tok_dir), config, on_step)
+
+    @classmethod
+    def from_objects(cls, spec: ModelSpec, model: Any, tokenizer: Tokenizer, config: ServeConfig,
+                     on_step: Any = None) -> ServedModel:
+        """on_step(record, tokens) is called after every engine step (metrics)."""
+        if model.config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"model {spec.name}: vocab_size {model.config.vocab_size} differs from the "
+                             f"tokenizer's {tokenizer.vocab_size}; serve the tokenizer it was trained with")
+        sp = {name: tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
+        chat_tools = spec.kind == "chat"
+        tools = ToolTokens(sp["<|python_start|>"], sp["<|python_end|>"], sp["<|output_start|>"],
+                           sp["<|output_end|>"]) if chat_tools else ToolTokens()
+        tool_use = _sandbox_tool(tokenizer, sp) if chat_tools and spec.tool_use else None
+        max_seq_len = config.max_seq_len or model.config.sequence_len
+        max_seq_len = min(max_seq_len, getattr(model, "rotary_len", max_seq_len))  # rotary tables bound it
+        engine = Engine(model, max_batch_size=config.max_batch_size, max_seq_len=max_seq_len,
+                        tool_use=tool_use, max_prefill_tokens=config.max_prefill_tokens)
+        scheduler = Scheduler(engine, max_waiting=config.max_waiting, step_log_size=config.step_log_size,
+                              on_step=on_step, name=spec.name)
+        token_bytes = [b for b, _ in tokenizer.core.get_mergeable_ranks()] + [b""] * len(SPECIAL_TOKENS)
+        shown = {tools.python_start, tools.python_end, tools.output_start, tools.output_end}
+        hidden = frozenset(i for i in sp.values() if i not in shown)
+        stop_ids = (sp["<|assistant_end|>"], sp["<|bos|>"]) if spec.kind == "chat" else (sp["<|bos|>"],)
+        served = cls(spec, tokenizer, engine, scheduler, token_bytes, tools, hidden, stop_ids)
+        scheduler.start()
+        return served
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def __del__(self) -> None:  # Serve's multiplexer calls it when it unloads the model (LRU)
+        scheduler = self.__dict__.get("scheduler")
+        if scheduler is not None and scheduler.alive:
+            scheduler.close()
+
+
+def _sandbox_tool(tokenizer: Tokenizer, sp: dict[str, int]) -> ToolUse:
+    """The Python tool: the model's code runs in nanochat's sandbox, its output is fed back."""
+    from nanochat.sandbox import Sandbox, format_tool_output
+
+    sandbox = Sandbox()
+    return ToolUse(
+        run=lambda code: format_tool_output(sandbox.run(code)),
+        encode=tokenizer.encode, decode=tokenizer.decode,
+        python_start=sp["<|python_start|>"], python_end=sp["<|python_end|>"],
+        output_start=sp["<|output_start|>"], output_end=sp["<|output_end|>"],
+    )
+
