@@ -5,14 +5,19 @@ reads items r, r + W, ...), starting at its checkpointed DataPosition, and consu
 prefetching. No streaming_split: the assignment is fixed, so the position is exact and ranks
 never wait on each other for data.
 
-    items (from_items) ─▶ map: read one row group (task, fractional CPU)
-                       ─▶ map_batches: TokenizeAndPack (ActorPoolStrategy, tokenizer loaded once
-                          per actor, fractional CPU) ─▶ rows {tokens (row_len,), item, row}
-                       ─▶ iter_batches(prefetch) in the worker ─▶ RowBatcher ─▶ train_loop
+    items (from_items: shard, row group, rows to skip)
+      ─▶ map_batches(ReadTokenizePack): an ActorPoolStrategy pool, fractional CPU per actor, the
+         tokenizer loaded once per actor; each call reads one row group, tokenizes and packs it
+      ─▶ rows {tokens (row_len,), item, row} ─▶ iter_batches(prefetch) in the worker
+      ─▶ RowBatcher ─▶ train_loop
+
+Reading happens inside the actor rather than in separate read tasks: on a small machine each
+extra Ray worker process (Python + torch imports) costs seconds of start-up per pipeline, while a
+row group (~1,000 documents) takes milliseconds to read next to its tokenization.
 
 The rows are exactly those of `nanochat.dataloader.local_row_chunks` (same read, tokenizer and
 packing functions), which the single-process reference and the tests use.
-CPUs: the actors and read tasks take fractions of a CPU so that they fit next to Train workers
+CPUs: the actors take fractions of a CPU so that they fit next to Train workers
 on a small machine (the local cluster advertises 2 logical CPUs per core for this).
 """
 
@@ -21,11 +26,8 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
@@ -47,27 +49,20 @@ def load_tokenizer(uri: str) -> Tokenizer:
     return Tokenizer.load(local_tokenizer_dir(uri))
 
 
-def _read_item(row: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data `map`: add the documents of the item's row group (column `texts`, list<string>)."""
-    return {**row, "texts": read_texts(row["shard"], int(row["row_group"]))}
-
-
-class TokenizeAndPack:
-    """Actor-pool UDF: loads the tokenizer once, turns each item's documents into packed rows."""
+class ReadTokenizePack:
+    """Actor-pool UDF: loads the tokenizer once; each item's row group → packed rows."""
 
     def __init__(self, tokenizer_uri: str, row_len: int) -> None:
         self.tokenizer = load_tokenizer(tokenizer_uri)
         self.row_len = row_len
 
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens, items, rows = [], [], []
-        for i in range(batch.num_rows):
-            texts = batch.column("texts")[i].values  # pa.StringArray of the row group's documents
-            packed = tokenize_and_pack(self.tokenizer, texts, self.row_len)
-            skip = int(batch.column("skip")[i].as_py())
-            item = int(batch.column("item")[i].as_py())
+        for item, shard, group, skip in zip(batch["item"], batch["shard"], batch["row_group"], batch["skip"],
+                                            strict=True):
+            packed = tokenize_and_pack(self.tokenizer, read_texts(str(shard), int(group)), self.row_len)
             tokens.append(packed[skip:])
-            items.append(np.full(len(packed) - skip, item, dtype=np.int64))
+            items.append(np.full(max(0, len(packed) - skip), item, dtype=np.int64))
             rows.append(np.arange(skip, len(packed), dtype=np.int64))
         return {"tokens": np.concatenate(tokens), "item": np.concatenate(items), "row": np.concatenate(rows)}
 
@@ -81,7 +76,6 @@ def rank_dataset(
     *,
     actors: int = 1,
     actor_cpus: float = 0.25,
-    read_cpus: float = 0.1,
 ) -> ray.data.Dataset:
     """Rows of `items` in order (the first item without its first `first_skip` rows)."""
     ctx = ray.data.DataContext.get_current()
@@ -93,13 +87,10 @@ def rank_dataset(
          "skip": first_skip if k == 0 else 0}
         for k, i in enumerate(items)
     ]
-    ds = ray.data.from_items(records, override_num_blocks=len(records))
-    ds = ds.map(_read_item, num_cpus=read_cpus)
-    return ds.map_batches(
-        TokenizeAndPack,
+    return ray.data.from_items(records, override_num_blocks=len(records)).map_batches(
+        ReadTokenizePack,
         fn_constructor_kwargs={"tokenizer_uri": tokenizer_uri, "row_len": row_len},
         batch_size=1,
-        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus,
     )
@@ -116,7 +107,6 @@ def ray_row_chunks(
     prefetch_batches: int = 4,
     actors: int = 1,
     actor_cpus: float = 0.25,
-    read_cpus: float = 0.1,
 ) -> Iterator[RowChunk]:
     """This rank's rows from `start` on, endless: one Dataset per pass over the rank's share of
     the row groups (ceil(N / W) items), the next pass built when one ends."""
@@ -124,24 +114,8 @@ def ray_row_chunks(
     item, skip = start.item, start.row
     while True:
         items = [item + k * world_size for k in range(per_pass)]
-        ds = rank_dataset(plan, items, skip, tokenizer_uri, row_len,
-                          actors=actors, actor_cpus=actor_cpus, read_cpus=read_cpus)
+        ds = rank_dataset(plan, items, skip, tokenizer_uri, row_len, actors=actors, actor_cpus=actor_cpus)
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches):
             yield batch["tokens"], batch["item"], batch["row"]
         item, skip = item + per_pass * world_size, 0
 
-
-def tokenizer_vocab_size(uri: str) -> int:
-    """Vocabulary size of the tokenizer at `uri` (loads it; small)."""
-    return load_tokenizer(uri).vocab_size
-
-
-def check_tokenizer_dir(uri: str) -> None:
-    """Raise FileNotFoundError naming `uri` when it holds no tokenizer."""
-    if "://" in uri and not uri.startswith("file://"):
-        fs, path = pafs.FileSystem.from_uri(uri)
-        if fs.get_file_info(path).type != pafs.FileType.Directory:
-            raise FileNotFoundError(f"no tokenizer directory at {uri}: run the tokenizer stage first")
-        return
-    if not Path(uri.removeprefix("file://")).is_dir():
-        raise FileNotFoundError(f"no tokenizer directory at {uri}: run the tokenizer stage first")

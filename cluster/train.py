@@ -88,7 +88,6 @@ class TrainSpec:
     compile: bool | None = None  # torch.compile; None: on CUDA only
     tokenizer_actors: int = 1  # Ray Data tokenizer actors per worker
     tokenizer_actor_cpus: float = 0.25
-    read_cpus: float = 0.1  # CPUs per Ray Data read task
     prefetch_batches: int = 4
     num_workers: int = 1
     cpus_per_worker: float = 1.0
@@ -96,6 +95,7 @@ class TrainSpec:
     max_failures: int = 3
     checkpoints_to_keep: int = 2
     storage_is_shared: bool = False  # a local storage path is an NFS-like mount on every node
+    metrics_interval_s: float = 10.0  # how often workers push metrics to the node's exporter (Ray: 10 s)
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     chunks = ray_row_chunks(
         [tuple(i) for i in cfg["items"]], cfg["tokenizer"], row_len, position, dist.world_size,
         batch_size=spec.device_batch_size, prefetch_batches=spec.prefetch_batches,
-        actors=spec.tokenizer_actors, actor_cpus=spec.tokenizer_actor_cpus, read_cpus=spec.read_cpus)
+        actors=spec.tokenizer_actors, actor_cpus=spec.tokenizer_actor_cpus)
     batches = RowBatcher(chunks, spec.device_batch_size, position)
     val = validation_rows(cfg["val_shards"], tokenizer, row_len, plan.eval_rows)
     token_bytes = tokenizer.token_bytes()
@@ -314,8 +314,6 @@ def preflight(spec: TrainSpec, storage: RunStorage, data: str, tokenizer: str | 
     train, val = resolve_shards(data)
     items = plan_row_groups(train)
     storage.check_writable()
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    check_storage_for_cluster(storage.uri or "", len(alive), spec.storage_is_shared)
     prepared = Prepared(tok_uri, items, val, plan)
     found = latest_checkpoint(storage)
     if found is not None:
@@ -326,7 +324,17 @@ def preflight(spec: TrainSpec, storage: RunStorage, data: str, tokenizer: str | 
                 f"run {storage.run!r} has a checkpoint at step {step}, past the horizon of "
                 f"{plan.loop.num_steps} steps: raise num_iterations or start another run")
         prepared.resume_step = step
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    check_storage_for_cluster(storage.uri or "", len(alive), spec.storage_is_shared)
     return prepared
+
+
+def _metrics_env(interval_s: float) -> dict[str, Any] | None:
+    """Runtime env of the workers: only to change Ray's metrics push interval from its default
+    (a worker with its own runtime env cannot reuse the cluster's pre-started worker processes)."""
+    if interval_s == 10.0:
+        return None
+    return {"env_vars": {"RAY_metrics_report_interval_ms": str(max(1000, int(interval_s * 1000)))}}
 
 
 def build_trainer(spec: TrainSpec, storage: RunStorage, prepared: Prepared) -> TorchTrainer:
@@ -344,6 +352,7 @@ def build_trainer(spec: TrainSpec, storage: RunStorage, prepared: Prepared) -> T
             name=STAGE, storage_path=run_root,
             failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
+            worker_runtime_env=_metrics_env(spec.metrics_interval_s),
         ),
     )
 

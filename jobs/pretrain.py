@@ -57,7 +57,6 @@ class PretrainConfig(StageConfig):
     tokenizer_actors: int = Field(1, ge=1, description="Ray Data tokenizer actors per worker")
     tokenizer_actor_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each tokenizer actor (fractional "
                                                              "so they fit beside the Train workers)")
-    read_cpus: float = Field(0.1, gt=0, description="CPUs reserved by each Ray Data read task")
     prefetch_batches: int = Field(4, ge=0, description="micro-batches Ray Data prepares ahead of each worker")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; on CPU also torch's thread count")
@@ -68,6 +67,10 @@ class PretrainConfig(StageConfig):
     storage_is_shared: bool = Field(False, description="the local storage path is a shared filesystem (NFS) mounted "
                                                     "at the same path on every node; required for a local path "
                                                     "on a multi-node cluster")
+
+    metrics_interval_s: float = Field(10.0, ge=1, description="seconds between the workers' pushes of loss, "
+                                                               "tokens/s, MFU... to the Prometheus exporter "
+                                                               "(Ray's default: 10)")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> PretrainConfig:

@@ -32,6 +32,7 @@ import concurrent.futures
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Protocol
 
 import numpy as np
@@ -240,19 +241,23 @@ class RowBatcher:
 
 
 def validation_rows(val_shards: Sequence[str], tokenizer: TextTokenizer, row_len: int, num_rows: int) -> np.ndarray:
-    """The first `num_rows` packed rows of the validation shard(s): (num_rows, row_len) int32.
-
-    Every rank computes the same rows; rank r evaluates rows r, r + W, ... (sums are all-reduced)."""
-    got: list[np.ndarray] = []
-    count = 0
-    for group in iter_row_groups(val_shards):
-        rows = tokenize_and_pack(tokenizer, group.texts, row_len)
-        got.append(rows)
-        count += len(rows)
-        if count >= num_rows:
-            return np.concatenate(got)[:num_rows]
+    """The first `num_rows` rows of packing the first k validation documents, k = 64, 128, 256,
+    ... the smallest that gives enough rows: (num_rows, row_len) int32. Every rank computes the
+    same rows (rank r evaluates rows r, r + W, ...; the sums are all-reduced)."""
+    texts = (text for group in iter_row_groups(val_shards) for text in group.texts)
+    docs: list[list[int]] = []
+    k = 64
+    while True:
+        new = list(islice(texts, k - len(docs)))
+        docs += tokenizer.encode(new, num_threads=1) if new else []
+        rows = pack_rows(docs, row_len, tokenizer.get_bos_token_id())
+        if len(rows) >= num_rows:
+            return rows[:num_rows]
+        if len(docs) < k:  # the shards ran out
+            break
+        k *= 2
     raise ValueError(
-        f"the validation shard(s) {list(val_shards)} give only {count} rows of {row_len} tokens, "
+        f"the validation shard(s) {list(val_shards)} give only {len(rows)} rows of {row_len} tokens, "
         f"{num_rows} are needed: lower eval_tokens or use a larger validation shard"
     )
 

@@ -1,0 +1,346 @@
+"""Pretraining on the cluster (cluster/train.py, cluster/pretrain_data.py, jobs/pretrain.py):
+2 workers vs the single-process loop, worker failures, relaunch, resume at another world size,
+a node removed from a 2-node cluster, metrics on the Prometheus endpoint, and bad input.
+
+Run: PYTHONPATH=. python -m pytest tests/test_pretrain_cluster.py -q       (cluster tests start
+the session's local Ray cluster; the 2-node test runs this file as a child process:
+`python -m tests.test_pretrain_cluster two-nodes DIR`, with its own `ray.cluster_utils.Cluster`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.storage import RunStorage, StorageError
+from cluster.train import (
+    TrainSpec,
+    build_model,
+    build_optimizers,
+    check_storage_for_cluster,
+    make_plan,
+    preflight,
+    resolve_shards,
+    run_pretrain,
+)
+from jobs.config import ConfigError, load_stage_config
+from jobs.pretrain import PretrainConfig
+from nanochat import checkpoint as ckpt
+from nanochat.common import DistInfo
+from nanochat.dataloader import (
+    DataPosition,
+    RowBatcher,
+    local_row_chunks,
+    plan_row_groups,
+    rank_batches,
+    validation_rows,
+)
+from nanochat.dataset import iter_row_groups
+from nanochat.tokenizer import Tokenizer
+from nanochat.train import evaluate_bpb, train_loop
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def micro_spec(**changes) -> TrainSpec:
+    cfg = load_stage_config(PretrainConfig, "pretrain", "micro")
+    spec = TrainSpec(**cfg.model_dump(include={f.name for f in fields(TrainSpec)}))
+    return replace(spec, **changes)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(embedded_pack, tmp_path_factory) -> str:
+    """A 512-token tokenizer trained on the first documents of the embedded pack."""
+    train, _ = resolve_shards(str(embedded_pack))
+    texts = next(iter_row_groups(train)).texts[:300]
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    Tokenizer.train_from_iterator(texts, 512).save(path)
+    return str(path)
+
+
+def new_run(storage_dir: Path, run: str, tokenizer_dir: str) -> RunStorage:
+    """A run whose tokenizer stage is complete (a copy of `tokenizer_dir`)."""
+    storage = RunStorage(run, str(storage_dir))
+    with storage.writer("tokenizer", {"copied_from": tokenizer_dir}) as w:
+        Tokenizer.load(tokenizer_dir).save(w.path)
+        w.commit()
+    return storage
+
+
+def attempts(storage: RunStorage) -> list[list[dict]]:
+    """metrics.jsonl split into attempts: a new attempt starts where the step goes back."""
+    out: list[list[dict]] = []
+    for rec in storage.read_metrics("pretrain"):
+        if not out or rec["step"] <= out[-1][-1]["step"]:
+            out.append([])
+        out[-1].append(rec)
+    return out
+
+
+def reference_losses(spec: TrainSpec, tokenizer_dir: str, data: str, world: int) -> tuple[dict[int, float], float]:
+    """The single-process core loop fed the same global batches as `world` workers would get
+    (micro-batches of rank 0, then rank 1, ...): per-step loss and final validation bpb."""
+    tok = Tokenizer.load(tokenizer_dir)
+    train, val = resolve_shards(data)
+    plan = make_plan(spec, tok.vocab_size, 1)
+    model = build_model(plan.model, "cpu", spec.seed)
+    optimizers = build_optimizers(model, spec, DistInfo())
+    row_len = spec.sequence_len + 1
+    items = plan_row_groups(train)
+    ranks = [RowBatcher(local_row_chunks(items, tok, row_len, DataPosition(r), world), spec.device_batch_size,
+                        DataPosition(r)) for r in range(world)]
+    per_rank = plan.loop.grad_accum_steps // world
+
+    def interleaved():
+        while True:
+            for stream in ranks:
+                for _ in range(per_rank):
+                    yield next(stream)
+
+    val_rows = validation_rows(val, tok, row_len, plan.eval_rows)
+    token_bytes = tok.token_bytes()
+    losses: dict[int, float] = {}
+    final = train_loop(
+        model, optimizers, interleaved(), plan.loop, DistInfo(),
+        evaluate=lambda s: {"val_bpb": evaluate_bpb(model, iter(rank_batches(val_rows, 4, 0, 1)), token_bytes,
+                                                    DistInfo())},
+        on_metrics=lambda m: losses.__setitem__(m["step"], m.get("loss")))
+    return losses, final["val_bpb"]
+
+
+class PrometheusWatch(threading.Thread):
+    """Polls the node's metrics endpoint for a metric line of one run while training runs."""
+
+    def __init__(self, port: int, metric: str, run: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.metric, self.run_id = f"http://127.0.0.1:{port}/metrics", metric, run
+        self.seen: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and not self.seen:
+            try:
+                text = urllib.request.urlopen(self.url, timeout=5).read().decode()
+            except OSError:
+                text = ""
+            self.seen = [ln for ln in text.splitlines() if ln.startswith(self.metric) and f'run="{self.run_id}"' in ln]
+            self.stop.wait(0.5)
+
+
+@pytest.mark.cluster
+def test_two_workers_match_the_single_process_loop(ray_cluster, embedded_pack, tokenizer_dir, tmp_path):
+    storage = new_run(tmp_path, "two", tokenizer_dir)
+    spec = micro_spec(num_workers=2, num_iterations=20, checkpoint_every=0, metrics_interval_s=1)
+    watch = PrometheusWatch(ray_cluster.metrics_port, "ray_nanochat_pretrain_tokens_per_sec", "two")
+    watch.start()
+    meta = run_pretrain(spec, storage, data=str(embedded_pack), tokenizer=None, config={"test": True})
+    watch.stop.set()
+    watch.join()
+    assert watch.seen, "the tokens/s gauge never appeared on the Prometheus endpoint during the run"
+    assert float(watch.seen[0].rsplit(" ", 1)[1]) > 0
+
+    losses, bpb = reference_losses(spec, tokenizer_dir, str(embedded_pack), world=2)
+    logged = {r["step"]: r["loss"] for r in storage.read_metrics("pretrain") if r.get("loss") is not None}
+    assert sorted(logged) == list(range(1, 21))
+    for step, loss in logged.items():  # same data, same global batch: the same trajectory
+        assert loss == pytest.approx(losses[step], rel=1e-3), step
+    assert meta["metrics"]["final_step"] == 20
+    assert meta["metrics"]["val_bpb"] == pytest.approx(bpb, rel=0.01)
+
+    model, info = ckpt.load_model(storage.local_path("pretrain") / "model", "cpu")
+    assert info["final_step"] == 20 and Tokenizer.load(info["tokenizer_dir"]).vocab_size == 512
+    ref = build_model(make_plan(spec, 512, 1).model, "cpu", spec.seed)
+    assert not torch.equal(model.lm_head.weight, ref.lm_head.weight)  # trained weights were exported
+
+
+def _train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return sorted(a.pid for a in actors if a.pid)
+
+
+class Killer(threading.Thread):
+    """Kills one Train worker process (SIGKILL) when metrics.jsonl reaches each step of `at`,
+    counting steps per attempt (after a restart the steps start again from the checkpoint)."""
+
+    def __init__(self, storage: RunStorage, at: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.storage, self.at, self.killed = storage, list(at), []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while self.at and not self.stop.is_set():
+            runs = attempts(self.storage)
+            if runs and len(runs) == len(self.killed) + 1 and runs[-1][-1]["step"] >= self.at[0]:
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    self.killed.append(runs[-1][-1]["step"])
+                    self.at.pop(0)
+            self.stop.wait(0.1)
+
+
+@pytest.mark.cluster
+def test_failures_retry_then_relaunch_resumes_on_one_worker(ray_cluster, embedded_pack, tokenizer_dir, tmp_path):
+    import ray.train
+
+    storage = new_run(tmp_path, "fail", tokenizer_dir)
+    spec = micro_spec(num_workers=2, num_iterations=30, checkpoint_every=5, eval_every=0, max_failures=1)
+    killer = Killer(storage, at=[7, 17])  # one failure is retried; the second exhausts max_failures
+    killer.start()
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_pretrain(spec, storage, data=str(embedded_pack), tokenizer=None, config={})
+    killer.stop.set()
+    killer.join()
+    assert len(killer.killed) == 2 and not storage.is_complete("pretrain")
+    first, second = attempts(storage)[:2]
+    resumed = second[0]["step"]
+    assert (resumed - 1) % 5 == 0 and resumed <= killer.killed[0] + 1  # from the last checkpoint
+    before = {r["step"]: r["loss"] for r in first}
+    assert second[0]["loss"] == pytest.approx(before[resumed], rel=1e-5)  # same state, same data: same loss
+
+    # relaunch of the same run on ONE worker: resumes the 2-worker checkpoint, re-sharded
+    meta = run_pretrain(replace(spec, num_workers=1), storage, data=str(embedded_pack), tokenizer=None, config={})
+    last = attempts(storage)[-1]
+    start = last[0]["step"]
+    assert start > 10 and (start - 1) % 5 == 0 and last[0]["world_size"] == 1
+    assert [r["step"] for r in last] == list(range(start, 31))
+    previous = {r["step"]: r["loss"] for run in attempts(storage)[:-1] for r in run}
+    assert abs(last[0]["loss"] - previous[start - 1]) < 0.5 * (first[0]["loss"] - previous[start - 1])
+    assert meta["metrics"]["final_step"] == 30 and storage.is_complete("pretrain")
+
+
+def two_node_run(workdir: Path, data: str, tokenizer_dir: str) -> dict:
+    """Child process: a head (3 CPUs) + worker node (3 CPUs) Cluster; training starts on the
+    worker node (the head's CPUs are held by a placeholder), which is removed mid-run."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"head": 1}})
+    worker_node = cluster.add_node(num_cpus=3)
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}, log_to_driver=False)
+
+    @ray.remote(num_cpus=3, resources={"head": 1})
+    class Placeholder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Placeholder.remote()
+    ray.get(holder.ready.remote())
+    storage = new_run(workdir, "nodes", tokenizer_dir)
+    spec = micro_spec(num_workers=2, num_iterations=24, checkpoint_every=5, eval_every=0, max_failures=2,
+                      storage_is_shared=True)  # one machine: the "local" path is shared by both nodes
+    removed: list[int] = []
+
+    def remove_worker_node() -> None:
+        while not removed:
+            runs = attempts(storage)
+            if runs and runs[-1][-1]["step"] >= 7:
+                ray.kill(holder)
+                removed.append(runs[-1][-1]["step"])
+                cluster.remove_node(worker_node)
+            time.sleep(0.1)
+
+    threading.Thread(target=remove_worker_node, daemon=True).start()
+    meta = run_pretrain(spec, storage, data=data, tokenizer=None, config={})
+    result = {"final_step": meta["metrics"]["final_step"], "removed_at": removed,
+              "attempts": [[r["step"] for r in run] for run in attempts(storage)]}
+    ray.shutdown()
+    cluster.shutdown()
+    return result
+
+
+@pytest.mark.slow
+def test_removing_the_worker_node_mid_run_still_finishes(embedded_pack, tokenizer_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.test_pretrain_cluster", "two-nodes", str(tmp_path), str(embedded_pack),
+         tokenizer_dir], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["final_step"] == 24 and result["removed_at"]
+    assert len(result["attempts"]) >= 2  # the group restarted on the head after the node went away
+    assert result["attempts"][-1][-1] == 24 and (result["attempts"][-1][0] - 1) % 5 == 0
+
+
+# ----------------------------------------------------------------------------- bad input, no cluster
+
+
+def test_depth_that_does_not_split_into_heads_is_refused():
+    with pytest.raises(ConfigError, match="depth 3 gives width 192.*head_dim 128"):
+        load_stage_config(PretrainConfig, "pretrain", "micro", ["depth=3", "head_dim=128"])
+
+
+def test_batch_that_does_not_divide_is_refused():
+    with pytest.raises(ValueError, match="not a multiple"):
+        make_plan(micro_spec(total_batch_tokens=1000), 512, 2)
+
+
+def test_tokenizer_vocab_differing_from_the_checkpoint_is_refused(embedded_pack, tokenizer_dir, tmp_path):
+    storage = new_run(tmp_path, "vocab", tokenizer_dir)
+    spec = micro_spec()
+    other = build_model(make_plan(spec, 1024, 1).model, "cpu", 0)  # trained with a 1,024-token tokenizer
+    ckpt.save_training_checkpoint(storage.local_path("pretrain") / "checkpoint_0000010", other,
+                                  other.setup_optimizers(), DistInfo(), step=10, data={"item": 0, "row": 0})
+    with pytest.raises(ckpt.CheckpointError, match="vocab_size: saved 1024, now 512"):
+        preflight(spec, storage, str(embedded_pack), None)
+
+
+def test_storage_without_write_access_is_refused(embedded_pack, tokenizer_dir, tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    storage = RunStorage("r", str(tmp_path / "a_file" / "runs"))
+    with pytest.raises(StorageError, match="not writable"):
+        preflight(micro_spec(), storage, str(embedded_pack), tokenizer_dir)
+
+
+def test_missing_or_empty_shards_are_refused(tmp_path, tokenizer_dir):
+    storage = RunStorage("r", str(tmp_path / "runs"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no \\*.parquet shards"):
+        preflight(micro_spec(), storage, str(tmp_path / "empty"), tokenizer_dir)
+    with pytest.raises(FileNotFoundError, match="no shard directory"):
+        preflight(micro_spec(), storage, str(tmp_path / "nowhere"), tokenizer_dir)
+
+
+def test_missing_tokenizer_stage_is_refused(tmp_path, embedded_pack):
+    with pytest.raises(StorageError, match="run the tokenizer stage first"):
+        preflight(micro_spec(), RunStorage("r", str(tmp_path)), str(embedded_pack), None)
+
+
+def test_local_storage_on_several_nodes_is_refused_unless_shared():
+    with pytest.raises(StorageError, match="2 nodes.*storage_is_shared"):
+        check_storage_for_cluster("/data/runs", 2, shared=False)
+    check_storage_for_cluster("/data/runs", 2, shared=True)
+    check_storage_for_cluster("s3://bucket/runs", 4, shared=False)
+    check_storage_for_cluster("/data/runs", 1, shared=False)
+
+
+def test_presets_and_spec_agree():
+    names = {f.name for f in fields(TrainSpec)}
+    assert names <= set(PretrainConfig.model_fields)  # every plain value is a documented config field
+    assert all(f.description for f in PretrainConfig.model_fields.values())
+    for preset, steps in (("d20", 21_400), ("d26", 41_275), ("d32", 71_680)):
+        cfg = load_stage_config(PretrainConfig, "pretrain", preset)
+        plan = make_plan(TrainSpec(**cfg.model_dump(include=names)), 65_536, cfg.num_workers)
+        assert plan.loop.num_steps == steps and cfg.use_gpu
+    assert make_plan(micro_spec(), 512, 2).loop.grad_accum_steps == 1
+    tiny = load_stage_config(PretrainConfig, "pretrain", "tiny")
+    assert tiny.depth == 4 and tiny.sequence_len == 256
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["two-nodes"]:
+        print(json.dumps(two_node_run(Path(sys.argv[2]), sys.argv[3], sys.argv[4])), flush=True)
