@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from nanochat.kv_cache import KVCache
+from nanochat.kv_cache import KVCache, RowsLike
 
 FinishReason = Literal["stop", "length"]
 
@@ -161,6 +161,8 @@ def sample_tokens(
     inverse-CDF sampling so the draw, not the device's RNG, decides the token. Returns (R,) long."""
     vocab = logits.size(-1)
     greedy = logits.argmax(-1)
+    if not bool((temperature > 0).any()):
+        return greedy  # all rows greedy: no softmax over the vocabulary
     safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).to(logits.device)
     scaled = logits.float() / safe_t[:, None]  # greedy rows are replaced by argmax at the end
     probs = scaled.softmax(-1)  # (R, V), vocabulary order
@@ -178,6 +180,84 @@ def sample_tokens(
     draw = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
     choice = torch.searchsorted(cdf, draw, right=True).clamp_max(vocab - 1)[:, 0]
     return torch.where(temperature.to(logits.device) == 0, greedy, choice)
+
+
+class SlotCache(KVCache):
+    """The engine's KVCache: the same contract (nanochat/kv_cache.py), cheaper for how the engine
+    feeds it. On CPU the advanced-index write and the gather of the active rows cost more than
+    the attention itself, so: active rows that form a contiguous range (all rows, a prefill
+    group, a batch without holes) are read as views; new keys/values are written with one slice
+    copy when every fed row is at the same position, else one slice copy per row; positions and
+    mask are computed once per forward instead of once per layer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_active(None)
+
+    def set_active(self, rows: RowsLike | None) -> None:
+        super().set_active(rows)
+        if rows is None:
+            self._row_list = list(range(self.batch_size))
+        else:
+            self._row_list = self._rows.tolist() if isinstance(rows, torch.Tensor) else [int(r) for r in rows]
+        first = self._row_list[0] if self._row_list else 0
+        contiguous = self._row_list == list(range(first, first + len(self._row_list)))
+        self._span = slice(first, first + len(self._row_list)) if contiguous else None
+
+    def get_pos(self) -> torch.Tensor:
+        return self.pos[self._span] if self._span is not None else super().get_pos()
+
+    def _begin_forward(self, k: torch.Tensor) -> None:
+        """At layer 0: check the input, then fix positions, key length, mask and write plan."""
+        n_rows, n_heads, t_new, head_dim = k.shape
+        if n_rows != len(self._row_list) or n_heads != self.num_heads or head_dim != self.head_dim:
+            raise ValueError(
+                f"insert_kv got k of shape {tuple(k.shape)} but the cache expects "
+                f"({len(self._row_list)} active rows, {self.num_heads} kv heads, T_new, {self.head_dim}); "
+                "call set_active(rows) so the number of active rows matches idx.size(0)"
+            )
+        pos = self.get_pos()  # (R,)
+        self._start = pos.tolist()  # one host sync per forward
+        self._keys_len = max(self._start) + t_new
+        if self._keys_len > self.seq_len:
+            raise ValueError(
+                f"KV cache full: a row would reach {self._keys_len} tokens but seq_len is "
+                f"{self.seq_len}; make the cache longer or reset/stop that row"
+            )
+        self._t_new = t_new
+        positions = pos[:, None] + torch.arange(t_new, device=self.device)  # (R, T_new)
+        key_idx = torch.arange(self._keys_len, device=self.device)
+        self._mask = (key_idx[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T_new, T_keys)
+        self._uniform = self._span is not None and min(self._start) == max(self._start)
+
+    def insert_kv(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As KVCache.insert_kv: write k, v (R, H_kv, T_new, D); return keys/values up to the
+        longest fed row (R, H_kv, T_keys, D) and the mask (R, 1, T_new, T_keys)."""
+        if layer_idx == 0:
+            self._begin_forward(k)
+        t = self._t_new
+        if self._uniform:
+            p = self._start[0]
+            self.k[layer_idx, self._span, :, p : p + t] = k
+            self.v[layer_idx, self._span, :, p : p + t] = v
+        else:
+            for i, (row, p) in enumerate(zip(self._row_list, self._start, strict=True)):
+                self.k[layer_idx, row, :, p : p + t] = k[i]
+                self.v[layer_idx, row, :, p : p + t] = v[i]
+        keys = slice(0, self._keys_len)
+        if self._span is not None:
+            k_all, v_all = self.k[layer_idx, self._span, :, keys], self.v[layer_idx, self._span, :, keys]
+        else:
+            rows = self.active_rows()
+            k_all, v_all = self.k[layer_idx, rows, :, keys], self.v[layer_idx, rows, :, keys]
+        if layer_idx == self.num_layers - 1:
+            if self._span is not None:
+                self.pos[self._span] += t
+            else:
+                self.pos[self.active_rows()] += t
+        return k_all, v_all, self._mask
 
 
 class Engine:
@@ -203,7 +283,7 @@ class Engine:
         self.tool_use = tool_use
         param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         device = param.device if param is not None else torch.device("cpu")
-        self.cache = KVCache(
+        self.cache = SlotCache(
             max_batch_size, cfg.n_kv_head, self.max_seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer,
             device=device, dtype=dtype or (param.dtype if param is not None else torch.float32),
         )
@@ -329,12 +409,11 @@ class Engine:
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run the model once on the plan's rows; returns the logits (R, V) after each row's last
         real token. After a padded prefill, rolls each row back to its true length."""
-        rows = torch.tensor(plan.slots, dtype=torch.long, device=self.device)
-        self.cache.set_active(rows)
+        self.cache.set_active(plan.slots)
         logits = self.model(plan.tokens, kv_cache=self.cache)  # (R, T, V)
         last = torch.tensor(plan.lengths, device=self.device) - 1  # (R,)
-        if plan.kind == "prefill":
-            self.cache.pos[rows] = last + 1  # drop the pads' keys: the next write overwrites them
+        if plan.kind == "prefill":  # drop the pads' keys: the next write overwrites them
+            self.cache.pos[torch.tensor(plan.slots, device=self.device)] = last + 1
         self.cache.set_active(None)
         return logits[torch.arange(len(plan.slots), device=self.device), last]
 
