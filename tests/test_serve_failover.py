@@ -1,7 +1,8 @@
 """Killing one of two replicas under load: streams on the killed replica end with an error (not a
 hang), streams on the other finish, and requests started a few seconds later all succeed.
 
-Its own Serve application (2 replicas of a random 2-layer GPT) on the session's local Ray cluster.
+Its own Serve application (2 replicas of a random 2-layer GPT), deployed by `jobs.serve` from a run
+directory, on the session's local Ray cluster.
 Run: PYTHONPATH=. python -m pytest tests/test_serve_failover.py -q
 """
 
@@ -15,7 +16,6 @@ import pytest
 import requests
 
 from cluster.local import free_port
-from serve_app.config import ServeConfig
 from serve_app.testing import write_random_checkpoint
 
 pytestmark = pytest.mark.cluster
@@ -25,16 +25,19 @@ APP, MODEL = "nanochat-failover", "nanochat-sft"
 
 @pytest.fixture(scope="module")
 def service(ray_cluster, tmp_path_factory):
+    """Deployed by `python -m jobs.serve` from a run directory holding a complete sft stage."""
     from ray import serve
 
-    from serve_app.app import deploy
+    from jobs.serve import main
 
-    ckpt = write_random_checkpoint(tmp_path_factory.mktemp("failover") / "model", vocab_size=512, sequence_len=512)
-    config = ServeConfig(models=[{"name": MODEL, "model_uri": str(ckpt), "tool_use": False}], app_name=APP,
-                         port=free_port(), num_replicas=2, num_cpus=1, torch_threads=1, max_batch_size=8)
-    url = deploy(config)
+    storage = tmp_path_factory.mktemp("failover")
+    write_random_checkpoint(storage / "r1" / "sft" / "model", vocab_size=512, sequence_len=512)
+    (storage / "r1" / "sft" / "meta.json").write_text(json.dumps({"stage": "sft"}))
+    port = free_port()
+    sets = [f"app_name={APP}", f"port={port}", "num_replicas=2", "num_cpus=1", "torch_threads=1", "max_batch_size=8"]
+    assert main(["--run", "r1", "--storage", str(storage), "--stage", "sft", *(a for s in sets for a in ("--set", s))]) == 0
     try:
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
 
