@@ -196,3 +196,22 @@ def test_scheduler_cancel_frees_slots_and_n_choices_share_a_prompt() -> None:
     assert len(tokens[0]) == 3
     assert engine.free_slots() == [0, 1, 2]
     assert any(r.rows == ("big/0", "big/1", "big/2") for r in scheduler.step_log())  # n=3: one prefill, 3 rows
+
+
+def test_requests_arriving_together_are_prefilled_in_one_step() -> None:
+    engine = tiny_engine()
+    scheduler = Scheduler(engine, max_waiting=8)
+
+    async def main():
+        subs = [scheduler.submit(f"r{i}", [1 + i] * (3 + i), SamplingParams(max_new_tokens=4)) for i in range(3)]
+        scheduler.start()  # all three wait already: one padded prefill takes them together
+        for sub in subs:
+            await drain(sub, 1)
+
+    try:
+        asyncio.run(main())
+    finally:
+        scheduler.close()
+    first = scheduler.step_log()[0]
+    assert first.kind == "prefill" and set(first.rows) == {"r0/0", "r1/0", "r2/0"}
+    assert all(r.kind == "decode" for r in scheduler.step_log()[1:])
