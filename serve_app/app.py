@@ -336,6 +336,8 @@ class ChatServer:
         except GenerationFailed as e:
             yield R.sse(ApiError(500, str(e), "generation_failed").body())
             return
+        finally:
+            gen.cancel()  # closed early (client gone): free the slots now, not when the GC runs
         if with_usage:
             yield R.sse(R.usage_chunk(rid, created, model, "chat.completion.chunk",
                                       R.usage(gen.prompt_tokens, gen.completion_tokens)))
@@ -359,6 +361,8 @@ class ChatServer:
         except GenerationFailed as e:
             yield R.sse(ApiError(500, str(e), "generation_failed").body())
             return
+        finally:
+            gen.cancel()
         if with_usage:
             yield R.sse(R.usage_chunk(rid, created, model, "text_completion",
                                       R.usage(gen.prompt_tokens, gen.completion_tokens)))

@@ -65,7 +65,7 @@ class ServedModel:
         return self.engine.max_seq_len
 
     @classmethod
-    def load(cls, spec: ModelSpec, config: ServeConfig, on_step: Any = None) -> ServedModel:
+    def load(cls, spec: ModelSpec, config: ServeConfig) -> ServedModel:
         from nanochat.checkpoint import load_model
 
         device = torch.device(config.device)
@@ -76,12 +76,12 @@ class ServedModel:
                 f"model {spec.name}: no tokenizer/ next to the weights in {spec.model_uri}; set tokenizer_uri")
         if config.dtype == "bfloat16":
             model = model.to(dtype=torch.bfloat16)
-        return cls.from_objects(spec, model, Tokenizer.load(tok_dir), config, on_step)
+        return cls.from_objects(spec, model, Tokenizer.load(tok_dir), config)
 
     @classmethod
-    def from_objects(cls, spec: ModelSpec, model: Any, tokenizer: Tokenizer, config: ServeConfig,
-                     on_step: Any = None) -> ServedModel:
-        """on_step(record, tokens) is called after every engine step (metrics)."""
+    def from_objects(cls, spec: ModelSpec, model: Any, tokenizer: Tokenizer, config: ServeConfig) -> ServedModel:
+        """Engine + scheduler (started) around a model and tokenizer in memory; set
+        `scheduler.on_step` for per-step metrics."""
         if model.config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"model {spec.name}: vocab_size {model.config.vocab_size} differs from the "
                              f"tokenizer's {tokenizer.vocab_size}; serve the tokenizer it was trained with")
@@ -95,7 +95,7 @@ class ServedModel:
         engine = Engine(model, max_batch_size=config.max_batch_size, max_seq_len=max_seq_len,
                         tool_use=tool_use, max_prefill_tokens=config.max_prefill_tokens)
         scheduler = Scheduler(engine, max_waiting=config.max_waiting, step_log_size=config.step_log_size,
-                              on_step=on_step, name=spec.name)
+                              name=spec.name)
         token_bytes = [b for b, _ in tokenizer.core.get_mergeable_ranks()] + [b""] * len(SPECIAL_TOKENS)
         shown = {tools.python_start, tools.python_end, tools.output_start, tools.output_end}
         hidden = frozenset(i for i in sp.values() if i not in shown)

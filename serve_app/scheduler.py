@@ -94,7 +94,7 @@ class Scheduler:
         self.engine = engine
         self.max_waiting = max_waiting
         self.name = name
-        self._on_step = on_step
+        self.on_step = on_step
         self._cv = threading.Condition()
         self._waiting: deque[Submission] = deque()  # guarded by _cv
         self._cancels: list[tuple[Submission, int | None]] = []  # guarded by _cv
@@ -236,8 +236,8 @@ class Scheduler:
         record = StepRecord(self._steps, plan.kind, start, now - start, tuple(rows), self.waiting())
         self._steps += 1
         self._log.append(record)
-        if self._on_step is not None:
-            self._on_step(record, len(outputs))
+        if self.on_step is not None:
+            self.on_step(record, len(outputs))
 
     def _deliver(self, per_sub: dict[Submission, list]) -> None:
         """One thread-safe callback per event loop per step (not one per token)."""

@@ -7,6 +7,7 @@ Run: PYTHONPATH=. python -m pytest tests/test_serve_units.py -q
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -215,3 +216,43 @@ def test_requests_arriving_together_are_prefilled_in_one_step() -> None:
     first = scheduler.step_log()[0]
     assert first.kind == "prefill" and set(first.rows) == {"r0/0", "r1/0", "r2/0"}
     assert all(r.kind == "decode" for r in scheduler.step_log()[1:])
+
+
+def test_generation_over_a_served_model_without_ray() -> None:
+    from nanochat.tokenizer import Tokenizer
+    from serve_app.config import ServeConfig
+    from serve_app.generation import Generation
+    from serve_app.models import ServedModel
+    from serve_app.testing import synthetic_texts
+
+    tok = Tokenizer.train_from_iterator(synthetic_texts(200), 300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)
+    config = ServeConfig(models=[{"name": "m", "model_uri": "/unused", "tool_use": False}], max_batch_size=4)
+    served = ServedModel.from_objects(config.models[0], model.eval(), tok, config)
+    prompts = [tok.encode("Ka lo", prepend="<|bos|>"), tok.encode("Mi", prepend="<|bos|>")]
+    params = SamplingParams(max_new_tokens=12, n=2, seed=3, stop_token_ids=served.stop_ids)
+
+    async def main():
+        whole = Generation(served, "g", prompts, params)
+        whole.start()
+        choices = await whole.collect()
+        early = Generation(served, "e", prompts[:1], SamplingParams(max_new_tokens=100, n=2))
+        early.start()
+        updates = early.updates()
+        await updates.__anext__()
+        await updates.aclose()  # the client goes away after the first update
+        return whole, choices
+
+    try:
+        whole, choices = asyncio.run(main())
+        time.sleep(0.2)  # the scheduler thread applies the cancel before its next step
+        assert served.engine.free_slots() == [0, 1, 2, 3]
+    finally:
+        served.close()
+    assert len(choices) == 4 and all(finish in ("stop", "length") for _, finish in choices)
+    assert whole.completion_tokens <= 4 * 12 and whole.prompt_tokens == sum(len(p) for p in prompts)
+    assert len({"".join(p.text for p in pieces) for pieces, _ in choices}) > 1
