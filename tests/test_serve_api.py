@@ -273,12 +273,12 @@ def test_metrics_reach_prometheus(ray_cluster, client) -> None:
     assert {"200", "400", "401", "404"} <= statuses
 
 
-def test_web_page_streams_a_reply_in_chromium(service) -> None:
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through chromedriver (Debian packages; scripts/install_browser_deps.sh)."""
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("chromium/chromedriver missing: run scripts/install_browser_deps.sh")
     from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
@@ -286,30 +286,98 @@ def test_web_page_streams_a_reply_in_chromium(service) -> None:
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
     try:
-        driver.get(f"{service}/")
-        wait = WebDriverWait(driver, 60, poll_frequency=0.02)
-        wait.until(lambda d: "API key" in d.find_element(By.ID, "status").text)  # 401 without a key
-        driver.find_element(By.ID, "apikey").send_keys(KEY + "\t")  # change event: saved, models reload
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
-        driver.execute_script("document.getElementById('max_tokens').value = 120;")
-        driver.find_element(By.ID, "input").send_keys("Hello, who are you?")
-        driver.find_element(By.ID, "send").click()
-        seen = set()  # lengths of the reply while it streams (the page re-renders: read it in one script)
-        probe = ("const r = document.querySelectorAll('.msg.assistant'); const m = r[r.length - 1];"
-                 "return m ? [m.dataset.state, m.querySelector('.content').textContent] : null;")
-
-        def streamed(d):
-            last = d.execute_script(probe)
-            if last:
-                seen.add(len(last[1]))
-            return last is not None and last[0] == "done"
-
-        wait.until(streamed)
-        state, text = driver.execute_script(probe)
-        assert text.strip() and "error" not in driver.find_element(By.ID, "status").get_attribute("class")
-        assert len(seen - {0}) >= 2, f"the reply appeared at once, not streamed (lengths seen: {sorted(seen)})"
-        ARTIFACTS.mkdir(exist_ok=True)
-        driver.save_screenshot(str(ARTIFACTS / "serve_web_chat.png"))
-        assert (ARTIFACTS / "serve_web_chat.png").stat().st_size > 1000
+        yield driver
     finally:
         driver.quit()
+
+
+LAST_REPLY = ("const r = document.querySelectorAll('.msg.assistant'); const m = r[r.length - 1];"
+              "return m ? [m.dataset.state, m.querySelector('.content').textContent] : null;")
+
+
+def test_web_page_streams_a_reply_in_chromium(service, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    driver.get(f"{service}/")
+    wait = WebDriverWait(driver, 60, poll_frequency=0.02)
+    wait.until(lambda d: "API key" in d.find_element(By.ID, "status").text)  # 401 without a key
+    driver.find_element(By.ID, "apikey").send_keys(KEY + "\t")  # change event: saved, models reload
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+    driver.execute_script("document.getElementById('max_tokens').value = 120;")
+    driver.find_element(By.ID, "input").send_keys("Hello, who are you?")
+    driver.find_element(By.ID, "send").click()
+    seen = set()  # lengths of the reply while it streams (the page re-renders: read it in one script)
+
+    def streamed(d):
+        last = d.execute_script(LAST_REPLY)
+        if last:
+            seen.add(len(last[1]))
+        return last is not None and last[0] == "done"
+
+    wait.until(streamed)
+    state, text = driver.execute_script(LAST_REPLY)
+    assert text.strip() and "error" not in driver.find_element(By.ID, "status").get_attribute("class")
+    assert len(seen - {0}) >= 2, f"the reply appeared at once, not streamed (lengths seen: {sorted(seen)})"
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "serve_web_chat.png"))
+    assert (ARTIFACTS / "serve_web_chat.png").stat().st_size > 1000
+
+
+# The random model never calls the tool on purpose: this stream is scripted in the page's fetch.
+SCRIPTED_FETCH = """
+window.__bodies = [];
+const realFetch = window.fetch;
+window.fetch = (url, opts) => {
+  if (!String(url).endsWith("chat/completions")) return realFetch(url, opts);
+  window.__bodies.push(JSON.parse(opts.body));
+  const deltas = [{content: "Let me compute."}, {nanochat_part: {type: "python", text: "6*7"}},
+                  {nanochat_part: {type: "python_output", text: "42"}}, {content: " It is 42."}];
+  const lines = deltas.map((d) => "data: " + JSON.stringify({choices: [{index: 0, delta: d}]}) + "\\n\\n");
+  lines.push("data: [DONE]\\n\\n");
+  const enc = new TextEncoder();
+  const body = new ReadableStream({start(c) { lines.forEach((l) => c.enqueue(enc.encode(l))); c.close(); }});
+  return Promise.resolve(new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}}));
+};
+"""
+
+
+def test_web_page_tool_calls_regenerate_and_edit(service, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    wait = WebDriverWait(driver, 30, poll_frequency=0.02)
+    driver.get(f"{service}/")  # the key is in localStorage since the previous test
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+    driver.execute_script(SCRIPTED_FETCH)
+    driver.find_element(By.ID, "input").send_keys("What is 6*7?\n")
+    wait.until(lambda d: (d.execute_script(LAST_REPLY) or [""])[0] == "done")
+    assert driver.find_element(By.CSS_SELECTOR, ".msg.assistant .part-python").text == "6*7"
+    assert driver.find_element(By.CSS_SELECTOR, ".msg.assistant .part-python_output").text == "42"
+    assert "It is 42." in driver.execute_script(LAST_REPLY)[1]
+
+    driver.find_element(By.XPATH, "//button[text()='Regenerate']").click()
+    wait.until(lambda d: d.execute_script("return window.__bodies.length") == 2)
+    wait.until(lambda d: (d.execute_script(LAST_REPLY) or [""])[0] == "done")
+    regen = driver.execute_script("return window.__bodies[1]")
+    assert [m["role"] for m in regen["messages"]] == ["user"] and regen["stream"] is True
+    assert isinstance(regen["temperature"], float | int) and isinstance(regen["top_k"], int)
+
+    driver.find_element(By.ID, "input").send_keys("And 2+2?\n")  # the tool parts go back as parts
+    wait.until(lambda d: d.execute_script("return window.__bodies.length") == 3)
+    history = driver.execute_script("return window.__bodies[2]")["messages"]
+    assert [p["type"] for p in history[1]["content"]] == ["text", "python", "python_output", "text"]
+    wait.until(lambda d: (d.execute_script(LAST_REPLY) or [""])[0] == "done")
+
+    driver.find_elements(By.XPATH, "//button[text()='Edit']")[0].click()
+    area = driver.find_element(By.CSS_SELECTOR, ".msg.user textarea")
+    area.clear()
+    area.send_keys("What is 5*5?")
+    driver.find_element(By.XPATH, "//button[text()='Save & submit']").click()
+    wait.until(lambda d: d.execute_script("return window.__bodies.length") == 4)
+    edited = driver.execute_script("return window.__bodies[3]")["messages"]
+    assert edited == [{"role": "user", "content": "What is 5*5?"}]  # later turns dropped
+    driver.find_element(By.ID, "new").click()
+    assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
