@@ -188,9 +188,18 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
 def bench_ours(ckpt: Path, args, root: Path) -> list[Level]:
     from cluster.local import LocalCluster
 
-    cluster = LocalCluster.isolated(num_cpus=4, temp_dir=str(root / "ray"), state_file=str(root / "ray.json"))
     os.environ.pop("RAY_ADDRESS", None)
-    cluster.start()
+    for attempt in range(3):  # on an overloaded machine the raylet may time out waiting for its agent
+        cluster = LocalCluster.isolated(num_cpus=4, temp_dir=str(root / f"ray{attempt}"),
+                                        state_file=str(root / "ray.json"))
+        try:
+            cluster.start()
+            break
+        except RuntimeError as e:
+            cluster.stop()
+            if attempt == 2:
+                raise
+            print(f"  local Ray cluster did not start ({str(e).splitlines()[0]}); retrying", file=sys.stderr)
     os.environ["RAY_AUTH_MODE"] = "token"
     import ray
     from ray import serve
