@@ -12,6 +12,8 @@ Notable:
   `step()` does all three. A step is either a prefill (new prompts, right-padded into one batch,
   then each row's length is rolled back to its prompt so pads are never attended) or a decode
   (one token for every running row). Prefill first: new requests get their first token soon.
+- `SlotCache` keeps the KVCache contract but reads contiguous active rows as views and writes by
+  slices: on CPU the generic gather/index_put cost more than the attention of a decode step.
 - `add_group` prefills a prompt once and copies its cache row to n slots (n samples).
 - sampling per row: temperature (0 = greedy), top-k, top-p and a per-request seed. Random draws
   come from a CPU `random.Random` per slot, so a seed gives the same tokens on any device and in
@@ -187,8 +189,9 @@ class SlotCache(KVCache):
     feeds it. On CPU the advanced-index write and the gather of the active rows cost more than
     the attention itself, so: active rows that form a contiguous range (all rows, a prefill
     group, a batch without holes) are read as views; new keys/values are written with one slice
-    copy when every fed row is at the same position, else one slice copy per row; positions and
-    mask are computed once per forward instead of once per layer."""
+    copy when every fed row is at the same position, else one slice copy per row on CPU (one
+    index_put kernel elsewhere, where a copy per row would be a kernel launch per row); positions
+    and mask are computed once per forward instead of once per layer."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -229,6 +232,8 @@ class SlotCache(KVCache):
         key_idx = torch.arange(self._keys_len, device=self.device)
         self._mask = (key_idx[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T_new, T_keys)
         self._uniform = self._span is not None and min(self._start) == max(self._start)
+        heads = torch.arange(self.num_heads, device=self.device)
+        self._index = (self.active_rows()[:, None, None], heads[None, :, None], positions[:, None, :])  # (R, H, T)
 
     def insert_kv(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
@@ -242,10 +247,13 @@ class SlotCache(KVCache):
             p = self._start[0]
             self.k[layer_idx, self._span, :, p : p + t] = k
             self.v[layer_idx, self._span, :, p : p + t] = v
-        else:
+        elif self.device.type == "cpu":
             for i, (row, p) in enumerate(zip(self._row_list, self._start, strict=True)):
                 self.k[layer_idx, row, :, p : p + t] = k[i]
                 self.v[layer_idx, row, :, p : p + t] = v[i]
+        else:
+            self.k[layer_idx].index_put_(self._index, k.to(self.k.dtype))
+            self.v[layer_idx].index_put_(self._index, v.to(self.v.dtype))
         keys = slice(0, self._keys_len)
         if self._span is not None:
             k_all, v_all = self.k[layer_idx, self._span, :, keys], self.v[layer_idx, self._span, :, keys]
