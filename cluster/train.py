@@ -12,7 +12,8 @@ tokenizer, shards, storage, an existing checkpoint's model), then runs a TorchTr
 Each worker (train_worker): build the model from one seed, restore the latest checkpoint
 (weights, its optimizer shard re-sharded from any saved world size, data position), stream its
 rows from Ray Data (cluster/pretrain_data.py), run nanochat.train.train_loop, and every
-checkpoint_every steps write its files and call ray.train.report. Rank 0 appends metrics.jsonl,
+checkpoint_every steps write its files and call ray.train.report. Rank 0 appends metrics.jsonl
+(each record carries `start_step`, the step this attempt resumed from, so restarts are visible),
 sets the Ray metrics (cluster/metrics.py) and prints a progress line with an ETA.
 At the end the driver exports {run}/pretrain/model/ (weights, config.json, tokenizer/) for
 `nanochat.checkpoint.load_model` and writes meta.json last.
@@ -150,9 +151,9 @@ class _Reporter:
     """on_metrics / on_checkpoint of one worker: metrics.jsonl, Ray metrics, progress, checkpoints."""
 
     def __init__(self, cfg: dict[str, Any], spec: TrainSpec, plan: Plan, dist: DistInfo, model: GPT,
-                 optimizers: list, batches: RowBatcher, train_time: float) -> None:
+                 optimizers: list, batches: RowBatcher, start_step: int, train_time: float) -> None:
         self.spec, self.plan, self.dist, self.model, self.optimizers = spec, plan, dist, model, optimizers
-        self.batches, self.train_time = batches, train_time
+        self.batches, self.start_step, self.train_time = batches, start_step, train_time
         self.last: dict[str, Any] = {}
         self.ema_step_s: float | None = None
         self.log = self.gauges = None
@@ -167,7 +168,7 @@ class _Reporter:
             self.train_time += dt * self.spec.log_every
             self.ema_step_s = dt if self.ema_step_s is None else 0.9 * self.ema_step_s + 0.1 * dt
         record = {**metrics, "tokens": step * self.spec.total_batch_tokens, "train_time_s": self.train_time,
-                  "world_size": self.dist.world_size, "time": time.time()}
+                  "world_size": self.dist.world_size, "start_step": self.start_step, "time": time.time()}
         self.last = {k: v for k, v in {**self.last, **record}.items() if isinstance(v, (int, float, type(None)))}
         if not self.dist.is_main:
             return
@@ -246,7 +247,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
         return {"val_bpb": evaluate_bpb(model, iter(eval_batches), token_bytes, dist)}
 
     batches.prime()  # start the data pipeline before the clock of step 1 runs
-    reporter = _Reporter(cfg, spec, plan, dist, model, optimizers, batches, loop_state.get("train_time_s", 0.0))
+    reporter = _Reporter(cfg, spec, plan, dist, model, optimizers, batches, start_step,
+                         loop_state.get("train_time_s", 0.0))
     try:
         train_loop(model, optimizers, batches, loop, dist, start_step=start_step, evaluate=evaluate,
                    on_metrics=reporter.on_metrics, on_checkpoint=reporter.on_checkpoint)
