@@ -32,7 +32,7 @@ import concurrent.futures
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import Any, Protocol
 
 import numpy as np
@@ -110,68 +110,79 @@ def read_texts(shard: str, row_group: int) -> list[str]:
 
 def pack_rows(docs: Sequence[Sequence[int]], row_len: int, bos_id: int) -> np.ndarray:
     """Pack documents (token ids WITHOUT a leading BOS) into (R, row_len) int32 rows that each
-    start with BOS; see the module docstring for the rule. Empty documents are skipped."""
+    start with BOS; see the module docstring for the rule. Empty documents are skipped.
+
+    Rows: first the full-row pieces of long documents in document order, then the best-fit rows."""
     if row_len < 2:
         raise ValueError(f"row_len must be >= 2 (a BOS and one token), got {row_len}")
     body = row_len - 1  # document tokens that fit behind one BOS
-    rows: list[list[int]] = []
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    flat = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
+    starts = np.cumsum(lengths) - lengths  # offset of each document in `flat`
+    full = lengths // body  # full-row pieces per document
+    piece_starts = np.repeat(starts, full) + body * (np.arange(full.sum()) - np.repeat(np.cumsum(full) - full, full))
+    full_rows = np.empty((len(piece_starts), row_len), dtype=np.int32)
+    full_rows[:, 0] = bos_id
+    full_rows[:, 1:] = flat[piece_starts[:, None] + np.arange(body)]
     pool = _PiecePool()
-    for doc in docs:
-        n = len(doc)
-        for start in range(0, n, body):
-            piece = [bos_id, *doc[start : start + body]]
-            if len(piece) == row_len:
-                rows.append(piece)
-            else:
-                pool.push(piece)
+    for start, n in zip((starts + full * body).tolist(), (lengths - full * body).tolist(), strict=True):
+        if n:
+            pool.push(start, n)
+    packed: list[list[tuple[int, int]]] = []  # per row: (start in flat, document tokens) of its pieces
     while pool.total >= row_len:
-        row: list[int] = []
+        row: list[tuple[int, int]] = []
         space = row_len
         while space:
             piece = pool.pop_largest_at_most(space)
             if piece is None:  # every piece is longer than the space left: crop one to fill the row
-                piece = pool.pop_smallest()
-                row += piece[:space]
-                pool.push([bos_id, *piece[space:]])
+                start, n = pool.pop_smallest()
+                row.append((start, space - 1))
+                pool.push(start + space - 1, n - (space - 1))
                 break
-            row += piece
-            space -= len(piece)
-        rows.append(row)
-    if not rows:
-        return np.zeros((0, row_len), dtype=np.int32)
-    return np.asarray(rows, dtype=np.int32)
+            row.append(piece)
+            space -= piece[1] + 1
+        packed.append(row)
+    best_fit = np.empty((len(packed), row_len), dtype=np.int32)
+    for r, row in enumerate(packed):
+        at = 0
+        for start, n in row:
+            best_fit[r, at] = bos_id
+            best_fit[r, at + 1 : at + 1 + n] = flat[start : start + n]
+            at += n + 1
+    return np.concatenate([full_rows, best_fit])
 
 
 class _PiecePool:
-    """Pieces (lists starting with BOS) bucketed by length; FIFO within a length, so deterministic."""
+    """Pieces (a BOS + n document tokens at `start` in the flat token array) bucketed by length
+    (n + 1); FIFO within a length, so the packing is deterministic."""
 
     def __init__(self) -> None:
-        self.buckets: dict[int, deque[list[int]]] = {}
-        self.lengths: list[int] = []  # sorted distinct lengths present
-        self.total = 0  # tokens in the pool
+        self.buckets: dict[int, deque[tuple[int, int]]] = {}
+        self.lengths: list[int] = []  # sorted distinct piece lengths present
+        self.total = 0  # tokens in the pool, BOS included
 
-    def push(self, piece: list[int]) -> None:
-        n = len(piece)
-        if n not in self.buckets:
-            self.buckets[n] = deque()
-            bisect.insort(self.lengths, n)
-        self.buckets[n].append(piece)
-        self.total += n
+    def push(self, start: int, n: int) -> None:
+        length = n + 1
+        if length not in self.buckets:
+            self.buckets[length] = deque()
+            bisect.insort(self.lengths, length)
+        self.buckets[length].append((start, n))
+        self.total += length
 
-    def _pop(self, n: int) -> list[int]:
-        bucket = self.buckets[n]
+    def _pop(self, length: int) -> tuple[int, int]:
+        bucket = self.buckets[length]
         piece = bucket.popleft()
         if not bucket:
-            del self.buckets[n]
-            self.lengths.remove(n)
-        self.total -= n
+            del self.buckets[length]
+            self.lengths.remove(length)
+        self.total -= length
         return piece
 
-    def pop_largest_at_most(self, space: int) -> list[int] | None:
+    def pop_largest_at_most(self, space: int) -> tuple[int, int] | None:
         k = bisect.bisect_right(self.lengths, space) - 1
         return self._pop(self.lengths[k]) if k >= 0 else None
 
-    def pop_smallest(self) -> list[int]:
+    def pop_smallest(self) -> tuple[int, int]:
         return self._pop(self.lengths[0])
 
 
