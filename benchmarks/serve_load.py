@@ -1,9 +1,11 @@
 """Serving load benchmark: our Ray Serve app vs HuggingFace `transformers serve --continuous-batching`.
 
     PYTHONPATH=. python benchmarks/serve_load.py [--clients 1,4,16,32] [--tokens 64] [--rounds 2]
-                                                [--threads 2] [--only ours|hf]
+                                                [--repeats 3] [--threads 2] [--only ours|hf]
 
-Both serve the same shape of random model, one service at a time, on 127.0.0.1 only:
+Both serve the same shape of random model on 127.0.0.1 only; both are started first, then the
+levels run one service at a time, alternating ours/hf (and the order) per repeat, so a change in
+the machine's background load hits both alike; each level reports the median over `--repeats`:
 - ours: the exported random GPT (6 layers x 384 wide, 6 heads, vocab 8,192; nanochat's
   architecture) behind serve_app on a fresh local Ray cluster (its own ports and temp dir);
 - reference: a random `LlamaForCausalLM` with the same layers, width, heads and vocabulary
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,15 +133,11 @@ async def run_level(service: str, url: str, model: str, clients: int, rounds: in
     return Level(service, clients, totals[0], totals[1], wall, ttft, itl, totals[2])
 
 
-def run_levels(service: str, url: str, model: str, args, extra: dict) -> list[Level]:
-    asyncio.run(run_level(service, url, model, 1, 1, 8, extra))  # warm-up: model load, first allocations
-    levels = []
-    for c in args.clients:
-        level = asyncio.run(run_level(service, url, model, c, args.rounds, args.tokens, extra))
-        print(f"  {service:5s} clients={c:3d}: {level.tok_s:8.1f} tok/s, TTFT p50 {1000 * pct(level.ttft, .5):7.1f} ms,"
-              f" errors {level.errors}", file=sys.stderr)
-        levels.append(level)
-    return levels
+def median_level(runs: list[Level]) -> Level:
+    """The repeats of one level: throughput of the median repeat, latencies pooled over all."""
+    mid = sorted(runs, key=lambda lv: lv.tok_s)[len(runs) // 2]
+    return Level(mid.service, mid.clients, mid.tokens, mid.chunks, mid.wall_s,
+                 [t for lv in runs for t in lv.ttft], [t for lv in runs for t in lv.itl], sum(lv.errors for lv in runs))
 
 
 # ---- the two services --------------------------------------------------------------------------
@@ -185,7 +185,9 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
-def bench_ours(ckpt: Path, args, root: Path) -> list[Level]:
+@contextlib.contextmanager
+def our_service(ckpt: Path, args, root: Path) -> Iterator[tuple[str, str, dict]]:
+    """serve_app on a fresh local Ray cluster; yields (completions URL, model, extra body fields)."""
     from cluster.local import LocalCluster
 
     os.environ.pop("RAY_ADDRESS", None)
@@ -215,7 +217,7 @@ def bench_ours(ckpt: Path, args, root: Path) -> list[Level]:
                              max_batch_size=max(args.clients), max_waiting=4 * max(args.clients),
                              max_ongoing_requests=4 * max(args.clients))
         url = deploy(config)
-        return run_levels("ours", f"{url}/v1/completions", "nanochat-base", args, {"ignore_eos": True})
+        yield f"{url}/v1/completions", "nanochat-base", {"ignore_eos": True}
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -223,7 +225,10 @@ def bench_ours(ckpt: Path, args, root: Path) -> list[Level]:
         cluster.stop()
 
 
-def bench_hf(hf_dir: Path, args) -> list[Level]:
+@contextlib.contextmanager
+def hf_service(hf_dir: Path, args, root: Path) -> Iterator[tuple[str, str, dict]]:
+    """`transformers serve --continuous-batching` in a subprocess (its log in a file, never a pipe
+    nobody reads: a full pipe would block the server)."""
     cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
     if cli is None:
         raise SystemExit("the `transformers` CLI is missing: pip install 'transformers[serving]'")
@@ -231,16 +236,35 @@ def bench_hf(hf_dir: Path, args) -> list[Level]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [cli, "serve", str(hf_dir), "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
-        return run_levels("hf", f"http://127.0.0.1:{port}/v1/completions", str(hf_dir), args, {})
-    finally:
-        proc.terminate()
+    with open(root / "hf_serve.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
+            yield f"http://127.0.0.1:{port}/v1/completions", str(hf_dir), {}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_all(services: dict[str, tuple[str, str, dict]], args) -> list[Level]:
+    """Warm each service up, then every level: `repeats` times, one service at a time, alternating order."""
+    for name, (url, model, extra) in services.items():
+        asyncio.run(run_level(name, url, model, 1, 1, 8, extra))  # model load, first allocations
+    levels = []
+    for c in args.clients:
+        runs: dict[str, list[Level]] = {name: [] for name in services}
+        for r in range(args.repeats):
+            for name in (list(services) if r % 2 == 0 else list(services)[::-1]):
+                url, model, extra = services[name]
+                level = asyncio.run(run_level(name, url, model, c, args.rounds, args.tokens, extra))
+                print(f"  {name:5s} clients={c:3d} repeat {r}: {level.tok_s:8.1f} tok/s, "
+                      f"TTFT p50 {1000 * pct(level.ttft, .5):7.1f} ms, errors {level.errors}", file=sys.stderr)
+                runs[name].append(level)
+        levels += [median_level(v) for v in runs.values()]
+    return levels
 
 
 def print_table(levels: list[Level]) -> None:
@@ -260,19 +284,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32])
     p.add_argument("--tokens", type=int, default=64, help="completion tokens per request (eos ignored)")
     p.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each level per service (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each service")
     p.add_argument("--only", choices=["ours", "hf"], default=None, help="benchmark one service only")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="serve-load-", dir="/tmp"))
     try:
         ours_dir, hf_dir = make_models(root)
-        levels = []
-        if args.only in (None, "ours"):
-            levels += bench_ours(ours_dir, args, root)
-        if args.only in (None, "hf"):
-            levels += bench_hf(hf_dir, args)
+        with contextlib.ExitStack() as stack:
+            services = {}
+            if args.only in (None, "ours"):
+                services["ours"] = stack.enter_context(our_service(ours_dir, args, root))
+            if args.only in (None, "hf"):
+                services["hf"] = stack.enter_context(hf_service(hf_dir, args, root))
+            levels = run_all(services, args)
         print(f"\nmodel: {N_LAYER} layers x {N_EMBD}, {N_HEAD} heads, vocab {VOCAB}; {args.tokens} tokens per request, "
-              f"{args.rounds} requests per client, {args.threads} torch threads, {os.cpu_count()} CPUs")
+              f"{args.rounds} requests per client, median of {args.repeats} repeats, {args.threads} torch threads, "
+              f"{os.cpu_count()} CPUs")
         print_table(levels)
         ours = {lv.clients: lv for lv in levels if lv.service == "ours"}
         hf = {lv.clients: lv for lv in levels if lv.service == "hf"}
