@@ -215,7 +215,9 @@ def test_recursion_bomb(sandbox: Sandbox) -> None:
     assert sandbox.run(deep, timeout_s=2.0).status in ("timeout", "memory_exceeded")  # heap frames
     nested = "import sys\nsys.setrecursionlimit(10**8)\nx = []\nfor _ in range(10**6):\n    x = [x]\nrepr(x)"
     r = sandbox.run(nested)
-    assert r.status == "error" and "SIGSEGV" in r.error  # the C stack overflows: the child dies, we do not
+    # the C stack overflows: the child dies (SIGSEGV), we do not; on a loaded machine building the
+    # million nested lists can use up the time limit first, which is contained just the same
+    assert (r.status == "error" and "SIGSEGV" in r.error) or r.status == "timeout", r
 
 
 def test_huge_output_is_truncated(sandbox: Sandbox) -> None:
