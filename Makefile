@@ -15,7 +15,7 @@ export CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
 PRESET ?= tiny
 RUN ?= demo
 
-.PHONY: env demo test lint cluster-start cluster-stop
+.PHONY: env demo test test-all lint cluster-start cluster-stop
 
 env:
 	@set -e; \
@@ -44,9 +44,15 @@ demo: env
 	$(PY) -m cluster.local start
 	$(PY) -m jobs.pipeline --preset $(PRESET) --run $(RUN)
 
+# `make test` is what CI runs: everything but the tests marked `slow` (multi-minute scenarios on
+# 2 cores: a 2-node cluster losing a node, the full real pack build, ...); `make test-all` runs those too.
 test: env
 	cd rustbpe && cargo test -q --release 2>&1 | tail -n 5
-	$(PY) -m pytest -q -rs --durations=15
+	$(PY) -m pytest -q -rs -m "not slow" --durations=20
+
+test-all: env
+	cd rustbpe && cargo test -q --release 2>&1 | tail -n 5
+	$(PY) -m pytest -q -rs --durations=20
 
 lint: env
 	$(VENV)/bin/ruff check .
