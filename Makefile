@@ -47,11 +47,11 @@ demo: env
 # `make test` is what CI runs: everything but the tests marked `slow` (multi-minute scenarios on
 # 2 cores: a 2-node cluster losing a node, the full real pack build, ...); `make test-all` runs those too.
 test: env
-	cd rustbpe && cargo test -q --release 2>&1 | tail -n 5
+	set -o pipefail; cd rustbpe && cargo test -q --release 2>&1 | tail -n 5
 	$(PY) -m pytest -q -rs -m "not slow" --durations=20
 
 test-all: env
-	cd rustbpe && cargo test -q --release 2>&1 | tail -n 5
+	set -o pipefail; cd rustbpe && cargo test -q --release 2>&1 | tail -n 5
 	$(PY) -m pytest -q -rs --durations=20
 
 lint: env

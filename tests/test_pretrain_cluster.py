@@ -286,6 +286,7 @@ def two_node_run(workdir: Path, data: str, tokenizer_dir: str) -> dict:
     return result
 
 
+@pytest.mark.cluster  # its own 2-node cluster in a child process, not the session's
 @pytest.mark.slow
 def test_removing_the_worker_node_mid_run_still_finishes(embedded_pack, tokenizer_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
