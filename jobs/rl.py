@@ -1,0 +1,208 @@
+"""Stage `rl`: GRPO from the SFT model on the cluster (rollout actors + learner + verified sync) into {run}/rl/.
+
+    python -m jobs.rl --preset micro --run R [--storage S] [--set group_size=8 ...] [--force]
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        -- python -m jobs.rl --preset tiny --run demo
+
+Reads the exported SFT model `{run}/sft/model/` (or `model_dir=`) with the tokenizer beside it (else
+`{run}/tokenizer/`). Writes checkpoints `{run}/rl/checkpoints/step_N/`, `{run}/rl/metrics.jsonl`
+(reward, pass@k, rollout tokens/s, sync and check times, staleness), the exported model
+`{run}/rl/model/` and `meta.json` last. Relaunching an incomplete run resumes from its latest
+checkpoint; a complete run is skipped unless --force (which starts over).
+
+Refused before any work, with a message that says what to change: a group size of 1 (every
+advantage would be zero), a missing SFT model, and more rollout actors / learners than the
+cluster can ever place (cluster/resources.py, counting the autoscaler's node types if known).
+The algorithm and its defaults are the seed's (nanochat/rl.py); the cluster side is cluster/rl.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import fields
+from typing import Any, Literal
+
+import pyarrow.fs as pafs
+import ray
+from pydantic import Field, model_validator
+
+from cluster.resources import ClusterDescription, Demand, UnplaceableError, check_placeable, describe_cluster
+from cluster.rl import STAGE, RLRun, RLSpec, WeightSyncError, make_task
+from cluster.storage import RunStorage, StorageError, resolve_storage
+from jobs.config import ConfigError, StageConfig, load_stage_config, stage_argparser
+from nanochat.checkpoint import CONFIG_FILE, TOKENIZER_DIR
+from nanochat.tasks.sources import hub_reachable
+
+
+class RLConfig(StageConfig):
+    """The `rl:` section of a preset (defaults: the seed's chat_rl)."""
+
+    model_dir: str | None = Field(None, description="exported model to start from (dir or URI); default {run}/sft/model")
+    task: Literal["gsm8k", "toy"] = Field("gsm8k", description="gsm8k: the seed's GSM8K RL (offline: the contaminated "
+                                                               "demo half of its test set); toy: end-letter task of "
+                                                               "nanochat/rl_toy.py")
+    offline: bool | None = Field(None, description="GSM8K from the embedded pack (true) or the hub (false); null: "
+                                                   "the hub when reachable")
+    num_epochs: int = Field(1, ge=1, description="passes over the training prompts (used when num_steps <= 0)")
+    num_steps: int = Field(-1, description="RL steps if > 0, else num_epochs x prompts / examples_per_step")
+    examples_per_step: int = Field(16, ge=1, description="prompts per step")
+    group_size: int = Field(16, description="samples per prompt (G); advantages are relative to the group")
+    max_new_tokens: int = Field(256, ge=1, description="tokens generated per sample, tool output included")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature of rollouts and pass@k samples")
+    top_k: int = Field(50, ge=0, description="sample from the k most likely tokens (0: all)")
+    max_seq_len: int | None = Field(None, ge=2, description="engine context (prompt + completion); null: the model's "
+                                                           "training sequence length; prompts that do not fit are skipped")
+    device_batch_size: int = Field(8, ge=1, description="sequences per learner forward/backward")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr of the lm_head (scaled by (width/768)^-0.5)")
+    embedding_lr: float = Field(0.2, gt=0, description="AdamW lr of the embedding (scaled by (width/768)^-0.5)")
+    matrix_lr: float = Field(0.02, gt=0, description="Muon lr of the transformer matrices")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    init_lr_frac: float = Field(0.05, gt=0, description="every lr is multiplied by this, then decays linearly to 0")
+    normalize_std: bool = Field(False, description="divide advantages by the group's reward std (the seed: no)")
+    max_staleness: int = Field(0, ge=0, le=1, description="0: on-policy; 1: one-step-off-policy overlap (actors "
+                                                          "sample step t+1 while the learner trains step t)")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip used when max_staleness = 1")
+    num_rollout_actors: int = Field(2, ge=1, description="rollout actors, each with a model copy and the engine")
+    rollout_cpus: float = Field(1.0, gt=0, description="CPUs per rollout actor (fractions allowed); torch threads = "
+                                                       "whole CPUs (>= 1)")
+    rollout_gpus: float | None = Field(None, ge=0, description="GPUs per rollout actor; null: 1 when the cluster has "
+                                                               "GPUs, else 0")
+    rollout_slots: int = Field(0, ge=0, description="engine KV-cache rows per actor; 0: 2 x group_size")
+    num_learners: int = Field(1, ge=1, description="learner ranks (torch.distributed group, sharded optimizers)")
+    learner_cpus: float = Field(1.0, gt=0, description="CPUs per learner rank")
+    learner_gpus: float | None = Field(None, ge=0, description="GPUs per learner rank; null: 1 when the cluster has "
+                                                               "GPUs, else 0")
+    sandbox_actors: int = Field(1, ge=0, description="sandbox actors running the model's Python tool calls (0: no tool)")
+    sandbox_cpus: float = Field(0.25, ge=0, description="CPUs reserved per sandbox actor")
+    weight_sync: Literal["auto", "object_store", "broadcast"] = Field(
+        "auto", description="auto: broadcast (NCCL) when learner and actors have GPUs, else the object store")
+    probe_atol: float = Field(1e-3, gt=0, description="largest allowed gap of probe log-probs between learner and "
+                                                      "an actor after a sync")
+    max_actor_restarts: int = Field(3, ge=0, description="rollout actors that may die and be replaced in one run")
+    eval_every: int = Field(60, description="steps between pass@k evaluations on held-out problems (<= 0: never)")
+    eval_examples: int = Field(400, ge=1, description="held-out problems per evaluation")
+    eval_samples: int = Field(8, ge=1, description="samples per held-out problem: pass@1..pass@k with k = this")
+    checkpoint_every: int = Field(60, description="steps between checkpoints (<= 0: the end only)")
+    checkpoints_to_keep: int = Field(2, ge=1, description="most recent checkpoints kept")
+    seed: int = Field(42, description="seed of the prompt order and of the sampling")
+
+    @model_validator(mode="after")
+    def _check(self) -> RLConfig:
+        if self.group_size < 2:
+            raise ValueError(f"group_size {self.group_size}: the advantage is the reward minus its group's mean, so "
+                             "with one sample per prompt every advantage is 0 and nothing is learned; use "
+                             "group_size >= 2 (the seed uses 16)")
+        if self.rollout_slots and self.rollout_slots < self.group_size:
+            raise ValueError(f"rollout_slots {self.rollout_slots} < group_size {self.group_size}: a group is sampled "
+                             "in one batch; raise rollout_slots or set it to 0")
+        return self
+
+
+def cluster_description() -> ClusterDescription:
+    """The live nodes of the connected cluster (ray.nodes()) plus the autoscaler's node types, if known."""
+    desc = describe_cluster(None)
+    desc.nodes = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = {k: float(v) for k, v in node["Resources"].items()
+               if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+        head = "node:__internal_head__" in node["Resources"]
+        desc.nodes.append((("head " if head else "") + node.get("NodeManagerAddress", "?"), res))
+        desc.live_workers += 0 if head else 1
+    desc.source = "live nodes from ray.nodes()" + (f"; {desc.source}" if desc.node_types else "")
+    return desc
+
+
+def resolve_spec(cfg: RLConfig, cluster_gpus: float) -> RLSpec:
+    """RLSpec from the config: num_steps from the task size when not set, GPUs when the cluster has them."""
+    values = cfg.model_dump(include={f.name for f in fields(RLSpec)})
+    if cfg.num_steps <= 0:
+        prompts = len(make_task(cfg.task, "train", cfg.offline))
+        values["num_steps"] = max(1, cfg.num_epochs * prompts // cfg.examples_per_step)
+    if cfg.task == "gsm8k" and cfg.offline is None:
+        values["offline"] = not hub_reachable()  # probed once here, not in every actor
+    gpu = 1.0 if cluster_gpus >= 1 else 0.0
+    values["rollout_gpus"] = gpu if cfg.rollout_gpus is None else cfg.rollout_gpus
+    values["learner_gpus"] = gpu if cfg.learner_gpus is None else cfg.learner_gpus
+    return RLSpec(**values)
+
+
+def demand(spec: RLSpec) -> Demand:
+    """Every actor the stage starts, as resource bundles."""
+    def bundle(cpus: float, gpus: float) -> dict[str, float]:
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+    bundles = [bundle(spec.learner_cpus, spec.learner_gpus)] * spec.num_learners
+    bundles += [bundle(spec.rollout_cpus, spec.rollout_gpus)] * spec.num_rollout_actors
+    bundles += [bundle(spec.sandbox_cpus, 0.0)] * spec.sandbox_actors
+    return Demand(STAGE, tuple(bundles))
+
+
+def model_inputs(storage: RunStorage, cfg: RLConfig) -> tuple[str, str]:
+    """(model URI, tokenizer URI); errors name the stage to run first."""
+    model_uri = cfg.model_dir or f"{storage.stage_uri('sft')}/model"
+    fs, path = resolve_storage(model_uri)
+
+    def exists(name: str) -> bool:
+        return fs.get_file_info(f"{path}/{name}").type != pafs.FileType.NotFound
+
+    if not exists(CONFIG_FILE):
+        raise StorageError(f"no SFT model at {model_uri} ({CONFIG_FILE} is missing): run the sft stage of run "
+                           f"{storage.run!r} first, or point model_dir at an exported model")
+    if exists(TOKENIZER_DIR):
+        return model_uri, f"{model_uri}/{TOKENIZER_DIR}"
+    storage.read_meta("tokenizer")  # "... (run the tokenizer stage first)" when missing
+    return model_uri, storage.stage_uri("tokenizer")
+
+
+def run_rl(cfg: RLConfig, storage: RunStorage, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """Check the inputs and the cluster, train, export, write meta.json (last)."""
+    model_uri, tokenizer_uri = model_inputs(storage, cfg)  # 1. a missing SFT model fails before Ray starts
+    if not ray.is_initialized():
+        ray.init()
+    spec = resolve_spec(cfg, ray.cluster_resources().get("GPU", 0.0))
+    check_placeable(demand(spec), cluster_description())  # 2. before any actor exists
+    if force and storage.exists(storage.stage_path(STAGE)):
+        if storage.remote:
+            storage.fs.delete_dir(storage.stage_path(STAGE))
+        else:
+            shutil.rmtree(storage.stage_path(STAGE))
+    print(f"rl {storage.run}: {spec.num_steps} steps of {spec.examples_per_step} prompts x {spec.group_size} samples "
+          f"on {spec.num_rollout_actors} rollout actors and {spec.num_learners} learner(s); sync "
+          f"{spec.sync_method}; from {model_uri}", flush=True)
+    with storage.writer(STAGE, config, in_place=True) as writer:
+        with RLRun(spec, storage, model_uri=model_uri, tokenizer_uri=tokenizer_uri) as run:  # 3. actors
+            with writer.phase("start"):
+                run.start()
+            with writer.phase("train"):
+                summary = run.run()  # 4. the loop
+            with writer.phase("export"):
+                model = run.export({"stage": STAGE, "step": summary["final_step"], **summary})
+        writer.metrics.update(summary)
+        writer.extra.update({"model": model, "init_model": model_uri, "tokenizer": tokenizer_uri,
+                             "num_steps": spec.num_steps, "sync": spec.sync_method})
+        return writer.commit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_argparser("rl", __doc__.splitlines()[0]).parse_args(argv)
+    try:
+        cfg = load_stage_config(RLConfig, "rl", args.preset, args.overrides)
+        storage = RunStorage(args.run, args.storage)
+        if storage.is_complete(STAGE) and not args.force:
+            print(f"rl of run {args.run} is complete ({storage.stage_uri(STAGE)}); --force to redo it")
+            return 0
+        meta = run_rl(cfg, storage, {"preset": args.preset, **cfg.model_dump()}, force=args.force)
+    except (ConfigError, StorageError, UnplaceableError, WeightSyncError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = meta["metrics"]
+    print(f"rl done: step {m['final_step']}, reward {m.get('reward_mean_first', 0):.3f} -> "
+          f"{m.get('reward_mean_last', 0):.3f}, pass@1 {m.get('pass_at_1', float('nan')):.3f}, model at {meta['model']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
