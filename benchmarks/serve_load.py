@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each service")
     p.add_argument("--only", choices=["ours", "hf"], default=None, help="benchmark one service only")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups: stop Ray and the HF server
     root = Path(tempfile.mkdtemp(prefix="serve-load-", dir="/tmp"))
     try:
         ours_dir, hf_dir = make_models(root)
