@@ -18,8 +18,8 @@ import ray
 
 from cluster.storage import RunStorage
 from cluster.text_data import budget_documents
-from jobs.config import load_stage_config
-from jobs.tokenizer import TokenizerConfig, data_location, run_tokenizer
+from jobs.config import data_location, load_stage_config
+from jobs.tokenizer import TokenizerConfig, run_tokenizer
 from nanochat import dataset
 from nanochat.tokenizer import Tokenizer
 

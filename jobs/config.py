@@ -91,6 +91,17 @@ def load_stage_config(cls: type[C], stage: str, preset: str, overrides: list[str
         raise ConfigError(f"invalid {stage} config (preset {preset!r} + overrides): {problems}") from None
 
 
+def data_location(preset: str, explicit: str | None) -> str:
+    """Where a stage reads shards: its config's `data`, else the preset's `data.uri`, else the
+    directory of the preset's data source (embedded pack or downloaded FineWeb)."""
+    if explicit:
+        return explicit
+    from nanochat.dataset import get_source
+
+    section = load_preset(preset).get("data") or {}
+    return section.get("uri") or str(get_source(section.get("source", "embedded")).directory)
+
+
 def stage_argparser(stage: str, description: str) -> argparse.ArgumentParser:
     """The arguments every stage accepts: --preset, --run, --storage, --set, --force."""
     p = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=description)

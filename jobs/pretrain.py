@@ -20,8 +20,7 @@ from pydantic import Field, model_validator
 
 from cluster.storage import RunStorage
 from cluster.train import TrainSpec, run_pretrain
-from jobs.config import StageConfig, load_preset, load_stage_config, stage_argparser
-from nanochat.dataset import get_source
+from jobs.config import StageConfig, data_location, load_stage_config, stage_argparser
 
 
 class PretrainConfig(StageConfig):
@@ -80,14 +79,6 @@ class PretrainConfig(StageConfig):
                              f"head_dim {self.head_dim}: pick a depth whose 64 x depth divides by head_dim, or "
                              "another (even) head_dim")
         return self
-
-
-def data_location(preset: str, explicit: str | None) -> str:
-    """The shards: the config's `data`, else the preset's `data.uri`, else its source's directory."""
-    if explicit:
-        return explicit
-    section = load_preset(preset).get("data") or {}
-    return section.get("uri") or str(get_source(section.get("source", "embedded")).directory)
 
 
 def main(argv: list[str] | None = None) -> int:

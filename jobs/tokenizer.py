@@ -25,7 +25,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from cluster.storage import RunStorage
-from jobs.config import ConfigError, StageConfig, load_preset, load_stage_config, stage_argparser
+from jobs.config import ConfigError, StageConfig, data_location, load_stage_config, stage_argparser
 from nanochat import dataset
 
 
@@ -41,14 +41,6 @@ class TokenizerConfig(StageConfig):
     train_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the merge-training task")
     pattern: str | None = Field(None, description="pre-tokenizer split regex; default: GPT-4's with 1-2 digit numbers")
     eval_chars: int = Field(5_000_000, ge=0, description="characters of the validation shard used for bytes/token")
-
-
-def data_location(preset: str, explicit: str | None) -> str:
-    """The shard directory/URI: the config's `data`, else the preset's data source directory."""
-    if explicit:
-        return explicit
-    source = (load_preset(preset).get("data") or {}).get("source", "embedded")
-    return str(dataset.get_source(source).directory)
 
 
 def _count_block(batch: pa.Table, pattern: str | None) -> pa.Table:
