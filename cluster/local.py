@@ -130,9 +130,13 @@ class LocalCluster:
         env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)
         ensure_auth_token(env)
-        out = subprocess.run([c for c in cmd if c], env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"`ray start` failed (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+        for _attempt in range(3):  # an overloaded machine can time out the raylet's first start
+            out = subprocess.run([c for c in cmd if c], env=env, capture_output=True, text=True)
+            if out.returncode == 0:
+                break
+            self.stop()  # clear what the failed start left behind before trying again
+        else:
+            raise RuntimeError(f"`ray start` failed 3 times (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
         deadline = time.time() + timeout_s
         while not self.is_running():
             if time.time() > deadline:
