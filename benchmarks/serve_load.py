@@ -192,6 +192,9 @@ def our_service(ckpt: Path, args, root: Path) -> Iterator[tuple[str, str, dict]]
     from cluster.local import LocalCluster
 
     os.environ.pop("RAY_ADDRESS", None)
+    # Ray's memory monitor counts every process on the machine; on a shared box it killed the Serve
+    # controller and proxy mid-run. This cluster lives for the benchmark only: turn the monitor off.
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     for attempt in range(3):  # on an overloaded machine the raylet may time out waiting for its agent
         cluster = LocalCluster.isolated(num_cpus=4, temp_dir=str(root / f"ray{attempt}"),
                                         state_file=str(root / "ray.json"))
