@@ -105,8 +105,9 @@ def test_killing_a_replica_under_load(service) -> None:
     for r in on_victim:  # ended with an error, promptly, never claiming to be complete
         assert r["error"] or not r["done"], r
         assert r["ended"] - killed_at < 30, r
-    for r in survivors:
-        assert r["done"] and r["error"] is None and r["tokens"] > 100, r
+    for r in survivors:  # completed normally ([DONE], no error); the random model may spend part of its
+        # budget on tool-call parts, which carry no `content`, so only require that text streamed
+        assert r["done"] and r["error"] is None and r["tokens"] > 0, r
 
     time.sleep(3.0)
     statuses = [ask(service).status_code for _ in range(8)]
