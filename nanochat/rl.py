@@ -15,26 +15,25 @@ log-probs are the ones the rollout worker's engine recorded while sampling. At r
 is exactly the default's.
 
 Weight-sync checks (`state_checksums`, `checksum_mismatches`, `probe_batch`, `logprob_gap`): an
-exact bit-level checksum per tensor (Adler-style sums of the raw 16-bit words, computed on the
-tensor's own device so GPU weights need no copy), and log-probs of a fixed probe batch through the
-same full forward pass on both sides, compared within a tolerance.
+exact checksum per tensor (BLAKE2b of its raw bytes: any changed bit shows, on any device, and
+hashlib hashes large buffers without the GIL, so tensors are hashed on several threads), and
+log-probs of a fixed probe batch through the same full forward pass on both sides, compared
+within a tolerance.
 
 Nothing here imports Ray. Tests: `python -m pytest tests/test_rl.py`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from nanochat.common import DistInfo, autocast_context
-
-CHECKSUM_MODULUS = (1 << 61) - 1  # a Mersenne prime: partial sums stay exact Python ints
-_WEIGHT_PERIOD = 65521  # Adler's prime: position weights 1..65521 keep each product < 2^32
-_CHUNK_WORDS = 1 << 24  # words per chunk: bounds the int64 scratch to 128 MiB per tensor
 
 
 @dataclass(frozen=True)
@@ -244,32 +243,22 @@ def check_staleness(learner_version: int, rollout_versions: Sequence[int], max_s
 
 # ----------------------------------------------------------------------------- weight checks
 
-Checksum = tuple[str, tuple[int, ...], int, int]  # (dtype, shape, plain word sum, position-weighted sum)
+Checksum = tuple[str, tuple[int, ...], str]  # (dtype, shape, BLAKE2b hex digest of the raw bytes)
 
 
-def tensor_checksum(t: torch.Tensor) -> tuple[int, int]:
-    """Bit-level checksum of a tensor's raw data: (sum of its 16-bit words, sum of word x ((i mod
-    65521) + 1)), both modulo 2^61 - 1. Equal bits give equal sums on any device; changing any
-    bit changes the first sum, moving words changes the second. Computed on the tensor's device."""
-    flat = t.detach().contiguous().reshape(-1)
-    if flat.element_size() % 2 == 0:
-        words = flat.view(torch.int16)
-        offset = 1 << 15  # int16 -> 0..65535
-    else:
-        words = flat.view(torch.uint8)
-        offset = 0
-    plain = weighted = 0
-    for start in range(0, words.numel(), _CHUNK_WORDS):
-        chunk = words[start : start + _CHUNK_WORDS].to(torch.int64) + offset  # (C,) values < 2^16
-        pos = torch.arange(start, start + chunk.numel(), device=chunk.device, dtype=torch.int64)
-        plain = (plain + int(chunk.sum())) % CHECKSUM_MODULUS
-        weighted = (weighted + int((chunk * (pos % _WEIGHT_PERIOD + 1)).sum())) % CHECKSUM_MODULUS
-    return plain, weighted
+def tensor_checksum(t: torch.Tensor) -> str:
+    """BLAKE2b (128-bit) hex digest of a tensor's raw bytes in row-major order: equal bits give
+    equal digests on any device; any changed bit changes it. A GPU tensor is copied to the CPU."""
+    flat = t.detach().contiguous().reshape(-1).cpu()
+    return hashlib.blake2b(flat.view(torch.uint8).numpy().data, digest_size=16).hexdigest()
 
 
-def state_checksums(state: Mapping[str, torch.Tensor]) -> dict[str, Checksum]:
-    """name -> (dtype, shape, checksum) for every tensor of a state_dict."""
-    return {name: (str(t.dtype), tuple(t.shape), *tensor_checksum(t)) for name, t in state.items()}
+def state_checksums(state: Mapping[str, torch.Tensor], threads: int = 4) -> dict[str, Checksum]:
+    """name -> (dtype, shape, digest) for every tensor of a state_dict, hashed on `threads` threads."""
+    names = list(state)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        digests = list(pool.map(tensor_checksum, (state[n] for n in names)))
+    return {n: (str(state[n].dtype), tuple(state[n].shape), d) for n, d in zip(names, digests, strict=True)}
 
 
 def checksum_mismatches(expected: Mapping[str, Checksum], actual: Mapping[str, Checksum]) -> list[str]:
@@ -283,7 +272,7 @@ def checksum_mismatches(expected: Mapping[str, Checksum], actual: Mapping[str, C
         if got[:2] != want[:2]:
             problems.append(f"{name}: {got[0]} {list(got[1])} instead of {want[0]} {list(want[1])}")
         else:
-            problems.append(f"{name}: different bits (checksum {got[2]:x}/{got[3]:x}, learner {want[2]:x}/{want[3]:x})")
+            problems.append(f"{name}: different bits (checksum {got[2][:12]}, learner {want[2][:12]})")
     return problems
 
 

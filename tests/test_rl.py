@@ -184,26 +184,16 @@ def test_pass_at_k_equals_brute_force_over_subsets():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8])
-def test_checksum_sees_one_flipped_bit_and_moved_words(dtype):
+def test_checksum_sees_one_flipped_bit_and_moved_values(dtype):
     t = (torch.randn(33, 17) * 10).to(dtype)
     assert rl.tensor_checksum(t) == rl.tensor_checksum(t.clone())
     flipped = t.clone()
     flipped.view(-1).view(torch.uint8)[37] ^= 1  # one bit of one byte
-    assert rl.tensor_checksum(flipped)[0] != rl.tensor_checksum(t)[0]
+    assert rl.tensor_checksum(flipped) != rl.tensor_checksum(t)
     swapped = t.clone().view(-1)
-    a, b = swapped[3].clone(), swapped[200].clone()
-    if not torch.equal(a, b):
-        swapped[3], swapped[200] = b, a
-        s_plain, s_weighted = rl.tensor_checksum(swapped)
-        assert s_plain == rl.tensor_checksum(t)[0] and s_weighted != rl.tensor_checksum(t)[1]
-
-
-def test_checksum_is_the_same_in_chunks_and_for_views(monkeypatch):
-    t = torch.randn(1000)
-    whole = rl.tensor_checksum(t)
-    monkeypatch.setattr(rl, "_CHUNK_WORDS", 7)
-    assert rl.tensor_checksum(t) == whole
-    assert rl.tensor_checksum(t.view(10, 100).t()) == rl.tensor_checksum(t.view(10, 100).t().contiguous())
+    swapped[3], swapped[200] = t.view(-1)[200].clone(), t.view(-1)[3].clone()
+    assert torch.equal(swapped, t.view(-1)) or rl.tensor_checksum(swapped) != rl.tensor_checksum(t)
+    assert rl.tensor_checksum(t.t()) == rl.tensor_checksum(t.t().contiguous())  # row-major bytes of views
 
 
 def test_state_checksums_name_the_corrupted_tensor_and_shape_changes():
