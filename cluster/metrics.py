@@ -1,12 +1,13 @@
 """Training metrics exported through Ray's metrics system (Prometheus endpoint of every node).
 
-`PretrainMetrics(run)` holds Gauges for the numbers of the last logged step and a Counter of
-tokens trained, tagged with the run id. Rank 0 of the Train worker group records them after each
+`PretrainMetrics(run, stage)` holds Gauges for the numbers of the last logged step and a Counter of
+tokens trained, tagged with the run id and the training stage (pretrain, midtrain or sft: the
+chat stages run the same trainer, so they share the metric names). Rank 0 of the Train worker group records them after each
 logged step; Ray's metrics agent on the node exports them at
 `http://<node>:<metrics-export-port>/metrics` (the local cluster's `LocalCluster.metrics_port`),
 where Prometheus and the dashboard's Grafana panels scrape them. Ray adds the `ray_` prefix:
 
-    ray_nanochat_pretrain_tokens_per_sec{run="demo", ...} 10342.0
+    ray_nanochat_pretrain_tokens_per_sec{run="demo", stage="pretrain", ...} 10342.0
 
 Metric objects are created when `PretrainMetrics` is built (in the worker), never at import.
 """
@@ -30,17 +31,17 @@ GAUGES = {  # metrics.jsonl key -> description (name: PREFIX + key)
 
 
 class PretrainMetrics:
-    """Ray Gauges/Counter for one run's pretraining (create it in the process that records)."""
+    """Ray Gauges/Counter for one run's training stage (create it in the process that records)."""
 
-    def __init__(self, run: str) -> None:
-        tags = {"run": run}
+    def __init__(self, run: str, stage: str = "pretrain") -> None:
+        tags = {"run": run, "stage": stage}
         self.gauges = {}
         for key, description in GAUGES.items():
-            gauge = Gauge(PREFIX + key, description=description, tag_keys=("run",))
+            gauge = Gauge(PREFIX + key, description=description, tag_keys=("run", "stage"))
             gauge.set_default_tags(tags)
             self.gauges[key] = gauge
         self.tokens = Counter(PREFIX + "tokens_total", description="tokens trained (this attempt)",
-                              tag_keys=("run",))
+                              tag_keys=("run", "stage"))
         self.tokens.set_default_tags(tags)
 
     def record(self, metrics: dict[str, Any], tokens: int = 0) -> None:

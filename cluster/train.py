@@ -1,21 +1,27 @@
-"""Pretraining on Ray Train: the TorchTrainer builder, the per-worker function, and the driver.
+"""Training on Ray Train: the TorchTrainer builder, the per-worker function, and the driver.
 
     meta = run_pretrain(spec, storage, data="embedded", tokenizer=None, config={...})
+    meta = train_and_export(spec, storage, prepared, config)   # any stage (cluster/chat_train.py)
+
+The machinery is shared by the three training stages; what differs is a `Prepared`: the stage
+name (its directory, the Ray Train run name), the batch source (`ShardSource`: Ray Data over the
+parquet shards for pretraining; cluster/chat_train.py's `ChatSource`: rendered conversations for
+midtrain and SFT) and the initial weights (fresh from the seed, or an exported model).
 
 The driver checks everything it can before any worker starts (model shape, batch arithmetic,
 tokenizer, shards, storage, an existing checkpoint's model), then runs a TorchTrainer:
 - ScalingConfig from the spec (workers, CPUs per worker, a GPU each when use_gpu);
-- RunConfig(storage_path={storage}/{run}, name="pretrain"): Ray Train's checkpoints and its run
-  snapshot live in {run}/pretrain/, so relaunching the same run resumes from the last one;
+- RunConfig(storage_path={storage}/{run}, name=<stage>): Ray Train's checkpoints and its run
+  snapshot live in {run}/<stage>/, so relaunching the same run resumes from the last one;
 - FailureConfig(max_failures): after a worker or node failure the group restarts from the last
   checkpoint; CheckpointConfig(num_to_keep) is the retention.
-Each worker (train_worker): build the model from one seed, restore the latest checkpoint
-(weights, its optimizer shard re-sharded from any saved world size, data position), stream its
-rows from Ray Data (cluster/pretrain_data.py), run nanochat.train.train_loop, and every
+Each worker (train_worker): build the model from one seed (or load the initial model), restore
+the latest checkpoint (weights, its optimizer shard re-sharded from any saved world size, data
+position), take its batches from the source, run nanochat.train.train_loop, and every
 checkpoint_every steps write its files and call ray.train.report. Rank 0 appends metrics.jsonl
 (each record carries `start_step`, the step this attempt resumed from, so restarts are visible),
 sets the Ray metrics (cluster/metrics.py) and prints a progress line with an ETA.
-At the end the driver exports {run}/pretrain/model/ (weights, config.json, tokenizer/) for
+At the end the driver exports {run}/<stage>/model/ (weights, config.json, tokenizer/) for
 `nanochat.checkpoint.load_model` and writes meta.json last.
 
 A multi-node cluster needs shared storage (s3://, gs://, or a local path on NFS declared with
@@ -26,10 +32,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow.fs as pafs
 import ray
@@ -38,6 +45,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cluster.eval_pool import localize
 from cluster.metrics import PretrainMetrics
 from cluster.pretrain_data import load_tokenizer, ray_row_chunks
 from cluster.storage import RunStorage, StorageError, write_text_atomic
@@ -56,7 +64,7 @@ from nanochat.dataloader import (
 from nanochat.dataset import get_source, list_shards, train_val_split
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedule import grad_accum_steps, num_steps_from
-from nanochat.train import LoopConfig, evaluate_bpb, train_loop
+from nanochat.train import Batch, LoopConfig, evaluate_bpb, train_loop
 
 STAGE = "pretrain"
 
@@ -144,22 +152,75 @@ def build_optimizers(model: GPT, spec: TrainSpec, dist: DistInfo) -> list:
                                   matrix_lr=spec.matrix_lr, weight_decay=spec.weight_decay, dist=dist)
 
 
+# ----------------------------------------------------------------------------- batch sources
+
+
+class Batcher(Protocol):
+    """A rank's training micro-batches; `position` is what a checkpoint saves to resume exactly."""
+
+    position: DataPosition
+
+    def __next__(self) -> Batch: ...
+
+    def prime(self) -> None: ...  # start any background pipeline before the first step's clock
+
+    def close(self) -> None: ...
+
+
+class BatchSource(Protocol):
+    """Where a stage's batches come from; picklable (it travels to every worker in the config)."""
+
+    def train_batches(self, spec: TrainSpec, dist: DistInfo, tokenizer_uri: str, tokenizer: Any,
+                      start: DataPosition) -> Batcher: ...
+
+    def val_batches(self, spec: TrainSpec, dist: DistInfo, tokenizer: Any, plan: Plan) -> list[Batch] | None:
+        """This rank's validation micro-batches (None: the stage has no validation set)."""
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Pretraining's batches: parquet row groups tokenized and packed by Ray Data actors
+    (cluster/pretrain_data.py); validation rows from the validation shards."""
+
+    items: list[Item]  # every training row group, in order
+    val_shards: list[str]
+
+    def train_batches(self, spec: TrainSpec, dist: DistInfo, tokenizer_uri: str, tokenizer: Any,
+                      start: DataPosition) -> RowBatcher:
+        chunks = ray_row_chunks(
+            [tuple(i) for i in self.items], tokenizer_uri, spec.sequence_len + 1, start, dist.world_size,
+            batch_size=spec.device_batch_size, prefetch_batches=spec.prefetch_batches,
+            actors=spec.tokenizer_actors, actor_cpus=spec.tokenizer_actor_cpus)
+        return RowBatcher(chunks, spec.device_batch_size, start)
+
+    def val_batches(self, spec: TrainSpec, dist: DistInfo, tokenizer: Any, plan: Plan) -> list[Batch]:
+        rows = validation_rows(self.val_shards, tokenizer, spec.sequence_len + 1, plan.eval_rows)
+        return rank_batches(rows, spec.device_batch_size, dist.rank, dist.world_size)
+
+
 # ----------------------------------------------------------------------------- the worker
+
+
+def _say(line: str) -> None:
+    """One line to the worker's stdout. Not print(): Ray Train patches print in its workers to
+    both log and echo it, which shows every progress line twice in the job's log."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class _Reporter:
     """on_metrics / on_checkpoint of one worker: metrics.jsonl, Ray metrics, progress, checkpoints."""
 
     def __init__(self, cfg: dict[str, Any], spec: TrainSpec, plan: Plan, dist: DistInfo, model: GPT,
-                 optimizers: list, batches: RowBatcher, start_step: int, train_time: float) -> None:
+                 optimizers: list, batches: Batcher, start_step: int, train_time: float) -> None:
         self.spec, self.plan, self.dist, self.model, self.optimizers = spec, plan, dist, model, optimizers
         self.batches, self.start_step, self.train_time = batches, start_step, train_time
         self.last: dict[str, Any] = {}
         self.ema_step_s: float | None = None
         self.log = self.gauges = None
         if dist.is_main:
-            self.log = RunStorage(cfg["run"], cfg["storage"]).metrics(STAGE)
-            self.gauges = PretrainMetrics(cfg["run"])
+            self.log = RunStorage(cfg["run"], cfg["storage"]).metrics(cfg["stage"])
+            self.gauges = PretrainMetrics(cfg["run"], cfg["stage"])
 
     def on_metrics(self, metrics: dict[str, Any]) -> None:
         step = metrics["step"]
@@ -174,7 +235,7 @@ class _Reporter:
             return
         self.log.append(record)
         self.gauges.record(record, tokens=self.spec.total_batch_tokens * self.spec.log_every if dt else 0)
-        print(self._progress(record), flush=True)
+        _say(self._progress(record))
 
     def _progress(self, m: dict[str, Any]) -> str:
         total = self.plan.loop.num_steps
@@ -213,8 +274,14 @@ def _restore(model: GPT, optimizers: list, dist: DistInfo, num_steps: int) -> tu
     positions = resume_positions([DataPosition.from_dict(p) for p in state.data], dist.world_size)
     if dist.is_main:
         how = "exact" if state.world_size == dist.world_size else "approximate (another world size)"
-        print(f"resuming from step {state.step} (saved by {state.world_size} ranks; data position {how})", flush=True)
+        _say(f"resuming from step {state.step} (saved by {state.world_size} ranks; data position {how})")
     return state.step, positions, state.loop
+
+
+def _load_initial_weights(model: GPT, init_from: str, device: torch.device) -> None:
+    """The weights of an exported model (local path or URI), identical on every rank."""
+    state = torch.load(f"{localize(init_from)}/{ckpt.MODEL_FILE}", map_location=device, weights_only=True)
+    model.load_state_dict(state)
 
 
 def train_worker(cfg: dict[str, Any]) -> None:
@@ -230,21 +297,19 @@ def train_worker(cfg: dict[str, Any]) -> None:
     plan = make_plan(spec, tokenizer.vocab_size, dist.world_size)
     loop = replace(plan.loop, peak_flops=peak_bf16_flops(device))
     model = build_model(plan.model, device, spec.seed)
+    if cfg["init_from"]:
+        _load_initial_weights(model, cfg["init_from"], device)  # a checkpoint of this stage overrides them
     optimizers = build_optimizers(model, spec, dist)
     start_step, positions, loop_state = _restore(model, optimizers, dist, loop.num_steps)
-    position = positions[dist.rank]
-    row_len = spec.sequence_len + 1
-    chunks = ray_row_chunks(
-        [tuple(i) for i in cfg["items"]], cfg["tokenizer"], row_len, position, dist.world_size,
-        batch_size=spec.device_batch_size, prefetch_batches=spec.prefetch_batches,
-        actors=spec.tokenizer_actors, actor_cpus=spec.tokenizer_actor_cpus)
-    batches = RowBatcher(chunks, spec.device_batch_size, position)
-    val = validation_rows(cfg["val_shards"], tokenizer, row_len, plan.eval_rows)
+    source: BatchSource = cfg["source"]
+    batches = source.train_batches(spec, dist, cfg["tokenizer"], tokenizer, positions[dist.rank])
+    val = source.val_batches(spec, dist, tokenizer, plan)
     token_bytes = tokenizer.token_bytes()
 
     def evaluate(step: int) -> dict[str, float]:
-        eval_batches = rank_batches(val, spec.device_batch_size, dist.rank, dist.world_size)
-        return {"val_bpb": evaluate_bpb(model, iter(eval_batches), token_bytes, dist)}
+        if val is None:
+            return {}
+        return {"val_bpb": evaluate_bpb(model, iter(val), token_bytes, dist)}
 
     batches.prime()  # start the data pipeline before the clock of step 1 runs
     reporter = _Reporter(cfg, spec, plan, dist, model, optimizers, batches, start_step,
@@ -264,11 +329,12 @@ class Prepared:
     """What the driver resolved before starting any worker."""
 
     tokenizer: str  # tokenizer directory URI
-    items: list[Item]  # every training row group, in order
-    val_shards: list[str]
+    source: BatchSource
     plan: Plan
+    stage: str = STAGE  # the run directory and Ray Train run name: pretrain, midtrain or sft
+    init_from: str | None = None  # exported model whose weights start the stage (None: fresh from the seed)
     resume_step: int | None = None  # step of the latest complete checkpoint of this run, if any
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # printed when training starts
 
 
 def resolve_shards(data: str) -> tuple[list[str], list[str]]:
@@ -290,9 +356,9 @@ def check_storage_for_cluster(storage_uri: str, num_nodes: int, shared: bool) ->
         )
 
 
-def latest_checkpoint(storage: RunStorage) -> tuple[int, dict[str, Any]] | None:
-    """(step, state.json) of the newest checkpoint under {run}/pretrain with a state.json."""
-    fs, root = storage.fs, storage.stage_path(STAGE)
+def latest_checkpoint(storage: RunStorage, stage: str = STAGE) -> tuple[int, dict[str, Any]] | None:
+    """(step, state.json) of the newest checkpoint under {run}/<stage> with a state.json."""
+    fs, root = storage.fs, storage.stage_path(stage)
     if not storage.exists(root):
         return None
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
@@ -316,14 +382,21 @@ def preflight(spec: TrainSpec, storage: RunStorage, data: str, tokenizer: str | 
     train, val = resolve_shards(data)
     items = plan_row_groups(train)
     storage.check_writable()
-    prepared = Prepared(tok_uri, items, val, plan)
-    found = latest_checkpoint(storage)
+    return check_resume(Prepared(tok_uri, ShardSource(items, val), plan), storage, spec)
+
+
+def check_resume(prepared: Prepared, storage: RunStorage, spec: TrainSpec) -> Prepared:
+    """The stage's latest checkpoint must fit the model and the horizon (it sets resume_step); a
+    node-local storage path is refused on a multi-node cluster. Needs a connected Ray."""
+    plan = prepared.plan
+    found = latest_checkpoint(storage, prepared.stage)
     if found is not None:
         step, state = found
-        ckpt.check_model_config(state["model_config"], plan.model, f"of run {storage.run!r} at step {step}")
+        ckpt.check_model_config(state["model_config"], plan.model,
+                                f"of run {storage.run!r} ({prepared.stage}) at step {step}")
         if step > plan.loop.num_steps:
             raise ckpt.CheckpointError(
-                f"run {storage.run!r} has a checkpoint at step {step}, past the horizon of "
+                f"run {storage.run!r} has a {prepared.stage} checkpoint at step {step}, past the horizon of "
                 f"{plan.loop.num_steps} steps: raise num_iterations or start another run")
         prepared.resume_step = step
     alive = [n for n in ray.nodes() if n.get("Alive")]
@@ -342,16 +415,16 @@ def _metrics_env(interval_s: float) -> dict[str, Any] | None:
 def build_trainer(spec: TrainSpec, storage: RunStorage, prepared: Prepared) -> TorchTrainer:
     """The TorchTrainer of a run: scaling, storage, failure and checkpoint config from the spec."""
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
-    run_root = storage.stage_uri(STAGE).rsplit("/", 1)[0]
-    config = {"spec": asdict(spec), "tokenizer": prepared.tokenizer, "items": prepared.items,
-              "val_shards": prepared.val_shards, "run": storage.run, "storage": storage.uri}
+    run_root = storage.stage_uri(prepared.stage).rsplit("/", 1)[0]
+    config = {"spec": asdict(spec), "tokenizer": prepared.tokenizer, "source": prepared.source,
+              "init_from": prepared.init_from, "stage": prepared.stage, "run": storage.run, "storage": storage.uri}
     return TorchTrainer(
         train_worker,  # (1) the per-worker function
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,  # (2) workers
                                      resources_per_worker=resources),
         run_config=RunConfig(  # (3) storage, retries, retention
-            name=STAGE, storage_path=run_root,
+            name=prepared.stage, storage_path=run_root,
             failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
             worker_runtime_env=_metrics_env(spec.metrics_interval_s),
@@ -359,10 +432,11 @@ def build_trainer(spec: TrainSpec, storage: RunStorage, prepared: Prepared) -> T
     )
 
 
-def export_model(checkpoint: Checkpoint, storage: RunStorage, tokenizer: str, meta: dict[str, Any]) -> str:
-    """Copy the final weights and the tokenizer to {run}/pretrain/model/, config.json last."""
+def export_model(checkpoint: Checkpoint, storage: RunStorage, tokenizer: str, meta: dict[str, Any],
+                 stage: str = STAGE) -> str:
+    """Copy the final weights and the tokenizer to {run}/<stage>/model/, config.json last."""
     src_fs, src = checkpoint.filesystem, checkpoint.path
-    dest = f"{storage.stage_path(STAGE)}/model"
+    dest = f"{storage.stage_path(stage)}/model"
     storage.fs.create_dir(dest, recursive=True)
     pafs.copy_files(f"{src}/{ckpt.MODEL_FILE}", f"{dest}/{ckpt.MODEL_FILE}",
                     source_filesystem=src_fs, destination_filesystem=storage.fs)
@@ -374,25 +448,40 @@ def export_model(checkpoint: Checkpoint, storage: RunStorage, tokenizer: str, me
     with src_fs.open_input_stream(f"{src}/{ckpt.STATE_FILE}") as f:
         state = json.loads(f.read().decode())
     write_text_atomic(storage.fs, f"{dest}/{ckpt.CONFIG_FILE}", ckpt.model_config_json(state["model_config"], meta))
-    return f"{storage.stage_uri(STAGE)}/model"
+    return f"{storage.stage_uri(stage)}/model"
+
+
+def clear_stage(storage: RunStorage, stage: str) -> None:
+    """Delete everything of a stage (its checkpoints included): `--force` starts it over."""
+    if storage.exists(storage.stage_path(stage)):
+        if storage.remote:
+            storage.fs.delete_dir(storage.stage_path(stage))
+        else:
+            shutil.rmtree(storage.stage_path(stage))
 
 
 def run_pretrain(spec: TrainSpec, storage: RunStorage, *, data: str, tokenizer: str | None,
                  config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     """Check, train (resuming the run's last checkpoint unless `force`), export, write meta.json."""
-    if force and storage.exists(storage.stage_path(STAGE)):
-        if storage.remote:
-            storage.fs.delete_dir(storage.stage_path(STAGE))
-        else:
-            shutil.rmtree(storage.stage_path(STAGE))
-    prepared = preflight(spec, storage, data, tokenizer)
-    plan = prepared.plan
+    if force:
+        clear_stage(storage, STAGE)
+    return train_and_export(spec, storage, preflight(spec, storage, data, tokenizer), config)
+
+
+def train_and_export(spec: TrainSpec, storage: RunStorage, prepared: Prepared,
+                     config: dict[str, Any]) -> dict[str, Any]:
+    """Run the TorchTrainer of a prepared stage to its last step, export {run}/<stage>/model/ and
+    write meta.json last; a run that ends early raises (relaunching resumes it)."""
+    plan, stage = prepared.plan, prepared.stage
     start = f"resuming from step {prepared.resume_step}" if prepared.resume_step else "starting"
-    print(f"pretrain {storage.run}: {start}; depth {spec.depth}, {plan.num_params:,} parameters, "
+    init = f" from {prepared.init_from}" if prepared.init_from else ""
+    print(f"{stage} {storage.run}: {start}{init}; depth {spec.depth}, {plan.num_params:,} parameters, "
           f"{plan.loop.num_steps} steps of {spec.total_batch_tokens:,} tokens, {spec.num_workers} workers "
           f"x {plan.loop.grad_accum_steps} micro-batches of {spec.device_batch_size}x{spec.sequence_len}",
           flush=True)
-    writer = storage.writer(STAGE, config, in_place=True)
+    for note in prepared.notes:
+        print(f"{stage} {storage.run}: {note}", flush=True)
+    writer = storage.writer(stage, config, in_place=True)
     with writer:
         with writer.phase("train"):
             result = build_trainer(spec, storage, prepared).fit()
@@ -405,10 +494,10 @@ def run_pretrain(spec: TrainSpec, storage: RunStorage, *, data: str, tokenizer: 
                    "num_params": plan.num_params, "tokens_per_param": final["step"] * spec.total_batch_tokens
                    / plan.num_params}
         with writer.phase("export"):
-            model_uri = export_model(result.checkpoint, storage, prepared.tokenizer, summary)
+            model_uri = export_model(result.checkpoint, storage, prepared.tokenizer, summary, stage)
         writer.metrics.update(summary)
         writer.extra.update({"model": model_uri, "checkpoint": result.checkpoint.path,
                              "tokenizer": prepared.tokenizer, "world_size": spec.num_workers,
-                             "num_steps": plan.loop.num_steps})
+                             "num_steps": plan.loop.num_steps, "init_from": prepared.init_from})
         return writer.commit()
 

@@ -8,14 +8,18 @@ Before any stage: the run id, preset and stage names are checked, the storage mu
 and the preset's data source must be ready (the embedded pack is built or repaired here).
 A stage whose output is complete (meta.json written) is skipped, so a killed pipeline rerun
 with the same arguments resumes where it stopped; an incomplete stage is run again (training
-stages then resume from their own last checkpoint).
+stages then resume from their own last checkpoint). Interrupting the pipeline (Ctrl-C, SIGTERM)
+stops the job it waits on; if the pipeline itself was killed outright, its job may still be
+running, and a rerun attaches to that job instead of submitting a second one.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -116,32 +120,58 @@ def run_stage_job(cmd: list[str], stage: str, run: str, address: str, poll_s: fl
 
     from cluster.resources import PendingWatcher
 
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)  # per-file upload notes
     client = JobSubmissionClient(address)
-    job_id = f"{run}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    client.submit_job(
-        entrypoint=shlex.join(cmd), submission_id=job_id,
-        runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": _job_env()},
-    )
-    print(f"[{stage}] submitted job {job_id} to {address}", flush=True)
+    entrypoint = shlex.join(cmd)
+    job_id = live_job(client, entrypoint, f"{run}-{stage}-")
+    if job_id:
+        print(f"[{stage}] attaching to job {job_id}, still running from an earlier pipeline", flush=True)
+    else:
+        job_id = f"{run}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+        client.submit_job(
+            entrypoint=entrypoint, submission_id=job_id,
+            runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": _job_env()},
+        )
+        print(f"[{stage}] submitted job {job_id} to {address}", flush=True)
     watcher = PendingWatcher(address, limit_s=pending_timeout_s, cluster=cluster)
     shown = 0
-    while True:
-        status = client.get_job_status(job_id)
-        stuck = watcher.check(job_id) if status == JobStatus.RUNNING else None
-        if stuck:
-            client.stop_job(job_id)
-            raise PipelineError(f"stage {stage}: {stuck}")
-        logs = client.get_job_logs(job_id)
-        for line in logs[shown:].splitlines():
-            print(f"[{stage}] {line}", flush=True)
-        shown = len(logs)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(poll_s)
+    try:
+        while True:
+            status = client.get_job_status(job_id)
+            stuck = watcher.check(job_id) if status == JobStatus.RUNNING else None
+            if stuck:
+                client.stop_job(job_id)
+                raise PipelineError(f"stage {stage}: {stuck}")
+            logs = client.get_job_logs(job_id)
+            for line in logs[shown:].splitlines():
+                print(f"[{stage}] {line}", flush=True)
+            shown = len(logs)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main() turns it into this)
+        client.stop_job(job_id)
+        print(f"[{stage}] interrupted: stopped job {job_id}; rerun the same command to resume", flush=True)
+        raise
     if status != JobStatus.SUCCEEDED:
         info = client.get_job_info(job_id)
         raise PipelineError(f"stage {stage} job {job_id} ended {status}: {info.message}. Logs: "
                             f"RAY_AUTH_MODE=token ray job logs --address {address} {job_id}")
+
+
+def live_job(client, entrypoint: str, prefix: str) -> str | None:
+    """The id of a pending or running job of this stage and run (same entrypoint), if any."""
+    from ray.job_submission import JobStatus
+
+    for job in client.list_jobs():
+        if (job.submission_id or "").startswith(prefix) and job.entrypoint == entrypoint \
+                and job.status in (JobStatus.PENDING, JobStatus.RUNNING):
+            return job.submission_id
+    return None
+
+
+def _sigterm_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_pipeline(preset: str, run: str, *, storage_uri: str | None = None, stages: list[str] | None = None,
@@ -260,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hourly-rate", type=float, default=3.0, help="--plan: dollars per GPU-hour")
     p.add_argument("--mfu", type=float, default=0.40, help="--plan: assumed model FLOPs utilisation")
     args = p.parse_args(argv)
+    if argv is None:  # the command line (not a test calling main): SIGTERM stops the stage's job too
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         if args.plan:
             print(plan_text(args.preset, hourly_rate=args.hourly_rate, mfu=args.mfu, overrides=args.overrides))
@@ -272,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, ConfigError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pipeline interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -91,6 +91,21 @@ register(Stage("pretrain", "jobs.pretrain", inputs=("tokenizer",),
 register(Stage("evaluate_pretrain", "jobs.evaluate", inputs=("pretrain",), args=("--stage", "pretrain"),
                output="evaluate", description="validation bpb, samples and CORE of the base model",
                complete=_evaluated("pretrain")))
+register(Stage("midtrain", "jobs.midtrain", inputs=("pretrain",),
+               description="conversations, multiple choice and tool use, packed rows, from the base model"))
+register(Stage("evaluate_midtrain", "jobs.evaluate", inputs=("midtrain",), args=("--stage", "midtrain"),
+               output="evaluate", description="chat tasks (ARC, MMLU, GSM8K, HumanEval), ChatCORE, format rate",
+               complete=_evaluated("midtrain")))
+register(Stage("sft", "jobs.sft", inputs=("midtrain",),
+               description="one conversation per row, loss on the assistant's tokens only"))
+register(Stage("evaluate_sft", "jobs.evaluate", inputs=("sft",), args=("--stage", "sft"), output="evaluate",
+               description="chat tasks and ChatCORE of the SFT model", complete=_evaluated("sft")))
+register(Stage("rl", "jobs.rl", inputs=("sft",),
+               description="GRPO on GSM8K with rollout actors and the sandboxed python tool"))
+register(Stage("evaluate_rl", "jobs.evaluate", inputs=("rl",), args=("--stage", "rl"), output="evaluate",
+               description="chat tasks and ChatCORE of the RL model", complete=_evaluated("rl")))
+
+
 def _report_current(storage: RunStorage) -> bool:
     """The report is complete only if it was written after every other stage finished."""
     if not storage.is_complete("report"):

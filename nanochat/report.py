@@ -4,9 +4,9 @@ Pure rendering: `jobs/report.py` reads the run and calls `render_report`; plots 
 with matplotlib (Agg backend, no display). A stage that did not run shows as "-", never an error.
 
 Summary table (as the seed's): columns BASE / MID / SFT / RL, rows CORE, ARC-Easy,
-ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE. CORE comes from the base evaluation
+ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE, and the chat format rate. CORE comes from the base evaluation
 (`evaluate/pretrain.json`: `core.label`, `core.metric`); the chat rows from each chat stage's
-evaluation (`evaluate/<stage>.json`: `chat.tasks.<task>.accuracy`, `chat.chatcore`).
+evaluation (`evaluate/<stage>.json`: `chat.tasks.<task>.accuracy`, `chat.chatcore`, `chat.format_rate`).
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ def summary_table(rec: RunRecord) -> tuple[str, str]:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     chatcore = [_fmt(rec.evaluations.get(stage, {}).get("chat", {}).get("chatcore")) for _, stage in COLUMNS]
     lines.append("| ChatCORE | " + " | ".join(chatcore) + " |")
+    # every stage, the base model included: the share of fixed multiple-choice items answered in
+    # free generation with exactly one valid letter then <|assistant_end|> (did it learn the format?)
+    fmt = [_fmt(rec.evaluations.get(stage, {}).get("chat", {}).get("format_rate")) for _, stage in COLUMNS]
+    lines.append("| chat format rate | " + " | ".join(fmt) + " |")
     return "\n".join(lines), core_label
 
 

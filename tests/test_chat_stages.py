@@ -205,3 +205,60 @@ def test_rows_per_epoch_counts_the_rows_of_one_pass(tok):
     assert sum(x.size(0) for x, _ in val) == len(data._rows([36, 37, 38, 39], tok, 40))
     assert list(itertools.chain.from_iterable(x[:, 0].tolist() for x, _ in val)) == [tok.get_bos_token_id()] * sum(
         x.size(0) for x, _ in val)
+
+
+# ----------------------------------------------------------------------------- the stages' bad input
+
+
+def _exported(tmp_path, tok: Tokenizer) -> str:
+    """A depth-1 model (width 64) exported with its tokenizer, as a stage's `init_from`."""
+    from nanochat.checkpoint import save_model
+    from nanochat.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=32, head_dim=32))
+    model.init_weights()
+    dest = tmp_path / "init"
+    save_model(dest, model, {"step": 0})
+    tok.save(dest / "tokenizer")
+    return str(dest)
+
+
+def test_a_chat_stage_without_its_input_model_names_the_stage_to_run(tmp_path, capsys):
+    from jobs import midtrain, sft
+
+    base = ["--preset", "micro", "--run", "r", "--storage", str(tmp_path)]
+    assert midtrain.main(base) == 2
+    assert "run the pretrain stage first" in capsys.readouterr().err
+    assert sft.main(base) == 2
+    assert "run the midtrain stage first" in capsys.readouterr().err
+    assert sft.main(base + ["--set", f"init_from={tmp_path}/nowhere"]) == 2
+    assert f"{tmp_path}/nowhere, which has no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "nothing may be written for a stage that cannot start"
+
+
+def test_bad_chat_stage_settings_are_refused_before_any_worker(tmp_path, tok, capsys):
+    from jobs import midtrain
+
+    base = ["--preset", "micro", "--run", "r", "--storage", str(tmp_path), "--set", f"init_from={_exported(tmp_path, tok)}"]
+    assert midtrain.main(base + ["--set", "tasks=[nosuchtask]"]) == 2
+    assert "unknown task 'nosuchtask'" in capsys.readouterr().err
+    assert midtrain.main(base + ["--set", 'tasks=["identity,size=0"]']) == 2
+    assert "zero examples" in capsys.readouterr().err
+    assert midtrain.main(base + ["--set", "rows_per_step=6"]) == 2  # micro: 4 rows per micro-batch
+    assert "rows_per_step 6 is not a multiple of device_batch_size 4" in capsys.readouterr().err
+    assert midtrain.main(base + ["--set", "colour=red"]) == 2
+    assert "colour" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "midtrain").exists()
+
+
+def test_the_chat_spec_takes_the_model_shape_and_scales_the_lrs():
+    from cluster.chat_train import chat_train_spec, settings_from
+    from jobs.sft import SftConfig
+
+    settings = settings_from("sft", "midtrain", "pad", SftConfig(rows_per_step=32, device_batch_size=4).model_dump())
+    spec = chat_train_spec(settings, {"n_layer": 4, "n_embd": 256, "n_head": 4, "sequence_len": 256}, 120)
+    assert (spec.depth, spec.head_dim, spec.sequence_len, spec.num_iterations) == (4, 64, 256, 120)
+    assert spec.total_batch_tokens == 32 * 256
+    assert spec.matrix_lr == pytest.approx(0.02 * 0.02) and spec.embedding_lr == pytest.approx(0.2 * 0.02)
+    with pytest.raises(ValueError, match="not the depth-derived shape"):
+        chat_train_spec(settings, {"n_layer": 4, "n_embd": 200, "n_head": 4, "sequence_len": 256}, 1)

@@ -1,0 +1,80 @@
+"""The settings and command line shared by the two chat training stages (jobs/midtrain.py, jobs/sft.py).
+
+Each stage subclasses `ChatStageConfig`, overriding only the defaults that differ (the seed's
+midtraining packs 256 rows per step at full lr; its SFT takes 32 padded conversations per step at
+0.02 x lr), and calls `run_main` with its name, the stage it starts from and its row layout.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+from pydantic import Field
+
+from cluster.chat_train import run_chat_stage, settings_from
+from cluster.storage import RunStorage, StorageError
+from jobs.config import ConfigError, StageConfig, load_stage_config, stage_argparser
+from nanochat.chat_data import Layout
+
+
+class ChatStageConfig(StageConfig):
+    """Settings of a chat training stage; the model's shape comes from the model it starts from."""
+
+    init_from: str | None = Field(None, description="exported model to start from; default {run}/<previous stage>/model")
+    source: Literal["auto", "hub", "pack"] = Field(
+        "auto", description="the mixture's data: the Hugging Face hub, the embedded pack, or auto (hub when "
+                            "reachable); evaluate with the same chat_source so no evaluation item is trained on")
+    tasks: list[str] | None = Field(None, description="task specs \"name[:split][,key=value]\" replacing the "
+                                                      "stage's own mixture (e.g. sciq:validation,stop=500)")
+    mixture_seed: int = Field(42, description="seed of the mixture's shuffle")
+    val_conversations: int = Field(1000, ge=0, description="conversations held out of the mixture for "
+                                                          "validation loss (the mixture's last ones)")
+    num_epochs: float = Field(1.0, gt=0, description="passes over the training conversations (when "
+                                                     "num_iterations <= 0)")
+    num_iterations: int = Field(-1, description="optimizer steps if > 0 (overrides num_epochs)")
+    device_batch_size: int = Field(32, ge=1, description="rows per forward/backward on each worker")
+    rows_per_step: int = Field(256, ge=1, description="rows per optimizer step over all workers (a multiple of "
+                                                      "device_batch_size x num_workers)")
+    embedding_lr: float = Field(0.2, gt=0, description="AdamW lr of the token embedding (x init_lr_frac)")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr of the lm_head (x init_lr_frac)")
+    matrix_lr: float = Field(0.02, gt=0, description="Muon lr of the transformer matrices (x init_lr_frac)")
+    init_lr_frac: float = Field(1.0, gt=0, description="multiplier of all three lrs")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, description="max global gradient norm; <= 0 disables clipping")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear lr warmup")
+    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps at the end with linear lr decay")
+    final_lr_frac: float = Field(0.0, ge=0, le=1, description="lr multiplier reached at the end of the warmdown")
+    eval_every: int = Field(150, description="steps between validation evaluations (<= 0: end only)")
+    checkpoint_every: int = Field(500, description="steps between checkpoints (<= 0: end only)")
+    log_every: int = Field(1, ge=1, description="steps between metrics records and progress lines")
+    compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA only")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; on CPU also torch's thread count")
+    use_gpu: bool = Field(False, description="give each worker one GPU and train in bf16 on it")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
+    checkpoints_to_keep: int = Field(2, ge=1, description="most recent checkpoints kept in storage")
+    storage_is_shared: bool = Field(False, description="the local storage path is a shared filesystem mounted at "
+                                                       "the same path on every node")
+
+
+def run_main(config_cls: type[ChatStageConfig], stage: str, previous: str, layout: Layout, description: str,
+             argv: list[str] | None = None) -> int:
+    """The command line of a chat stage: load the config, skip a complete stage, train, print a summary;
+    bad input ends with exit code 2 and a message naming the problem."""
+    args = stage_argparser(stage, description).parse_args(argv)
+    try:
+        cfg = load_stage_config(config_cls, stage, args.preset, args.overrides)
+        storage = RunStorage(args.run, args.storage)
+        if storage.is_complete(stage) and not args.force:
+            print(f"{stage} of run {args.run} is complete ({storage.stage_uri(stage)}); --force to redo it")
+            return 0
+        meta = run_chat_stage(storage, settings_from(stage, previous, layout, cfg.model_dump()),
+                              config={"preset": args.preset, **cfg.model_dump()}, force=args.force)
+    except (ConfigError, StorageError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = meta["metrics"]
+    bpb = f", val bpb {m['val_bpb']:.4f}" if m.get("val_bpb") is not None else ""
+    print(f"{stage} done: step {m['final_step']}{bpb}, model at {meta['model']}")
+    return 0
