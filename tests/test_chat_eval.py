@@ -33,6 +33,9 @@ ROWS = [  # hand-made multiple-choice rows: gold letters A, B, B, C, A, B, D, B
 GSM_ROWS = [{"question": "Tom has 6 boxes of 3 apples. How many apples?", "solution": "6*3=<<6*3=18>>18\n#### 18"},
             {"question": "Ann has 2 cats and 5 dogs. How many pets?", "solution": "2+5=<<2+5=7>>7\n#### 7"}]
 
+# the chat tasks read their offline rows (ARC, MMLU, GSM8K, word list) from the embedded pack
+pytestmark = pytest.mark.usefixtures("embedded_pack")
+
 
 @pytest.fixture(autouse=True)
 def _few_threads():

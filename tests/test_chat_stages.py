@@ -26,6 +26,9 @@ from nanochat.dataloader import DataPosition
 from nanochat.tasks import Task
 from nanochat.tokenizer import Tokenizer
 
+# the chat tasks read their offline rows (ARC, MMLU, GSM8K, word list) from the embedded pack
+pytestmark = pytest.mark.usefixtures("embedded_pack")
+
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:

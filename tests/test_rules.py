@@ -30,7 +30,9 @@ def test_core_imports_no_ray_pydantic_fastapi():
 
 
 def test_jobs_do_not_import_each_other():
-    stage_modules = {p.stem for p in (ROOT / "jobs").glob("*.py")} - {"__init__", "config", "registry"}
+    # entrypoints are the modules run as `python -m jobs.<name>`; shared modules (config, registry,
+    # chat_stage: the two chat stages' common CLI) may be imported by them
+    stage_modules = {p.stem for p in (ROOT / "jobs").glob("*.py") if 'if __name__ == "__main__"' in p.read_text()}
     offenders = {}
     for p in (ROOT / "jobs").glob("*.py"):
         tree = ast.parse(p.read_text())
