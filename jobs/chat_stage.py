@@ -14,11 +14,11 @@ from pydantic import Field
 
 from cluster.chat_train import run_chat_stage, settings_from
 from cluster.storage import RunStorage, StorageError
-from jobs.config import ConfigError, StageConfig, load_stage_config, stage_argparser
+from jobs.config import ConfigError, TrainingConfig, load_stage_config, stage_argparser
 from nanochat.chat_data import Layout
 
 
-class ChatStageConfig(StageConfig):
+class ChatStageConfig(TrainingConfig):
     """Settings of a chat training stage; the model's shape comes from the model it starts from."""
 
     init_from: str | None = Field(None, description="exported model to start from; default {run}/<previous stage>/model")
@@ -40,22 +40,8 @@ class ChatStageConfig(StageConfig):
     unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr of the lm_head (x init_lr_frac)")
     matrix_lr: float = Field(0.02, gt=0, description="Muon lr of the transformer matrices (x init_lr_frac)")
     init_lr_frac: float = Field(1.0, gt=0, description="multiplier of all three lrs")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, description="max global gradient norm; <= 0 disables clipping")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear lr warmup")
-    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps at the end with linear lr decay")
-    final_lr_frac: float = Field(0.0, ge=0, le=1, description="lr multiplier reached at the end of the warmdown")
     eval_every: int = Field(150, description="steps between validation evaluations (<= 0: end only)")
     checkpoint_every: int = Field(500, description="steps between checkpoints (<= 0: end only)")
-    log_every: int = Field(1, ge=1, description="steps between metrics records and progress lines")
-    compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA only")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; on CPU also torch's thread count")
-    use_gpu: bool = Field(False, description="give each worker one GPU and train in bf16 on it")
-    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
-    checkpoints_to_keep: int = Field(2, ge=1, description="most recent checkpoints kept in storage")
-    storage_is_shared: bool = Field(False, description="the local storage path is a shared filesystem mounted at "
-                                                       "the same path on every node")
 
 
 def run_main(config_cls: type[ChatStageConfig], stage: str, previous: str, layout: Layout, description: str,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -35,6 +35,28 @@ class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class TrainingConfig(StageConfig):
+    """The settings every training stage (pretrain, midtrain, sft) shares: optimizer and schedule
+    details, and the Ray Train worker group (cluster/train.py's TrainSpec takes them as they are)."""
+
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, description="max global gradient norm; <= 0 disables clipping")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear lr warmup")
+    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps at the end with linear lr decay")
+    final_lr_frac: float = Field(0.0, ge=0, le=1, description="lr multiplier reached at the end of the warmdown")
+    log_every: int = Field(1, ge=1, description="steps between metrics records and progress lines")
+    compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA only")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; on CPU also torch's thread count")
+    use_gpu: bool = Field(False, description="give each worker one GPU and train in bf16 on it")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint after failures "
+                                                 "(-1: unlimited)")
+    checkpoints_to_keep: int = Field(2, ge=1, description="most recent checkpoints kept in storage")
+    storage_is_shared: bool = Field(False, description="the local storage path is a shared filesystem (NFS) mounted "
+                                                    "at the same path on every node; required for a local path "
+                                                    "on a multi-node cluster")
 
 
 def available_presets() -> list[str]:

@@ -20,10 +20,10 @@ from pydantic import Field, model_validator
 
 from cluster.storage import RunStorage
 from cluster.train import TrainSpec, run_pretrain
-from jobs.config import StageConfig, data_location, load_stage_config, stage_argparser
+from jobs.config import TrainingConfig, data_location, load_stage_config, stage_argparser
 
 
-class PretrainConfig(StageConfig):
+class PretrainConfig(TrainingConfig):
     """Pretraining settings; `depth` derives the rest as in the seed."""
 
     data: str | None = Field(None, description="directory or s3:// / gs:// prefix of the parquet shards (the last "
@@ -41,32 +41,15 @@ class PretrainConfig(StageConfig):
     embedding_lr: float = Field(0.2, gt=0, description="AdamW lr of the token embedding (scaled by (width/768)^-0.5)")
     unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr of the lm_head (scaled by (width/768)^-0.5)")
     matrix_lr: float = Field(0.02, gt=0, description="Muon lr of the transformer matrices")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, description="max global gradient norm; <= 0 disables clipping")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear lr warmup")
-    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps at the end with linear lr decay")
-    final_lr_frac: float = Field(0.0, ge=0, le=1, description="lr multiplier reached at the end of the warmdown")
     seed: int = Field(42, description="seed of the model initialisation (identical on every worker)")
     eval_every: int = Field(250, description="steps between validation bits-per-byte evaluations (<= 0: end only)")
     eval_tokens: int = Field(20 * 524_288, ge=1, description="validation tokens per evaluation")
     checkpoint_every: int = Field(1000, description="steps between checkpoints (<= 0: end only); a failure loses "
                                                 "at most this many steps")
-    log_every: int = Field(1, ge=1, description="steps between metrics records and progress lines")
-    compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA only")
     tokenizer_actors: int = Field(1, ge=1, description="Ray Data tokenizer actors per worker")
     tokenizer_actor_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each tokenizer actor (fractional "
                                                              "so they fit beside the Train workers)")
     prefetch_batches: int = Field(4, ge=0, description="micro-batches Ray Data prepares ahead of each worker")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; on CPU also torch's thread count")
-    use_gpu: bool = Field(False, description="give each worker one GPU and train in bf16 on it")
-    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint after failures "
-                                                 "(-1: unlimited)")
-    checkpoints_to_keep: int = Field(2, ge=1, description="most recent checkpoints kept in storage")
-    storage_is_shared: bool = Field(False, description="the local storage path is a shared filesystem (NFS) mounted "
-                                                    "at the same path on every node; required for a local path "
-                                                    "on a multi-node cluster")
-
     metrics_interval_s: float = Field(10.0, ge=1, description="seconds between the workers' pushes of loss, "
                                                                "tokens/s, MFU... to the Prometheus exporter "
                                                                "(Ray's default: 10)")
