@@ -139,15 +139,25 @@ class EvalPool:
         """ray.get with the actor's error turned into an EvalPoolError naming `what`."""
         return self._get(refs, what)
 
-    def map(self, fn: Callable[[Any, list[Any]], list[Any]], items: Sequence[Any], chunks_per_actor: int = 4) -> list[Any]:
-        """fn(state, chunk) over contiguous chunks of items on free actors; results in item order."""
+    def map(self, fn: Callable[[Any, list[Any]], list[Any]], items: Sequence[Any], chunks_per_actor: int = 4,
+            label: str | None = None) -> list[Any]:
+        """fn(state, chunk) over contiguous chunks of items on free actors; results in item order.
+        With a `label`, a progress line (items done, elapsed, estimated remaining) per finished chunk."""
         self.ready()
         if not items:
             return []
         chunks = [c for c in shard_items(items, min(len(items), self.spec.num_actors * chunks_per_actor)) if c]
         pool = ActorPool(self.actors)
+        outputs, done, t0 = [], 0, time.time()
         try:
-            outputs = list(pool.map(lambda actor, chunk: actor.run.remote(fn, chunk), chunks))
+            for out in pool.map(lambda actor, chunk: actor.run.remote(fn, chunk), chunks):
+                outputs.append(out)
+                done += len(out)
+                if label:
+                    took = time.time() - t0
+                    eta = took * (len(items) - done) / max(done, 1)
+                    print(f"[evaluate] {label}: {done}/{len(items)} ({100 * done / len(items):.0f}%) "
+                          f"in {took:.0f}s, eta {eta:.0f}s", flush=True)
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
             raise EvalPoolError(f"an evaluation actor failed: {e}") from e
         results = [r for out in outputs for r in out]

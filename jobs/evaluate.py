@@ -155,8 +155,8 @@ def run_chat(pool: EvalPool, sandbox: SandboxPool | None, work: Work, cfg: Evalu
     categorical = [r for r in reqs if r.kind == "categorical"]
     generative = [r for r in reqs if r.kind == "generative"]
     tool = sandbox.tool() if sandbox is not None else None
-    answers = pool.map(chat_eval.score_choices, categorical)
-    answers += pool.map(chat_eval.SampleAnswers(work.sample, tool), generative)
+    answers = pool.map(chat_eval.score_choices, categorical, label="multiple choice")
+    answers += pool.map(chat_eval.SampleAnswers(work.sample, tool), generative, label="generation")
     ordered = categorical + generative
 
     def humaneval(problems: list[dict[str, str]]) -> list[bool]:
@@ -196,7 +196,7 @@ def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -
         bpb_ref = pool.submit(0, val_bpb, val, cfg.bpb_tokens, cfg.device_batch_size)  # 3.
         if work.core is not None:
             samples_ref = pool.submit(1, sample_completions, list(SAMPLE_PROMPTS), cfg.sample_tokens)
-            core = core_results([t.meta for t in work.core.tasks], aggregate(pool.map(score_requests, core_requests)))
+            core = core_results([t.meta for t in work.core.tasks], aggregate(pool.map(score_requests, core_requests, label="CORE")))
             doc["core"] = {"label": work.core.label, "source": work.core.source, "note": work.core.note,
                            "max_per_task": cfg.max_per_task, **core}  # 4.
             doc["samples"] = pool.get(samples_ref, "sampling the fixed prompts")
@@ -205,7 +205,7 @@ def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -
         if work.chat:
             timings["chat_s"] = round(time.time() - t1, 3)
         if work.format_requests:
-            chat.update(chat_eval.format_summary(pool.map(chat_eval.check_format, work.format_requests)))
+            chat.update(chat_eval.format_summary(pool.map(chat_eval.check_format, work.format_requests, label="format")))
         bpb = pool.get(bpb_ref, "computing bpb")
         timings["total_s"] = round(time.time() - t0, 3)
         if sandbox is not None:
