@@ -102,7 +102,14 @@ def render_report(rec: RunRecord, *, hourly_rate: float, plots: list[str], now: 
     now = now or time.time()
     table, _ = summary_table(rec)
     hours = gpu_hours(rec)
-    wall = sum(m.get("duration_s", 0.0) for m in rec.metas.values())
+    # (start, end) of every stage and evaluation: their own time, and the span from the first start
+    # to the last end, which also holds what runs between them (job start-up, actor pools, Ray Train)
+    spans = [(m["finished_at"] - m.get("duration_s", 0.0), m["finished_at"]) for m in rec.metas.values()
+             if m.get("finished_at")]
+    spans += [(e["finished_at"] - e.get("timings", {}).get("total_s", 0.0), e["finished_at"])
+              for e in rec.evaluations.values() if e.get("finished_at")]
+    own = sum(end - start for start, end in spans)
+    span = max(end for _, end in spans) - min(start for start, _ in spans) if spans else 0.0
     versions = versions or {}
     head = [
         f"# nanochat on Ray — report card for run `{rec.run}`", "",
@@ -111,7 +118,8 @@ def render_report(rec: RunRecord, *, hourly_rate: float, plots: list[str], now: 
         f"- hardware: {hardware or platform.platform()}",
         "- software: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- GPU-hours: {hours:.2f}; cost estimate: {hours:.2f} h × ${hourly_rate:.2f}/GPU-h = ${hours * hourly_rate:.2f}",
-        f"- total wall-clock of the stages: {wall / 60:.1f} min", "",
+        f"- total wall-clock: {span / 60:.1f} min from the first stage's start to the last one's end "
+        f"(the stages' and evaluations' own time: {own / 60:.1f} min)", "",
         "## Summary", "", table, "",
     ]
     sections = [_stage_section(s, rec.metas.get(s), rec.evaluations.get(s)) for s in STAGE_ORDER]
