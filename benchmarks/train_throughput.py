@@ -20,16 +20,18 @@ Run: PYTHONPATH=. python benchmarks/train_throughput.py [--steps 60] [--repeats 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
-from cluster.local import LocalCluster
 from cluster.storage import RunStorage
 from cluster.train import TrainSpec, build_model, build_optimizers, make_plan, resolve_shards, run_pretrain
 from nanochat.common import DistInfo
@@ -65,11 +67,10 @@ def plain_loop(spec: TrainSpec, tokenizer_dir: str, data: str) -> list[dict[str,
 
 
 def _plain_in_worker(cfg: dict[str, Any]) -> None:
-    """TorchTrainer per-worker function: the plain loop, metrics reported once at the end."""
-    import ray.train
-
+    """TorchTrainer per-worker function: the plain loop; its step metrics go to a JSON file
+    (one machine: the driver reads it)."""
     steps = plain_loop(TrainSpec(**cfg["spec"]), cfg["tokenizer"], cfg["data"])
-    ray.train.report({"steps": steps})
+    Path(cfg["out"]).write_text(json.dumps(steps))
 
 
 def train_worker_local_data(spec: TrainSpec, tokenizer_dir: str, data: str, tmp: str) -> list[dict[str, Any]]:
@@ -78,11 +79,15 @@ def train_worker_local_data(spec: TrainSpec, tokenizer_dir: str, data: str, tmp:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    Path(tmp).mkdir(parents=True, exist_ok=True)
+    out = f"{tmp}/steps.json"
     trainer = TorchTrainer(
-        _plain_in_worker, train_loop_config={"spec": asdict(spec), "tokenizer": tokenizer_dir, "data": data},
+        _plain_in_worker,
+        train_loop_config={"spec": asdict(spec), "tokenizer": tokenizer_dir, "data": data, "out": out},
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": THREADS}),
         run_config=RunConfig(name="plain", storage_path=tmp))
-    return trainer.fit().metrics["steps"]
+    trainer.fit()
+    return json.loads(Path(out).read_text())
 
 
 def stage_path(spec: TrainSpec, tokenizer_dir: str, data: str, tmp: str, run: str) -> tuple[list[dict], float]:
@@ -128,13 +133,10 @@ def main() -> None:
     for _ in range(args.repeats):
         add("plain, no Ray", plain_loop(spec, tokenizer_dir, data))
     t0 = time.perf_counter()
-    cluster = LocalCluster.isolated(num_cpus=2 * (os.cpu_count() or 1), temp_dir=f"{tmp}/ray",
-                                    state_file=f"{tmp}/state.json")
-    os.environ["RAY_AUTH_MODE"] = "token"
-    cluster.start()
-    import ray
-
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}}, log_to_driver=False)
+    # a fresh local instance with its dashboard and metrics agent, as `python -m cluster.local start` runs
+    # (2 logical CPUs per core), never a cluster that may already run on this machine
+    ray.init(address="local", num_cpus=2 * (os.cpu_count() or 1), include_dashboard=True, _temp_dir=f"{tmp}/ray",
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}}, log_to_driver=False)
     start_s = time.perf_counter() - t0
     try:
         for i in range(args.repeats):
@@ -146,7 +148,6 @@ def main() -> None:
             add("Train + Ray Data", steps, took)
     finally:
         ray.shutdown()
-        cluster.stop()
 
     ref = statistics.median(r[0] for r in results["plain, no Ray"])
     print(f"\ntiny model (depth 4, seq 256, 2,048-token steps), {THREADS} torch threads, {args.steps} steps, "
