@@ -127,11 +127,17 @@ def test_a_pipeline_killed_during_sft_resumes_and_matches_the_uninterrupted_run(
     _wait_for(lambda: client.get_job_status(sft_jobs[0].submission_id).is_terminal(), 120, "the SFT job to stop")
     assert client.get_job_status(sft_jobs[0].submission_id) == JobStatus.STOPPED
 
+    # the job may save another checkpoint while it is being stopped: the rerun resumes from the last one
+    saved = sorted(int(p.parent.name.rsplit("_", 1)[1]) for p in (dest / "sft").glob("checkpoint_*/state.json"))
+    assert saved and saved[0] >= 10 and saved[-1] < pipeline.load_preset("micro")["sft"]["num_iterations"], saved
+
     capsys.readouterr()
     pipeline.run_pipeline("micro", RUN, storage_uri=str(tmp_path), submit=True, address=ray_cluster.dashboard_url)
     rerun = capsys.readouterr().out
     assert "midtrain: complete, skipped" in rerun
-    assert "resuming from step 10" in rerun, "SFT must resume from its checkpoint, not start over"
+    resumed = f"resuming from step {saved[-1]} "
+    assert resumed in rerun, ("SFT must resume from its last checkpoint, not start over: "
+                              f"{[ln for ln in rerun.splitlines() if 'resuming' in ln or 'starting' in ln]}")
 
     for stage in ("midtrain", "sft", "rl"):
         ours, theirs = storage.read_meta(stage), reference.read_meta(stage)
