@@ -186,6 +186,11 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so the `finally` blocks run: stop Ray and the HF server."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 @contextlib.contextmanager
 def our_service(ckpt: Path, args, root: Path) -> Iterator[tuple[str, str, dict]]:
     """serve_app on a fresh local Ray cluster; yields (completions URL, model, extra body fields)."""
@@ -216,6 +221,7 @@ def our_service(ckpt: Path, args, root: Path) -> Iterator[tuple[str, str, dict]]
     try:
         repo = str(Path(__file__).resolve().parent.parent)
         ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": repo}}, log_to_driver=False)
+        exit_on_sigterm()  # ray.init installs a SIGTERM handler that dumps a stack and skips our cleanups
         config = ServeConfig(models=[{"name": "nanochat-base", "model_uri": str(ckpt), "kind": "base"}],
                              port=free_port(), num_cpus=1, torch_threads=args.threads, max_seq_len=SEQ,
                              max_batch_size=max(args.clients), max_waiting=4 * max(args.clients),
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each service")
     p.add_argument("--only", choices=["ours", "hf"], default=None, help="benchmark one service only")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups: stop Ray and the HF server
+    exit_on_sigterm()
     root = Path(tempfile.mkdtemp(prefix="serve-load-", dir="/tmp"))
     try:
         ours_dir, hf_dir = make_models(root)
