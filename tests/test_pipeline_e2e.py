@@ -129,7 +129,7 @@ def test_a_pipeline_killed_during_sft_resumes_and_matches_the_uninterrupted_run(
 
     # the job may save another checkpoint while it is being stopped: the rerun resumes from the last one
     saved = sorted(int(p.parent.name.rsplit("_", 1)[1]) for p in (dest / "sft").glob("checkpoint_*/state.json"))
-    assert saved and saved[0] >= 10 and saved[-1] < pipeline.load_preset("micro")["sft"]["num_iterations"], saved
+    assert saved and saved[-1] < pipeline.load_preset("micro")["sft"]["num_iterations"], saved
 
     capsys.readouterr()
     pipeline.run_pipeline("micro", RUN, storage_uri=str(tmp_path), submit=True, address=ray_cluster.dashboard_url)
