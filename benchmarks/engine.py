@@ -15,6 +15,11 @@ the runs of both sides interleaved so machine load hits them alike (the recomput
 once: it takes minutes and the margin is wide). The ratio of tokens per CPU-second (process time,
 all threads) is printed too: on a shared, oversubscribed machine it is the steadier of the two.
 Both sides run float32 with the same torch thread count (default 2), set before anything runs.
+Ours runs as the engine always does on CPU: linear layers multiply with oneDNN-prepacked weights
+and q/k/v in one fused matmul (nanochat/gpt.py `Linear`, `GPT.set_cpu_prepack`); HF runs its
+`generate` as shipped (eager, F.linear). The packed path is where the batch-16 margin comes from
+(F.linear's small-batch sgemm runs at a fraction of memory bandwidth); at batch 1 both sides are
+bound by reading 55 MB of weights per token, and the rest is per-op overhead.
 
 Run: PYTHONPATH=. python benchmarks/engine.py [--threads 2] [--repeats 3] [--quick]
 """

@@ -228,18 +228,22 @@ class SlotCache(KVCache):
                 f"{self.seq_len}; make the cache longer or reset/stop that row"
             )
         self._t_new = t_new
+        self._uniform = self._span is not None and min(self._start) == max(self._start)
+        if self._uniform and t_new == 1:  # every row sees all keys up to its new one: no mask
+            self._mask = None
+            return
         positions = pos[:, None] + torch.arange(t_new, device=self.device)  # (R, T_new)
         key_idx = torch.arange(self._keys_len, device=self.device)
         self._mask = (key_idx[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T_new, T_keys)
-        self._uniform = self._span is not None and min(self._start) == max(self._start)
         heads = torch.arange(self.num_heads, device=self.device)
         self._index = (self.active_rows()[:, None, None], heads[None, :, None], positions[:, None, :])  # (R, H, T)
 
     def insert_kv(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """As KVCache.insert_kv: write k, v (R, H_kv, T_new, D); return keys/values up to the
-        longest fed row (R, H_kv, T_keys, D) and the mask (R, 1, T_new, T_keys)."""
+        longest fed row (R, H_kv, T_keys, D) and the mask (R, 1, T_new, T_keys), or None when
+        every key may be attended (a decode step of rows all at the same position)."""
         if layer_idx == 0:
             self._begin_forward(k)
         t = self._t_new
@@ -279,10 +283,13 @@ class Engine:
         tool_use: ToolUse | None = None,
         max_prefill_tokens: int = 4096,
         dtype: torch.dtype | None = None,
+        cpu_prepack: bool = True,
     ) -> None:
         """model: forward(idx (B, T) long, kv_cache=KVCache) -> logits (B, T, V), with `config`
         holding n_layer, n_head, n_kv_head, n_embd, sequence_len, vocab_size.
-        max_prefill_tokens bounds rows x padded length of one prefill (its logits are (R, T, V))."""
+        max_prefill_tokens bounds rows x padded length of one prefill (its logits are (R, T, V)).
+        cpu_prepack: on CPU, turn on the model's prepacked-weight linear path (GPT.set_cpu_prepack)
+        for this and every other user of the model (it only acts under no-grad)."""
         cfg = model.config
         self.model = model
         self.vocab_size = cfg.vocab_size
@@ -291,6 +298,8 @@ class Engine:
         self.tool_use = tool_use
         param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         device = param.device if param is not None else torch.device("cpu")
+        if cpu_prepack and device.type == "cpu" and hasattr(model, "set_cpu_prepack"):
+            model.set_cpu_prepack(True)
         self.cache = SlotCache(
             max_batch_size, cfg.n_kv_head, self.max_seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer,
             device=device, dtype=dtype or (param.dtype if param is not None else torch.float32),
@@ -419,10 +428,11 @@ class Engine:
         real token. After a padded prefill, rolls each row back to its true length."""
         self.cache.set_active(plan.slots)
         logits = self.model(plan.tokens, kv_cache=self.cache)  # (R, T, V)
-        last = torch.tensor(plan.lengths, device=self.device) - 1  # (R,)
-        if plan.kind == "prefill":  # drop the pads' keys: the next write overwrites them
-            self.cache.pos[torch.tensor(plan.slots, device=self.device)] = last + 1
         self.cache.set_active(None)
+        if plan.kind == "decode":
+            return logits[:, -1]
+        last = torch.tensor(plan.lengths, device=self.device) - 1  # (R,)
+        self.cache.pos[torch.tensor(plan.slots, device=self.device)] = last + 1  # drop the pads' keys
         return logits[torch.arange(len(plan.slots), device=self.device), last]
 
     def update_from_output(self, plan: StepPlan, logits: torch.Tensor) -> list[StepOutput]:
@@ -437,7 +447,8 @@ class Engine:
                     self.cache.copy_row(leader, followers)
                     rows += followers
                     source += [i] * len(followers)
-        logits = logits[torch.tensor(source, device=logits.device)]  # (R', V)
+        if len(source) > logits.size(0):
+            logits = logits[torch.tensor(source, device=logits.device)]  # (R', V)
         slots = [self._slots[s] for s in rows]
         sampled_idx = [i for i, s in enumerate(slots) if not s.forced]
         chosen = [s.forced[0] if s.forced else -1 for s in slots]
@@ -455,6 +466,9 @@ class Engine:
     # ---- internals -------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
+        if all(s.params.temperature == 0 for s in slots):  # greedy rows never use their draw
+            return logits.argmax(-1).tolist()
+
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=logits.device)
 

@@ -14,7 +14,9 @@ The contract the engine builds on (decided here, tested in tests/test_gpt.py):
   and values at positions pos[b] .. pos[b]+T_new-1 of each fed row and returns the keys/values of
   those rows up to the longest fed row, with a boolean mask (True = may attend) that hides both
   the future and the unused tail of shorter rows. After the last layer, pos of the fed rows
-  advances by T_new.
+  advances by T_new. A cache may return mask None when every returned key may be attended
+  (the engine's SlotCache does for a decode step of rows at the same position); `dense_mask`
+  gives the explicit form.
 - Slot reuse: `reset_rows(rows)` sets their length to 0 (old contents are simply overwritten).
   `copy_row(src, dst_rows)` duplicates one row's cache (n samples from one prefill);
   `prefill_from(other, src_row, dst_rows)` copies a row of another (e.g. batch-1) cache.
@@ -30,6 +32,13 @@ from collections.abc import Sequence
 import torch
 
 RowsLike = Sequence[int] | torch.Tensor
+
+
+def dense_mask(mask: torch.Tensor | None, keys: torch.Tensor, t_new: int) -> torch.Tensor:
+    """insert_kv's mask as a bool tensor (R, 1, T_new, T_keys), None meaning all True."""
+    if mask is not None:
+        return mask
+    return torch.ones(keys.size(0), 1, t_new, keys.size(2), dtype=torch.bool, device=keys.device)
 
 
 class KVCache:

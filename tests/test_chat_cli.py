@@ -26,6 +26,7 @@ from jobs.chat import ChatSession, build_session, interact, parse_args
 from nanochat.checkpoint import save_model
 from nanochat.engine import Engine, SamplingParams
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import dense_mask
 from nanochat.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.timeout(180)
@@ -171,6 +172,7 @@ class TurnCounter:
     def __call__(self, idx: torch.Tensor, kv_cache) -> torch.Tensor:
         x = idx.to(torch.float32)[:, None, :, None]
         _, values, mask = kv_cache.insert_kv(0, x, x)  # values (B, 1, T_keys, 1)
+        mask = dense_mask(mask, values, idx.size(1))  # None = every key visible
         logits = torch.zeros(idx.size(0), idx.size(1), self.config.vocab_size)
         for b in range(idx.size(0)):
             for t in range(idx.size(1)):

@@ -23,6 +23,7 @@ from jobs import evaluate as job
 from nanochat import chat_eval
 from nanochat.chat_eval import ChatAnswer, SampleAnswers, SampleSettings
 from nanochat.evaluation import EvalState, TaskTotals, aggregate
+from nanochat.kv_cache import dense_mask
 from nanochat.tasks import GSM8K, HumanEval, Identity, MultipleChoiceTask, eval_tasks
 from nanochat.tokenizer import Tokenizer
 
@@ -76,6 +77,7 @@ class ScriptedModel:
             return self._logits([[row[: t + 1] for t in range(len(row))] for row in ids])
         x = idx.to(torch.float32)[:, None, :, None]  # (B, 1, T, 1)
         _, v_all, mask = kv_cache.insert_kv(0, x, x)  # v_all (B, 1, T_keys, 1), mask (B, 1, T, T_keys)
+        mask = dense_mask(mask, v_all, idx.size(1))  # None = every key visible
         return self._logits([[v_all[b, 0, mask[b, 0, t], 0].long().tolist() for t in range(idx.size(1))]
                              for b in range(idx.size(0))])
 

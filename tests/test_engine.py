@@ -18,6 +18,7 @@ import torch
 
 from nanochat.engine import Engine, IncrementalDecoder, SamplingParams, ToolUse, sample_tokens
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import dense_mask
 
 BOS, PY_START, PY_END, OUT_START, OUT_END, END = range(256, 262)
 VOCAB = 262
@@ -53,6 +54,7 @@ class PrefixModel:
         self.calls.append(tuple(idx.shape))
         x = idx.to(torch.float32)[:, None, :, None]  # (B, 1, T, 1): the ids are the keys/values
         _, v_all, mask = kv_cache.insert_kv(0, x, x)  # v_all (B, 1, T_keys, 1), mask (B, 1, T, T_keys)
+        mask = dense_mask(mask, v_all, idx.size(1))  # None = every key visible
         logits = torch.zeros(idx.size(0), idx.size(1), VOCAB)
         for b in range(idx.size(0)):
             for t in range(idx.size(1)):

@@ -126,6 +126,56 @@ def test_cached_decode_matches_full_recompute(n_kv_head):
     assert cache.pos.tolist() == [14, 14]
 
 
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_cpu_prepack_path_matches_the_plain_path(n_kv_head):
+    """The CPU inference path (prepacked weights, fused QKV) gives the plain path's logits, with
+    and without a cache, and is not taken where gradients are needed."""
+    cfg = tiny_config(n_kv_head)
+    model = random_model(cfg)
+    idx = torch.randint(0, VOCAB, (3, 14))
+    with torch.no_grad():
+        plain = model(idx)
+        assert model.set_cpu_prepack(True)
+        packed = model(idx)
+        cache = new_cache(cfg, batch_size=3, seq_len=20)
+        steps = [model(idx[:, :6], kv_cache=cache)]
+        steps += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(6, 14)]
+    assert model.lm_head.packed._packed is not None  # the path was taken
+    torch.testing.assert_close(packed, plain, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, dim=1), plain, rtol=0, atol=1e-4)
+    loss = model(idx, targets=idx)  # grad mode: F.linear, so training still gets gradients
+    loss.backward()
+    assert model.transformer.h[0].attn.c_q.weight.grad is not None
+
+
+@needs_onednn
+def test_cpu_prepack_follows_weight_changes_and_copies():
+    """Packed copies are remade after in-place updates and load_state_dict, and never travel
+    with a deep copy (or pickle) of the model."""
+    import copy
+
+    cfg = tiny_config(2)
+    model, other = random_model(cfg, seed=0), random_model(cfg, seed=1)
+    model.set_cpu_prepack(True)
+    idx = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        model(idx)
+        model.load_state_dict(other.state_dict())  # a weight sync
+        torch.testing.assert_close(model(idx), other(idx), rtol=0, atol=1e-4)
+        model.transformer.h[1].attn.c_v.weight.mul_(2.0)  # an in-place update (optimizer step)
+        other.transformer.h[1].attn.c_v.weight.mul_(2.0)
+        torch.testing.assert_close(model(idx), other(idx), rtol=0, atol=1e-4)
+        clone = copy.deepcopy(model)
+        assert clone.lm_head.packed._packed is None and clone.transformer.h[0].attn.qkv_packed._packed is None
+        torch.testing.assert_close(clone(idx), other(idx), rtol=0, atol=1e-4)
+        model.set_cpu_prepack(False)
+        assert model.lm_head.packed._packed is None
+
+
 def test_ragged_batch_equals_each_row_alone():
     cfg = tiny_config(2)
     model = random_model(cfg)
