@@ -177,6 +177,9 @@ class _SyncGroup:
         opts.rootRank = 0
         for t in tensors:
             self.pg.broadcast([t], opts).wait()
+        # the collective wrote the storage behind PyTorch's back: bump the version counters, which
+        # is how caches keyed on them (the CPU prepacked weights of nanochat/gpt.py) see the change
+        torch.autograd.graph.increment_version(tensors)
 
 
 class _WeightsHolder:

@@ -103,6 +103,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         assert self._owned_grads is not None
         self._update(self._owned_grads)
         self._owned_grads = None
+        # updates and collectives write through p.data, which PyTorch does not count as modifying
+        # p: bump the version counters so caches keyed on them (nanochat/gpt.py PackedWeight) see it
+        torch.autograd.graph.increment_version([p for _, _, p in self.indexed_params()])
 
 
 class AdamW(ShardedOptimizer):

@@ -15,6 +15,9 @@ Notable:
 - `SlotCache` keeps the KVCache contract but reads contiguous active rows as views and writes by
   slices: on CPU the generic gather/index_put cost more than the attention of a decode step.
 - `add_group` prefills a prompt once and copies its cache row to n slots (n samples).
+- on CPU the engine turns on the model's prepacked-weight path (GPT.set_cpu_prepack: oneDNN
+  packed linears, one fused q/k/v matmul): matmuls ~1.7x faster at batch 1 and ~2.2x at 16, for
+  one extra copy of the weights; a decode step of rows all at one position passes no mask.
 - sampling per row: temperature (0 = greedy), top-k, top-p and a per-request seed. Random draws
   come from a CPU `random.Random` per slot, so a seed gives the same tokens on any device and in
   any batch; log-probs are those of the model (log-softmax of raw logits) for each emitted token.

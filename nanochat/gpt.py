@@ -47,7 +47,9 @@ def _can_prepack() -> bool:
 class PackedWeight:
     """A oneDNN-prepacked copy of one weight, or of several stacked by rows (a fused QKV), for the
     CPU inference path. Remade whenever a source changes (storage or in-place version: optimizer
-    steps, load_state_dict, weight sync); pickles and deep-copies as empty (remade on use)."""
+    steps, load_state_dict, copy_); pickles and deep-copies as empty (remade on use). Code that
+    writes a weight's memory behind PyTorch's back (a collective's receive buffer, a raw pointer)
+    must call torch.autograd.graph.increment_version on it, as cluster/rl.py's broadcast does."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None

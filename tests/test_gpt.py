@@ -154,13 +154,14 @@ def test_cpu_prepack_path_matches_the_plain_path(n_kv_head):
 
 @needs_onednn
 def test_cpu_prepack_follows_weight_changes_and_copies():
-    """Packed copies are remade after in-place updates and load_state_dict, and never travel
-    with a deep copy (or pickle) of the model."""
+    """Packed copies are remade after in-place updates, load_state_dict and optimizer steps, and
+    never travel with a deep copy (or pickle) of the model."""
     import copy
 
     cfg = tiny_config(2)
     model, other = random_model(cfg, seed=0), random_model(cfg, seed=1)
     model.set_cpu_prepack(True)
+    optimizers = model.setup_optimizers(dist=DistInfo())
     idx = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         model(idx)
@@ -168,6 +169,14 @@ def test_cpu_prepack_follows_weight_changes_and_copies():
         torch.testing.assert_close(model(idx), other(idx), rtol=0, atol=1e-4)
         model.transformer.h[1].attn.c_v.weight.mul_(2.0)  # an in-place update (optimizer step)
         other.transformer.h[1].attn.c_v.weight.mul_(2.0)
+        torch.testing.assert_close(model(idx), other(idx), rtol=0, atol=1e-4)
+        for _ in range(2):  # a training step on the same model (optimizers write through p.data)
+            with torch.enable_grad():
+                model.zero_grad()
+                model(idx, targets=idx).backward()
+            for opt in optimizers:
+                opt.step()
+        other.load_state_dict(model.state_dict())
         torch.testing.assert_close(model(idx), other(idx), rtol=0, atol=1e-4)
         clone = copy.deepcopy(model)
         assert clone.lm_head.packed._packed is None and clone.transformer.h[0].attn.qkv_packed._packed is None
