@@ -13,8 +13,17 @@ process, the cluster path in a Ray Data actor). Rows, in one run on one machine:
 
 tokens/s is the median over steps after `--skip` warm-up steps of the loop's own per-step figure
 (the same statistic on every row); start-up (cluster, worker group, pipeline) is reported apart.
+Each repeat runs every row once, in the order above, with a fresh local Ray started after the
+reference row and stopped at the end, and each row's ratio is taken against its own repeat's
+reference: this machine's speed drifts by 10-20% over minutes (shared host), so ratios across
+repeats would measure the drift.
 
-Run: PYTHONPATH=. python benchmarks/train_throughput.py [--steps 60] [--repeats 2]
+Where the gap comes from (measured, see the README): every Ray Python process (Train V2's
+controller and helper actors, Ray Data's stats/autoscaling actors, idle workers, ~10 of them in
+the stage) wakes its main loop every 10 ms to check signals, which Ray does not let one configure;
+with 2 torch threads on 2 cores each wake-up stalls the other thread at the next OpenMP barrier.
+
+Run: PYTHONPATH=. python benchmarks/train_throughput.py [--steps 60] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -112,7 +121,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the median")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vocab-size", type=int, default=4096)
     args = p.parse_args()
     spec = spec_for(args.steps)
@@ -130,36 +139,40 @@ def main() -> None:
         if seconds is not None:
             timings.setdefault(name, []).append(seconds)
 
-    for _ in range(args.repeats):
+    starts: list[float] = []
+    for i in range(args.repeats):
         add("plain, no Ray", plain_loop(spec, tokenizer_dir, data))
-    t0 = time.perf_counter()
-    # a fresh local instance with its dashboard and metrics agent, as `python -m cluster.local start` runs
-    # (2 logical CPUs per core), never a cluster that may already run on this machine
-    ray.init(address="local", num_cpus=2 * (os.cpu_count() or 1), include_dashboard=True, _temp_dir=f"{tmp}/ray",
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}}, log_to_driver=False)
-    start_s = time.perf_counter() - t0
-    try:
-        for i in range(args.repeats):
+        t0 = time.perf_counter()
+        # a fresh local instance with its dashboard and metrics agent, as `python -m cluster.local start`
+        # runs (2 logical CPUs per core), never a cluster that may already run on this machine
+        ray.init(address="local", num_cpus=2 * (os.cpu_count() or 1), include_dashboard=True,
+                 _temp_dir=f"{tmp}/ray{i}", runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}},
+                 log_to_driver=False)
+        starts.append(time.perf_counter() - t0)
+        try:
             add("plain, Ray idle", plain_loop(spec, tokenizer_dir, data))
             t0 = time.perf_counter()
             add("Train worker, local data", train_worker_local_data(spec, tokenizer_dir, data, f"{tmp}/t{i}"),
                 time.perf_counter() - t0)
             steps, took = stage_path(replace(spec), tokenizer_dir, data, f"{tmp}/runs", f"bench{i}")
             add("Train + Ray Data", steps, took)
-    finally:
-        ray.shutdown()
+        finally:
+            ray.shutdown()
 
-    ref = statistics.median(r[0] for r in results["plain, no Ray"])
+    refs = [r[0] for r in results["plain, no Ray"]]
     print(f"\ntiny model (depth 4, seq 256, 2,048-token steps), {THREADS} torch threads, {args.steps} steps, "
-          f"median tokens/s over steps > {args.skip}, {args.repeats} repeats; cluster start {start_s:.0f} s")
-    print("| path | tokens/s (each repeat) | median | ratio vs plain | data-wait share | wall s per run |")
-    print("|---|---|---:|---:|---:|---:|")
+          f"median tokens/s over steps > {args.skip}, {args.repeats} repeats; cluster start "
+          f"{statistics.median(starts):.0f} s")
+    print("| path | tokens/s (each repeat) | ratio vs plain (each repeat) | median ratio | data-wait share "
+          "| wall s per run |")
+    print("|---|---|---|---:|---:|---:|")
     for name, runs in results.items():
-        med = statistics.median(r[0] for r in runs)
+        ratios = [r[0] / ref for r, ref in zip(runs, refs, strict=True)]
         each = ", ".join(f"{r[0]:,.0f}" for r in runs)
+        each_ratio = ", ".join(f"{x:.3f}" for x in ratios)
         wait = statistics.mean(r[1] for r in runs)
         wall = ", ".join(f"{t:.0f}" for t in timings.get(name, [])) or "-"
-        print(f"| {name} | {each} | {med:,.0f} | {med / ref:.3f}x | {100 * wait:.2f}% | {wall} |")
+        print(f"| {name} | {each} | {each_ratio} | {statistics.median(ratios):.3f}x | {100 * wait:.2f}% | {wall} |")
 
 
 if __name__ == "__main__":
