@@ -76,8 +76,9 @@ class Linear(nn.Linear):
 
     On CPU, small-batch float32 matmuls through F.linear (MKL sgemm with a transposed weight) run
     at a fraction of memory bandwidth: decode at batch 1-16 is dominated by them. oneDNN's
-    prepacked weights (what torch.compile's freezing uses on CPU) are ~1.7x faster at batch 1
-    and ~2.2x at 16 on AVX-512 (benchmarks/engine.py). The path is taken only under
+    prepacked weights (what torch.compile's freezing uses on CPU) ran the 37 matmuls of a 6 x 384
+    decode step ~1.7x faster at batch 1 and ~2.2x at 16 on a 2-core AVX-512 EPYC (the engine's
+    end-to-end gain is in benchmarks/engine.py and the README). The path is taken only under
     no-grad/inference mode, for float32 on CPU without autocast, outside torch.compile; everything
     else (training, CUDA, bf16, compiled code) takes F.linear. It costs one extra copy of the
     weights."""
