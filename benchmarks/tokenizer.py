@@ -116,9 +116,9 @@ def main() -> None:
 
     rows = []
     t_hf, hf = best_time(lambda: train_hf(train, args.vocab_size, pattern), 1)
-    t_rs, tok = best_time(lambda: rustbpe.Tokenizer.train_from_iterator(iter(train), args.vocab_size), 1)
+    t_rs, tok = best_time(lambda: rustbpe.Tokenizer.from_iterator(iter(train), args.vocab_size), 1)
     t_count, counts = best_time(lambda: rustbpe.count_chunks(train), 1)
-    t_merge, _ = best_time(lambda: rustbpe.Tokenizer.train_from_counts(counts, args.vocab_size), 1)
+    t_merge, _ = best_time(lambda: rustbpe.Tokenizer.from_counts(counts, args.vocab_size), 1)
     rows.append(("train", "HF tokenizers BpeTrainer (reference)", t_hf, mb(train) / t_hf, 1.0))
     rows.append(("train", "rustbpe train_from_iterator", t_rs, mb(train) / t_rs, t_hf / t_rs))
     print(f"rustbpe training split: count_chunks {t_count:.2f} s ({len(counts)} distinct chunks), "

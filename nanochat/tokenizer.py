@@ -148,7 +148,7 @@ class Tokenizer:
     @classmethod
     def train_from_iterator(cls, texts: Iterable[str], vocab_size: int, pattern: str | None = None) -> Tokenizer:
         """Train on an iterable of str; `vocab_size` includes bytes, merges and special tokens."""
-        return cls(rustbpe.Tokenizer.train_from_iterator(iter(texts), cls._base_vocab(vocab_size), pattern))
+        return cls(rustbpe.Tokenizer.from_iterator(iter(texts), cls._base_vocab(vocab_size), pattern=pattern))
 
     @classmethod
     def train_from_counts(cls, table: CountsLike | Iterable[CountsLike], vocab_size: int,
@@ -159,7 +159,7 @@ class Tokenizer:
         """
         tables = [table] if isinstance(table, CountsLike) else list(table)
         base = cls._base_vocab(vocab_size)
-        return cls(rustbpe.Tokenizer.train_from_counts(_count_parts(tables), base, pattern))
+        return cls(rustbpe.Tokenizer.from_counts(_count_parts(tables), base, pattern))
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the tokenizer files into `directory` (created if needed), each atomically."""

@@ -74,9 +74,9 @@ def test_training_equals_reference_bpe(name):
     texts = CORPORA[name]
     counts = chunk_counts(texts)
     expected = reference_merges(counts, 60)
-    tok = rustbpe.Tokenizer.train_from_iterator(iter(texts), 256 + len(expected))
+    tok = rustbpe.Tokenizer.from_iterator(iter(texts), 256 + len(expected))
     assert tok.get_merges() == expected
-    assert rustbpe.Tokenizer.train_from_counts(rustbpe.count_chunks(texts), 256 + len(expected)).get_merges() == expected
+    assert rustbpe.Tokenizer.from_counts(rustbpe.count_chunks(texts), 256 + len(expected)).get_merges() == expected
 
 
 @settings(max_examples=60, deadline=None)
@@ -86,16 +86,39 @@ def test_training_equals_reference_on_random_corpora(texts, num_merges):
     expected = reference_merges(counts, num_merges)
     if not counts:
         with pytest.raises(ValueError, match="empty"):
-            rustbpe.Tokenizer.train_from_iterator(iter(texts), 256 + num_merges)
+            rustbpe.Tokenizer.from_iterator(iter(texts), 256 + num_merges)
         return
     if len(expected) < num_merges:  # the corpus runs out of pairs: a clear error, not fewer merges
         with pytest.raises(ValueError, match="no pair left"):
-            rustbpe.Tokenizer.train_from_iterator(iter(texts), 256 + num_merges)
-    assert rustbpe.Tokenizer.train_from_iterator(iter(texts), 256 + len(expected)).get_merges() == expected
+            rustbpe.Tokenizer.from_iterator(iter(texts), 256 + num_merges)
+    assert rustbpe.Tokenizer.from_iterator(iter(texts), 256 + len(expected)).get_merges() == expected
+
+
+def test_train_from_iterator_trains_in_place_as_nanochat_calls_it():
+    """nanochat's contract: `tok = Tokenizer(); tok.train_from_iterator(texts, vocab_size)`."""
+    texts = CORPORA["english"]
+    expected = rustbpe.Tokenizer.from_iterator(iter(texts), 280).get_merges()
+    tok = rustbpe.Tokenizer()
+    assert tok.vocab_size == 256
+    assert tok.train_from_iterator(iter(texts), 280) is None
+    assert tok.vocab_size == 280 and tok.get_merges() == expected
+    again = rustbpe.Tokenizer()
+    again.train_from_iterator(texts, vocab_size=280, buffer_size=1, pattern=rustbpe.DEFAULT_PATTERN)
+    assert again.get_merges() == expected  # counting in rounds of one text changes nothing
+    by_counts = rustbpe.Tokenizer()
+    by_counts.train_from_counts(rustbpe.count_chunks(texts), 280)
+    assert by_counts.get_merges() == expected
+    with pytest.raises(ValueError, match="below 256"):
+        tok.train_from_iterator(iter(texts), 100)
+    assert tok.get_merges() == expected, "a failed training must leave the tokenizer as it was"
+    with pytest.raises(ValueError, match="buffer_size"):
+        tok.train_from_iterator(iter(texts), 280, buffer_size=0)
+    with pytest.raises(TypeError):  # the old static call shape fails loudly instead of doing nothing
+        rustbpe.Tokenizer.train_from_iterator(iter(texts), 280)
 
 
 def test_merge_i_makes_id_256_plus_i():
-    tok = rustbpe.Tokenizer.train_from_iterator(iter(["hello hello hello"]), 260)
+    tok = rustbpe.Tokenizer.from_iterator(iter(["hello hello hello"]), 260)
     merges = tok.get_merges()
     for i, (a, b) in enumerate(merges):
         assert tok.id_to_bytes(256 + i) == tok.id_to_bytes(a) + tok.id_to_bytes(b)
@@ -114,7 +137,7 @@ TRAIN_TEXT = [
 
 @pytest.fixture(scope="module")
 def tok() -> rustbpe.Tokenizer:
-    return rustbpe.Tokenizer.train_from_iterator(iter(TRAIN_TEXT), 420)
+    return rustbpe.Tokenizer.from_iterator(iter(TRAIN_TEXT), 420)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +194,7 @@ def test_decode_is_bytes_even_when_ids_split_a_character(tok):
 
 
 def test_custom_pattern_uses_the_regex_engine():
-    tok = rustbpe.Tokenizer.train_from_iterator(iter(["ab ab ab cd"]), 258, pattern=r"\w+|\s+")
+    tok = rustbpe.Tokenizer.from_iterator(iter(["ab ab ab cd"]), 258, pattern=r"\w+|\s+")
     assert tok.get_pattern() == r"\w+|\s+"
     assert tok.encode("ab ab") == [256, 32, 256]
     with pytest.raises(ValueError, match="does not compile"):
@@ -222,19 +245,19 @@ def test_arrow_text_input_equals_list_input():
 
 def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="below 256"):
-        rustbpe.Tokenizer.train_from_iterator(iter(["abc"]), 255)
+        rustbpe.Tokenizer.from_iterator(iter(["abc"]), 255)
     with pytest.raises(ValueError, match="empty"):
-        rustbpe.Tokenizer.train_from_iterator(iter([]), 300)
+        rustbpe.Tokenizer.from_iterator(iter([]), 300)
     with pytest.raises(ValueError, match="empty"):
-        rustbpe.Tokenizer.train_from_iterator(iter(["", ""]), 300)
+        rustbpe.Tokenizer.from_iterator(iter(["", ""]), 300)
     with pytest.raises(TypeError, match="text 1 has type int"):
-        rustbpe.Tokenizer.train_from_iterator(iter(["ok", 3]), 300)
+        rustbpe.Tokenizer.from_iterator(iter(["ok", 3]), 300)
     with pytest.raises(TypeError, match="text 0 has type bytes"):
         rustbpe.count_chunks([b"abc"])
     with pytest.raises(TypeError, match="not a single str"):
         rustbpe.count_chunks("abc")
     with pytest.raises(ValueError, match="not valid Unicode"):
-        rustbpe.Tokenizer.train_from_iterator(iter(["a\ud800b"]), 300)
+        rustbpe.Tokenizer.from_iterator(iter(["a\ud800b"]), 300)
     with pytest.raises(UnicodeEncodeError, match="surrogates not allowed"):
         rustbpe.Tokenizer().encode("lone \udc00 surrogate")
     with pytest.raises(ValueError, match="null"):

@@ -8,18 +8,22 @@
 //!   Arrow struct arrays / record batches with columns `chunk` (binary) and `count` (uint64).
 //! - `ChunkCounts`: `len()`, `.total`, and `__arrow_c_array__` so that
 //!   `pyarrow.record_batch(counts)` wraps its buffers without copying.
-//! - `Tokenizer(merges=[], pattern=None)`, `Tokenizer.train_from_iterator(iterator, vocab_size,
-//!   pattern=None)`, `Tokenizer.train_from_counts(counts, vocab_size, pattern=None)`,
-//!   `Tokenizer.load(path)`, and methods `encode`, `encode_batch`, `decode` (-> bytes: token
-//!   boundaries may split a UTF-8 character, so decoding to str is the caller's choice),
-//!   `get_mergeable_ranks`, `get_merges`, `get_pattern`, `id_to_bytes`, `save`, `vocab_size`.
+//! - `Tokenizer(merges=[], pattern=None)`; training in place, as nanochat's rustbpe does it:
+//!   `tok = Tokenizer(); tok.train_from_iterator(iterator, vocab_size, buffer_size=8192,
+//!   pattern=None)` and `tok.train_from_counts(counts, vocab_size, pattern=None)` replace `tok`'s
+//!   merges and pattern and return None. The constructors that return a new tokenizer have their
+//!   own names: `Tokenizer.from_iterator(...)`, `Tokenizer.from_counts(...)`, `Tokenizer.load(path)`.
+//!   (PyO3 cannot tell `Tokenizer.f(x)` from `tok.f(x)` on one method, so each name is one or the
+//!   other.) Methods `encode`, `encode_batch`, `decode` (-> bytes: token boundaries may split a
+//!   UTF-8 character, so decoding to str is the caller's choice), `get_mergeable_ranks`,
+//!   `get_merges`, `get_pattern`, `id_to_bytes`, `save`, `vocab_size`.
 //!
 //! Errors: ValueError for bad values (vocab size, empty corpus, bad pattern or file), TypeError
 //! for a non-str text, UnicodeEncodeError (a ValueError) for a str with lone surrogates.
 
 use std::ffi::CStr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -36,6 +40,7 @@ const SCHEMA_CAPSULE: &CStr = c"arrow_schema";
 const ARRAY_CAPSULE: &CStr = c"arrow_array";
 /// Texts pulled from a Python iterator per parallel counting round.
 const ITER_BATCH_TEXTS: usize = 8192;
+/// The default of `train_from_iterator`'s `buffer_size` (nanochat's name for the same knob).
 /// ... or fewer, once they hold this many bytes (bounds memory for huge documents).
 const ITER_BATCH_BYTES: usize = 64 << 20;
 
@@ -209,10 +214,91 @@ fn merge_counts(py: Python<'_>, parts: &Bound<'_, PyAny>) -> PyResult<PyChunkCou
     })
 }
 
-/// A trained byte-level BPE tokenizer.
+/// A byte-level BPE tokenizer. Training in place swaps the inner tokenizer behind a lock, so the
+/// class stays `frozen` (shareable across threads) and a reader never sees a half-trained state.
 #[pyclass(name = "Tokenizer", module = "rustbpe", frozen)]
 struct PyTokenizer {
-    inner: Tokenizer,
+    inner: RwLock<Arc<Tokenizer>>,
+}
+
+impl PyTokenizer {
+    fn wrap(tok: Tokenizer) -> Self {
+        PyTokenizer { inner: RwLock::new(Arc::new(tok)) }
+    }
+
+    /// The current tokenizer (a cheap handle, usable with the GIL released).
+    fn tok(&self) -> Arc<Tokenizer> {
+        Arc::clone(&self.inner.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn replace(&self, tok: Tokenizer) {
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tok);
+    }
+}
+
+/// Counts the str items of `iterator` in parallel rounds of `buffer_size` texts (GIL released
+/// while counting), then trains merges up to `vocab_size` (which counts the 256 byte tokens).
+fn train_iterator(
+    py: Python<'_>,
+    iterator: &Bound<'_, PyAny>,
+    vocab_size: usize,
+    buffer_size: usize,
+    pattern: Option<&str>,
+) -> PyResult<Tokenizer> {
+    let pattern = pattern.unwrap_or(DEFAULT_PATTERN);
+    let splitter = splitter_for(Some(pattern))?;
+    if vocab_size < 256 {
+        return Err(value_err(format!("vocab_size {vocab_size} is below 256, the number of byte tokens")));
+    }
+    if buffer_size == 0 {
+        return Err(value_err("buffer_size must be at least 1".to_string()));
+    }
+    let mut totals: FxHashMap<Vec<u8>, u64> = FxHashMap::default();
+    let mut iter = iterator.try_iter()?;
+    let mut seen = 0usize;
+    loop {
+        let mut batch: Vec<Bound<'_, PyString>> = Vec::new();
+        let mut bytes = 0usize;
+        while batch.len() < buffer_size && bytes < ITER_BATCH_BYTES {
+            let Some(item) = iter.next() else { break };
+            let s = as_str_object(item?, seen)?;
+            let text = s.to_str().map_err(|e| value_err(format!("text {seen} is not valid Unicode: {e}")))?;
+            bytes += text.len();
+            seen += 1;
+            batch.push(s);
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let strs: Vec<&str> = batch.iter().map(|s| s.to_str()).collect::<PyResult<_>>()?;
+        py.detach(|| -> Result<(), String> {
+            for (chunk, c) in counts::count_map(&strs, &splitter)? {
+                match totals.get_mut(chunk) {
+                    Some(t) => *t += c,
+                    None => {
+                        totals.insert(chunk.to_vec(), c);
+                    }
+                }
+            }
+            Ok(())
+        })
+        .map_err(value_err)?;
+    }
+    let rows = totals.iter().map(|(k, &c)| (k.as_slice(), c));
+    py.detach(|| Tokenizer::train_from_chunks(rows, vocab_size, pattern)).map_err(value_err)
+}
+
+/// Trains merges up to `vocab_size` from chunk counts (made with the same `pattern`).
+fn train_counts(
+    py: Python<'_>,
+    counts: &Bound<'_, PyAny>,
+    vocab_size: usize,
+    pattern: Option<&str>,
+) -> PyResult<Tokenizer> {
+    let pattern = pattern.unwrap_or(DEFAULT_PATTERN);
+    with_count_views(counts, |views| {
+        py.detach(|| Tokenizer::train_from_counts(views, vocab_size, pattern)).map_err(value_err)
+    })
 }
 
 #[pymethods]
@@ -222,96 +308,83 @@ impl PyTokenizer {
     #[pyo3(signature = (merges=Vec::new(), pattern=None))]
     fn new(merges: Vec<(u32, u32)>, pattern: Option<&str>) -> PyResult<Self> {
         let inner = Tokenizer::new(merges, pattern.unwrap_or(DEFAULT_PATTERN)).map_err(value_err)?;
-        Ok(PyTokenizer { inner })
+        Ok(PyTokenizer::wrap(inner))
     }
 
-    /// Trains on the str items of `iterator` (counted in parallel batches, GIL released).
-    /// `vocab_size` counts the 256 byte tokens.
-    #[staticmethod]
-    #[pyo3(signature = (iterator, vocab_size, pattern=None))]
+    /// Trains this tokenizer in place on the str items of `iterator` (nanochat's contract:
+    /// `tok = Tokenizer(); tok.train_from_iterator(texts, vocab_size)`); returns None. Texts are
+    /// counted in parallel rounds of `buffer_size`. `vocab_size` counts the 256 byte tokens.
+    /// On an error the tokenizer is left as it was.
+    #[pyo3(signature = (iterator, vocab_size, buffer_size=ITER_BATCH_TEXTS, pattern=None))]
     fn train_from_iterator(
+        &self,
         py: Python<'_>,
         iterator: &Bound<'_, PyAny>,
         vocab_size: usize,
+        buffer_size: usize,
         pattern: Option<&str>,
-    ) -> PyResult<Self> {
-        let pattern = pattern.unwrap_or(DEFAULT_PATTERN);
-        let splitter = splitter_for(Some(pattern))?;
-        if vocab_size < 256 {
-            return Err(value_err(format!(
-                "vocab_size {vocab_size} is below 256, the number of byte tokens"
-            )));
-        }
-        let mut totals: FxHashMap<Vec<u8>, u64> = FxHashMap::default();
-        let mut iter = iterator.try_iter()?;
-        let mut seen = 0usize;
-        loop {
-            let mut batch: Vec<Bound<'_, PyString>> = Vec::new();
-            let mut bytes = 0usize;
-            while batch.len() < ITER_BATCH_TEXTS && bytes < ITER_BATCH_BYTES {
-                let Some(item) = iter.next() else { break };
-                let s = as_str_object(item?, seen)?;
-                let text =
-                    s.to_str().map_err(|e| value_err(format!("text {seen} is not valid Unicode: {e}")))?;
-                bytes += text.len();
-                seen += 1;
-                batch.push(s);
-            }
-            if batch.is_empty() {
-                break;
-            }
-            let strs: Vec<&str> = batch.iter().map(|s| s.to_str()).collect::<PyResult<_>>()?;
-            py.detach(|| -> Result<(), String> {
-                for (chunk, c) in counts::count_map(&strs, &splitter)? {
-                    match totals.get_mut(chunk) {
-                        Some(t) => *t += c,
-                        None => {
-                            totals.insert(chunk.to_vec(), c);
-                        }
-                    }
-                }
-                Ok(())
-            })
-            .map_err(value_err)?;
-        }
-        let rows = totals.iter().map(|(k, &c)| (k.as_slice(), c));
-        let inner =
-            py.detach(|| Tokenizer::train_from_chunks(rows, vocab_size, pattern)).map_err(value_err)?;
-        Ok(PyTokenizer { inner })
+    ) -> PyResult<()> {
+        let trained = train_iterator(py, iterator, vocab_size, buffer_size, pattern)?;
+        self.replace(trained);
+        Ok(())
     }
 
-    /// Trains on chunk counts: one or a sequence of ChunkCounts / Arrow record batches with
-    /// columns `chunk` and `count` (made with the same `pattern`).
+    /// A new tokenizer trained on the str items of `iterator` (as `train_from_iterator`).
     #[staticmethod]
+    #[pyo3(signature = (iterator, vocab_size, buffer_size=ITER_BATCH_TEXTS, pattern=None))]
+    fn from_iterator(
+        py: Python<'_>,
+        iterator: &Bound<'_, PyAny>,
+        vocab_size: usize,
+        buffer_size: usize,
+        pattern: Option<&str>,
+    ) -> PyResult<Self> {
+        Ok(PyTokenizer::wrap(train_iterator(py, iterator, vocab_size, buffer_size, pattern)?))
+    }
+
+    /// Trains this tokenizer in place on chunk counts: one or a sequence of ChunkCounts / Arrow
+    /// record batches with columns `chunk` and `count` (made with the same `pattern`); returns None.
     #[pyo3(signature = (counts, vocab_size, pattern=None))]
     fn train_from_counts(
+        &self,
+        py: Python<'_>,
+        counts: &Bound<'_, PyAny>,
+        vocab_size: usize,
+        pattern: Option<&str>,
+    ) -> PyResult<()> {
+        let trained = train_counts(py, counts, vocab_size, pattern)?;
+        self.replace(trained);
+        Ok(())
+    }
+
+    /// A new tokenizer trained on chunk counts (as `train_from_counts`).
+    #[staticmethod]
+    #[pyo3(signature = (counts, vocab_size, pattern=None))]
+    fn from_counts(
         py: Python<'_>,
         counts: &Bound<'_, PyAny>,
         vocab_size: usize,
         pattern: Option<&str>,
     ) -> PyResult<Self> {
-        let pattern = pattern.unwrap_or(DEFAULT_PATTERN);
-        with_count_views(counts, |views| {
-            let inner =
-                py.detach(|| Tokenizer::train_from_counts(views, vocab_size, pattern)).map_err(value_err)?;
-            Ok(PyTokenizer { inner })
-        })
+        Ok(PyTokenizer::wrap(train_counts(py, counts, vocab_size, pattern)?))
     }
 
     /// Loads a tokenizer file written by `save`.
     #[staticmethod]
     fn load(path: PathBuf) -> PyResult<Self> {
-        Ok(PyTokenizer { inner: Tokenizer::load(&path).map_err(value_err)? })
+        Ok(PyTokenizer::wrap(Tokenizer::load(&path).map_err(value_err)?))
     }
 
     /// Writes the tokenizer file atomically (temporary name, then rename).
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| self.inner.save(&path)).map_err(value_err)
+        let tok = self.tok();
+        py.detach(|| tok.save(&path)).map_err(value_err)
     }
 
     /// Token ids of `text` (GIL released).
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
-        py.detach(|| self.inner.encode(text)).map_err(value_err)
+        let tok = self.tok();
+        py.detach(|| tok.encode(text)).map_err(value_err)
     }
 
     /// Token ids of each text (a list of str or a pyarrow string array), in parallel over
@@ -325,50 +398,53 @@ impl PyTokenizer {
     ) -> PyResult<Vec<Vec<u32>>> {
         let source = TextSource::of(texts)?;
         let strs = source.borrow()?;
-        py.detach(|| with_threads(num_threads, || self.inner.encode_batch(&strs)))
+        let tok = self.tok();
+        py.detach(|| with_threads(num_threads, || tok.encode_batch(&strs)))
             .map_err(value_err)?
             .map_err(value_err)
     }
 
     /// The bytes of `ids` (bytes, not str: ids may end inside a UTF-8 character).
     fn decode<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyBytes>> {
-        let bytes = self.inner.decode(&ids).map_err(value_err)?;
+        let bytes = self.tok().decode(&ids).map_err(value_err)?;
         Ok(PyBytes::new(py, &bytes))
     }
 
     /// The bytes of one token.
     fn id_to_bytes<'py>(&self, py: Python<'py>, id: u32) -> PyResult<Bound<'py, PyBytes>> {
-        let bytes = self.inner.token_bytes(id).ok_or_else(|| {
-            value_err(format!("token id {id} is outside the vocabulary (size {})", self.inner.vocab_size()))
+        let tok = self.tok();
+        let bytes = tok.token_bytes(id).ok_or_else(|| {
+            value_err(format!("token id {id} is outside the vocabulary (size {})", tok.vocab_size()))
         })?;
         Ok(PyBytes::new(py, bytes))
     }
 
     /// [(token bytes, rank)] for every id; rank == id (for `tiktoken.Encoding`).
     fn get_mergeable_ranks<'py>(&self, py: Python<'py>) -> Vec<(Bound<'py, PyBytes>, u32)> {
-        (0..self.inner.vocab_size() as u32)
-            .map(|id| (PyBytes::new(py, self.inner.token_bytes(id).unwrap_or_default()), id))
+        let tok = self.tok();
+        (0..tok.vocab_size() as u32)
+            .map(|id| (PyBytes::new(py, tok.token_bytes(id).unwrap_or_default()), id))
             .collect()
     }
 
     /// [(left id, right id)] in rank order; merge i made id 256 + i.
     fn get_merges(&self) -> Vec<(u32, u32)> {
-        self.inner.merges().to_vec()
+        self.tok().merges().to_vec()
     }
 
     /// The split pattern.
     fn get_pattern(&self) -> String {
-        self.inner.pattern().to_string()
+        self.tok().pattern().to_string()
     }
 
     /// 256 + number of merges.
     #[getter]
     fn vocab_size(&self) -> usize {
-        self.inner.vocab_size()
+        self.tok().vocab_size()
     }
 
     fn __repr__(&self) -> String {
-        format!("rustbpe.Tokenizer(vocab_size={})", self.inner.vocab_size())
+        format!("rustbpe.Tokenizer(vocab_size={})", self.tok().vocab_size())
     }
 }
 
