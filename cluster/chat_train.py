@@ -47,6 +47,7 @@ from nanochat import checkpoint as ckpt
 from nanochat.chat_data import ChatData, Layout
 from nanochat.common import DistInfo
 from nanochat.dataloader import DataPosition
+from nanochat.errors import ConfigError, NotFoundError
 from nanochat.train import Batch
 
 LR_FIELDS = ("embedding_lr", "unembedding_lr", "matrix_lr")  # scaled by init_lr_frac
@@ -116,7 +117,7 @@ def read_model_config(model_uri: str) -> dict[str, Any]:
     """config.json of an exported model (local path or URI); FileNotFoundError naming it when absent."""
     fs, path = pafs.FileSystem.from_uri(model_uri) if "://" in model_uri else (pafs.LocalFileSystem(), model_uri)
     if fs.get_file_info(f"{path}/{ckpt.CONFIG_FILE}").type != pafs.FileType.File:
-        raise FileNotFoundError(f"no exported model at {model_uri}: its {ckpt.CONFIG_FILE} is missing")
+        raise NotFoundError(f"no exported model at {model_uri}: its {ckpt.CONFIG_FILE} is missing")
     with fs.open_input_stream(f"{path}/{ckpt.CONFIG_FILE}") as f:
         return json.loads(f.read().decode())
 
@@ -129,7 +130,7 @@ def stage_inputs(storage: RunStorage, settings: ChatStageSettings) -> tuple[str,
         storage.read_meta(settings.previous)  # "... (run the <previous> stage first)" when incomplete
         init = f"{storage.stage_uri(settings.previous)}/model"
     if not _exists(f"{init}/{ckpt.CONFIG_FILE}"):
-        raise FileNotFoundError(f"the {settings.stage} stage starts from the model at {init}, which has no "
+        raise NotFoundError(f"the {settings.stage} stage starts from the model at {init}, which has no "
                                 f"{ckpt.CONFIG_FILE}: rerun the {settings.previous} stage (with --force) to export it")
     if _exists(f"{init}/{ckpt.TOKENIZER_DIR}"):
         return init, f"{init}/{ckpt.TOKENIZER_DIR}"
@@ -141,12 +142,12 @@ def chat_train_spec(settings: ChatStageSettings, model_config: dict[str, Any], n
     """The TrainSpec of a chat stage: the model's shape, the batch in rows, lrs x init_lr_frac."""
     depth, width, heads = model_config["n_layer"], model_config["n_embd"], model_config["n_head"]
     if width != 64 * depth or width % heads:
-        raise ValueError(f"the initial model has {depth} layers of width {width} in {heads} heads, not the "
+        raise ConfigError(f"the initial model has {depth} layers of width {width} in {heads} heads, not the "
                          "depth-derived shape (width 64 x depth) the training stages build")
     spec = TrainSpec(**settings.train)
     per_pass = spec.device_batch_size * spec.num_workers
     if settings.rows_per_step % per_pass:
-        raise ValueError(f"rows_per_step {settings.rows_per_step} is not a multiple of device_batch_size "
+        raise ConfigError(f"rows_per_step {settings.rows_per_step} is not a multiple of device_batch_size "
                          f"{spec.device_batch_size} x num_workers {spec.num_workers}: change one of them")
     lrs = {k: getattr(spec, k) * settings.init_lr_frac for k in LR_FIELDS}
     return replace(spec, depth=depth, head_dim=width // heads, sequence_len=model_config["sequence_len"],

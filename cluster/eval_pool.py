@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.util import ActorPool
 
+from nanochat.errors import ConfigError
 from nanochat.evaluation import EvalState, load_eval_state, shard_items
 
 
@@ -58,7 +59,7 @@ def plan_pool(num_actors: int, cpus_per_actor: float, resources: dict[str, float
     gpus_per_actor None: 1 when the cluster has GPUs, else 0. With GPUs, at most as many actors as
     GPUs fit. CPUs per actor are cut so all actors fit in the cluster's CPUs at once."""
     if num_actors < 1 or cpus_per_actor <= 0:
-        raise ValueError(f"need num_actors >= 1 and cpus_per_actor > 0, got {num_actors} and {cpus_per_actor}")
+        raise ConfigError(f"need num_actors >= 1 and cpus_per_actor > 0, got {num_actors} and {cpus_per_actor}")
     total_cpus = float(resources.get("CPU", 0.0))
     total_gpus = float(resources.get("GPU", 0.0))
     if total_cpus <= 0:

@@ -39,13 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from nanochat.errors import ConfigError, NanochatError
+
 Resources = dict[str, float]  # resource name -> amount, e.g. {"CPU": 8, "GPU": 1}
 BOOTSTRAP_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # written by `ray up` on the head
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _EPS = 1e-9
 
 
-class UnplaceableError(ValueError):
+class UnplaceableError(NanochatError, ValueError):
     """A stage asks for more than the cluster can ever provide (a ValueError: bad input, not a crash)."""
 
 
@@ -59,17 +61,17 @@ class Demand:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"placement strategy {self.strategy!r} of stage {self.stage} is not one of {STRATEGIES}")
+            raise ConfigError(f"placement strategy {self.strategy!r} of stage {self.stage} is not one of {STRATEGIES}")
         for b in self.bundles:
             bad = {k: v for k, v in b.items() if not isinstance(v, int | float) or v < 0 or math.isnan(v)}
             if bad:
-                raise ValueError(f"stage {self.stage} asks for invalid amounts {bad}: amounts are numbers >= 0")
+                raise ConfigError(f"stage {self.stage} asks for invalid amounts {bad}: amounts are numbers >= 0")
 
     @classmethod
     def workers(cls, stage: str, num_workers: int, per_worker: Resources, strategy: str = "PACK") -> Demand:
         """`num_workers` identical bundles, e.g. a TorchTrainer's ScalingConfig (its controller takes 0 CPU)."""
         if num_workers < 1:
-            raise ValueError(f"stage {stage} asks for {num_workers} workers; it needs at least 1")
+            raise ConfigError(f"stage {stage} asks for {num_workers} workers; it needs at least 1")
         return cls(stage, tuple(dict(per_worker) for _ in range(num_workers)), strategy)
 
     def total(self) -> Resources:
@@ -242,13 +244,13 @@ def node_types_from_config(config: str | Path | dict) -> tuple[Resources, dict[s
         return (*_from_kuberay(config, where), where)
     types = config.get("available_node_types")
     if not types or config.get("head_node_type") not in types:
-        raise ValueError(f"{where} is neither a cluster launcher config (available_node_types + head_node_type) "
+        raise ConfigError(f"{where} is neither a cluster launcher config (available_node_types + head_node_type) "
                          "nor a KubeRay RayCluster/RayJob manifest")
     out = {}
     for name, t in types.items():
         res = {k: float(v) for k, v in (t.get("resources") or {}).items()}
         if name != config["head_node_type"] and not res:
-            raise ValueError(f"node type {name} in {where} declares no `resources`; write them out (e.g. "
+            raise ConfigError(f"node type {name} in {where} declares no `resources`; write them out (e.g. "
                              "{CPU: 32, GPU: 8}) so the placement check knows what the autoscaler can add")
         out[name] = NodeType(name, res, int(t.get("max_workers", config.get("max_workers", 0))))
     head = out.pop(config["head_node_type"]).resources
@@ -274,7 +276,7 @@ def _group_resources(group: dict, where: str) -> Resources:
     cpu = params.get("num-cpus", limits.get("cpu"))
     gpu = params.get("num-gpus", limits.get("nvidia.com/gpu"))
     if cpu is None and gpu is None:
-        raise ValueError(f"{where}: no cpu/gpu limits and no num-cpus/num-gpus, so its resources are unknown")
+        raise ConfigError(f"{where}: no cpu/gpu limits and no num-cpus/num-gpus, so its resources are unknown")
     res: Resources = {}
     if cpu is not None:
         res["CPU"] = float(math.floor(_k8s_quantity(cpu)))  # Ray rounds a fractional CPU limit down

@@ -62,6 +62,7 @@ from nanochat import checkpoint as ckpt
 from nanochat import rl
 from nanochat.common import DistInfo, autocast_context, compute_dtype
 from nanochat.engine import Engine, SamplingParams, ToolUse
+from nanochat.errors import ConfigError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tasks import GSM8K, Task, training_mixture
 from nanochat.tasks.sources import hub_reachable
@@ -135,7 +136,7 @@ def make_task(kind: str, split: Literal["train", "eval"], offline: bool | None) 
 
         return EndLetter(size=4096 if split == "train" else 256, split="train" if split == "train" else "heldout")
     if kind != "gsm8k":
-        raise ValueError(f"unknown RL task {kind!r}: use 'gsm8k' or 'toy'")
+        raise ConfigError(f"unknown RL task {kind!r}: use 'gsm8k' or 'toy'")
     offline = not hub_reachable() if offline is None else offline
     if split == "train":
         return training_mixture("rl", offline)
@@ -500,7 +501,7 @@ class RLRun:
             limit = len(task) if split == "train" else min(len(task), self.spec.eval_examples)
             fits = [i for i in range(len(task)) if len(tokenizer.render_for_completion(task.get(i))) < context]
             if not fits:
-                raise ValueError(f"no prompt of {task.describe()} fits the engine context of {context} tokens; "
+                raise ConfigError(f"no prompt of {task.describe()} fits the engine context of {context} tokens; "
                                  "raise max_seq_len")
             self.items[split] = fits[:limit]
             if len(fits) < len(task) and split == "train":

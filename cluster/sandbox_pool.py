@@ -32,6 +32,7 @@ from typing import Any
 
 import ray
 
+from nanochat.errors import ConfigError
 from nanochat.humaneval_check import CheckResult, check_completion
 from nanochat.sandbox import ExecResult, Sandbox, SandboxLimits, format_tool_output
 
@@ -77,7 +78,7 @@ class SandboxPool:
         size it for how much sandboxed work a node may take); max_concurrency: executions at once
         per actor; limits: per-execution limits (nanochat.sandbox.SandboxLimits)."""
         if num_actors < 1 or max_concurrency < 1 or num_cpus < 0:
-            raise ValueError(f"need num_actors >= 1, max_concurrency >= 1 and num_cpus >= 0, got "
+            raise ConfigError(f"need num_actors >= 1, max_concurrency >= 1 and num_cpus >= 0, got "
                              f"{num_actors}, {max_concurrency} and {num_cpus}")
         if not ray.is_initialized():
             raise SandboxPoolError("Ray is not initialised: call ray.init() (or run as a Ray job) before SandboxPool")
@@ -131,7 +132,7 @@ class SandboxPool:
         for i, p in enumerate(problems):
             missing = {"prompt", "completion", "test", "entry_point"} - set(p)
             if missing:
-                raise ValueError(f"problem {i} lacks {sorted(missing)}; give prompt, completion, test and entry_point")
+                raise ConfigError(f"problem {i} lacks {sorted(missing)}; give prompt, completion, test and entry_point")
         return self._dispatch("check_humaneval", [(dict(p), timeout_s) for p in problems], "checking HumanEval")
 
     def close(self) -> None:

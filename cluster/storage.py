@@ -38,6 +38,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from nanochat.dataset import nanochat_home
+from nanochat.errors import NanochatError
 
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
@@ -45,14 +46,14 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STAGE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
-class StorageError(RuntimeError):
+class StorageError(NanochatError, ValueError):
     """A storage URI that cannot be used (unknown scheme, not writable, missing output)."""
 
 
 def validate_run_id(run: str) -> str:
-    """Return `run` if it is a safe directory name, else raise a ValueError that says why."""
+    """Return `run` if it is a safe directory name, else raise a StorageError (a ValueError) that says why."""
     if not isinstance(run, str) or not _RUN_ID.match(run) or run in {".", ".."} or ".." in run:
-        raise ValueError(
+        raise StorageError(
             f"run id {run!r} is not allowed: use 1-64 letters, digits, '_', '-' or '.', starting "
             "with a letter or digit, and no path characters ('/', '..', spaces)"
         )
@@ -159,7 +160,7 @@ class RunStorage:
     def stage_path(self, stage: str) -> str:
         """Path of a stage directory inside `self.fs`."""
         if not _STAGE.match(stage):
-            raise ValueError(f"stage name {stage!r} is not a valid directory name")
+            raise StorageError(f"stage name {stage!r} is not a valid directory name")
         return f"{self.root}/{stage}"
 
     def stage_uri(self, stage: str) -> str:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from nanochat.dataset import TEXT_COLUMN, iter_documents
+from nanochat.dataset import TEXT_COLUMN, ShardError, iter_documents
 
 
 def _crop(batch: pa.Table, doc_cap: int) -> pa.Table:
@@ -52,7 +52,7 @@ def read_budgeted_text(shards: list[str], *, doc_cap: int, max_chars: int, min_b
     )
     k = _budget_count(lengths, max_chars)
     if k == 0 or int(lengths[:k].sum()) == 0:
-        raise ValueError(f"no text to train on: the shards {shards[:3]} hold no non-empty documents")
+        raise ShardError(f"no text to train on: the shards {shards[:3]} hold no non-empty documents")
     ds = ds.limit(k).select_columns([TEXT_COLUMN]).repartition(max(min_blocks, 1))
     return ds, k, int(lengths[:k].sum())
 

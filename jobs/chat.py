@@ -27,8 +27,10 @@ import pyarrow.fs as pafs
 import torch
 
 from cluster.storage import RunStorage
+from jobs.cli import entrypoint
 from nanochat.checkpoint import load_model
 from nanochat.engine import Engine, IncrementalDecoder, SamplingParams, ToolUse
+from nanochat.errors import NanochatError
 from nanochat.sandbox import Sandbox, format_tool_output
 from nanochat.tokenizer import Tokenizer
 
@@ -36,7 +38,7 @@ CHAT_STAGES = ("pretrain", "midtrain", "sft", "rl")
 _STYLE = {"python": "\033[2;36m", "output": "\033[2;33m", "reset": "\033[0m"}  # dim cyan / dim yellow
 
 
-class ChatError(RuntimeError):
+class ChatError(NanochatError, RuntimeError):
     """Something the user has to fix before chatting (missing checkpoint, bad storage)."""
 
 
@@ -94,11 +96,11 @@ class ChatSession:
 
     def respond(self, text: str) -> dict[str, Any]:
         """Add the user's message, stream the answer to `out`, add and return the assistant message.
-        Raises ValueError (the conversation stays as it was) when it no longer fits the context."""
+        Raises ChatError (the conversation stays as it was) when it no longer fits the context."""
         conversation = {"messages": [*self.messages, {"role": "user", "content": text}]}
         prompt = self.tokenizer.render_for_completion(conversation)
         if len(prompt) >= self.engine.max_seq_len:
-            raise ValueError(f"the conversation is {len(prompt)} tokens, the model's context is "
+            raise ChatError(f"the conversation is {len(prompt)} tokens, the model's context is "
                              f"{self.engine.max_seq_len}: type 'clear' to start a new one")
         parts: list[tuple[str, list[int]]] = [("text", [])]  # (kind, token ids) segments
         decoder = IncrementalDecoder(self.token_bytes)
@@ -224,7 +226,7 @@ def interact(session: ChatSession, stdin: TextIO, out: TextIO) -> None:
         out.write("Assistant: ")
         try:
             session.respond(text)
-        except ValueError as e:
+        except ChatError as e:
             out.write(f"\n[{e}]")
         out.write("\n")
 
@@ -243,14 +245,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k)
-        model, tokenizer = load_chat_model(args.run, args.stage, args.storage, pick_device(args.device))
-    except (ChatError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # the engine's own check of the sampling flags
+        raise ChatError(str(e)) from None
+    model, tokenizer = load_chat_model(args.run, args.stage, args.storage, pick_device(args.device))
     session = build_session(model, tokenizer, args, sys.stdout, sys.stderr)
     try:
         if args.prompt is None:
@@ -259,9 +261,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         session.respond(args.prompt)
         sys.stdout.write("\n")
         return 0
-    except ValueError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         return 130

@@ -7,14 +7,13 @@ midtraining packs 256 rows per step at full lr; its SFT takes 32 padded conversa
 
 from __future__ import annotations
 
-import sys
 from typing import Literal
 
 from pydantic import Field
 
 from cluster.chat_train import run_chat_stage, settings_from
-from cluster.storage import RunStorage, StorageError
-from jobs.config import ConfigError, TrainingConfig, load_stage_config, stage_argparser
+from cluster.storage import RunStorage
+from jobs.config import TrainingConfig, load_stage_config, stage_argparser
 from nanochat.chat_data import Layout
 
 
@@ -46,20 +45,16 @@ class ChatStageConfig(TrainingConfig):
 
 def run_main(config_cls: type[ChatStageConfig], stage: str, previous: str, layout: Layout, description: str,
              argv: list[str] | None = None) -> int:
-    """The command line of a chat stage: load the config, skip a complete stage, train, print a summary;
-    bad input ends with exit code 2 and a message naming the problem."""
+    """The command line of a chat stage: load the config, skip a complete stage, train, print a summary.
+    Bad input raises a NanochatError, which the stage's `@entrypoint` main turns into exit code 2."""
     args = stage_argparser(stage, description).parse_args(argv)
-    try:
-        cfg = load_stage_config(config_cls, stage, args.preset, args.overrides)
-        storage = RunStorage(args.run, args.storage)
-        if storage.is_complete(stage) and not args.force:
-            print(f"{stage} of run {args.run} is complete ({storage.stage_uri(stage)}); --force to redo it")
-            return 0
-        meta = run_chat_stage(storage, settings_from(stage, previous, layout, cfg.model_dump()),
-                              config={"preset": args.preset, **cfg.model_dump()}, force=args.force)
-    except (ConfigError, StorageError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_stage_config(config_cls, stage, args.preset, args.overrides)
+    storage = RunStorage(args.run, args.storage)
+    if storage.is_complete(stage) and not args.force:
+        print(f"{stage} of run {args.run} is complete ({storage.stage_uri(stage)}); --force to redo it")
+        return 0
+    meta = run_chat_stage(storage, settings_from(stage, previous, layout, cfg.model_dump()),
+                          config={"preset": args.preset, **cfg.model_dump()}, force=args.force)
     m = meta["metrics"]
     bpb = f", val bpb {m['val_bpb']:.4f}" if m.get("val_bpb") is not None else ""
     print(f"{stage} done: step {m['final_step']}{bpb}, model at {meta['model']}")

@@ -22,13 +22,11 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nanochat.errors import ConfigError  # re-exported: jobs import it from here
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 C = TypeVar("C", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A preset, override or config value that cannot be used; the message says which."""
 
 
 class StageConfig(BaseModel):

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import entrypoint
 from nanochat import dataset
 from nanochat.datapack import build_embedded_pack, pack_status
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.data", description=__doc__.splitlines()[0])
     p.add_argument("--source", default="embedded", help="embedded | fineweb")
@@ -28,19 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="embedded: rebuild even if the pack is complete")
     p.add_argument("--check", action="store_true", help="verify the embedded pack and exit")
     args = p.parse_args(argv)
-    try:
-        source = dataset.get_source(args.source)
-        if args.check:
-            status = pack_status(args.dest, full=True)
-            print(f"embedded pack: {'ok' if status.ok else 'NOT ok'}: {status.reason}")
-            return 0 if status.ok else 1
-        if source.name == "embedded":
-            path = build_embedded_pack(args.dest, force=args.force)
-        else:
-            path = dataset.download_fineweb(args.num_shards, args.dest, workers=args.workers)
-    except (dataset.SourceUnavailableError, dataset.ShardError, dataset.DownloadError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    source = dataset.get_source(args.source)
+    if args.check:
+        status = pack_status(args.dest, full=True)
+        where = status.directory
+        if status.ok:
+            print(f"embedded pack at {where}: ok ({len(status.manifest['files'])} shards and "
+                  f"{len(status.manifest['eval_files'])} evaluation files match the manifest's sizes and sha256)")
+            return 0
+        print(f"embedded pack at {where}: NOT ok: {status.reason}\n"
+              f"  rebuild it with `python -m jobs.data --source embedded`", file=sys.stderr)
+        return 1
+    if source.name == "embedded":
+        path = build_embedded_pack(args.dest, force=args.force)
+    else:
+        path = dataset.download_fineweb(args.num_shards, args.dest, workers=args.workers)
     shards = dataset.list_shards(str(path))
     print(f"{source.name} data ready: {path} ({len(shards)} shards, last one is validation)")
     return 0

@@ -42,11 +42,12 @@ from pydantic import Field
 from cluster.eval_pool import EvalPool, EvalPoolError, load_from_storage, plan_pool
 from cluster.sandbox_pool import SandboxPool, SandboxPoolError
 from cluster.storage import RunStorage, StorageError, git_commit, write_text_atomic
-from jobs.config import ConfigError, StageConfig, load_stage_config, stage_argparser
+from jobs.cli import entrypoint
+from jobs.config import StageConfig, load_stage_config, stage_argparser
 from nanochat import chat_eval
 from nanochat.core_eval import build_requests, core_results, score_requests
 from nanochat.core_tasks import CoreSelection, select_core_tasks
-from nanochat.dataset import DownloadError, SourceUnavailableError, get_source, list_shards, train_val_split
+from nanochat.dataset import get_source, list_shards, train_val_split
 from nanochat.evaluation import SAMPLE_PROMPTS, aggregate, sample_completions, val_bpb
 from nanochat.tasks import Task, eval_tasks
 
@@ -243,6 +244,7 @@ def print_summary(doc: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     p = stage_argparser("evaluate", __doc__.splitlines()[0])
     p.add_argument("--stage", required=True, choices=EVALUATED_STAGES, help="which stage's model to evaluate")
@@ -266,10 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         doc = evaluate(storage, args.stage, cfg, work)
         storage.fs.create_dir(out_dir, recursive=True)
         write_text_atomic(storage.fs, out, json.dumps(doc, indent=2, default=str))  # last: the completion marker
-    except (ConfigError, StorageError, EvalPoolError, SandboxPoolError, SourceUnavailableError, DownloadError,
-            FileNotFoundError, ValueError) as e:
+    except (EvalPoolError, SandboxPoolError) as e:  # the pool failed: say so without the actors' tracebacks
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     print_summary(doc)
     return 0
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 
 from jobs.chat_stage import ChatStageConfig, run_main
+from jobs.cli import entrypoint
 
 STAGE, PREVIOUS = "midtrain", "pretrain"
 
@@ -28,6 +29,7 @@ class MidtrainConfig(ChatStageConfig):
     """Midtraining: the seed's defaults (256 packed rows per step, full lr, warmdown over the last 20%)."""
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     return run_main(MidtrainConfig, STAGE, PREVIOUS, "pack", __doc__.splitlines()[0], argv)
 

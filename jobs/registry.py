@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cluster.storage import RunStorage
+from jobs.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def get_stage(name: str) -> Stage:
     for s in STAGES:
         if s.name == name:
             return s
-    raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(s.name for s in STAGES) or '(none)'}")
+    raise ConfigError(f"unknown stage {name!r}; known stages: {', '.join(s.name for s in STAGES) or '(none)'}")
 
 
 def select(names: list[str] | None) -> list[Stage]:

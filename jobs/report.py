@@ -18,8 +18,9 @@ import sys
 
 from pydantic import Field
 
-from cluster.storage import RunStorage, StorageError, git_commit, software_versions
-from jobs.config import ConfigError, StageConfig, load_stage_config, stage_argparser
+from cluster.storage import RunStorage, git_commit, software_versions
+from jobs.cli import entrypoint
+from jobs.config import StageConfig, load_stage_config, stage_argparser
 from nanochat.report import STAGE_ORDER, RunRecord, make_plots, render_report
 
 
@@ -60,22 +61,19 @@ def hardware() -> str:
     return f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), no GPU"
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     args = stage_argparser("report", __doc__.splitlines()[0]).parse_args(argv)
-    try:
-        cfg = load_stage_config(ReportConfig, "report", args.preset, args.overrides)
-        storage = RunStorage(args.run, args.storage)
-        rec = read_run(storage)
-        with storage.writer("report", cfg.model_dump()) as w:
-            plots = make_plots(rec, w.path)
-            text = render_report(rec, hourly_rate=cfg.hourly_rate, plots=plots, hardware=hardware(),
-                                 versions=software_versions(), git_commit=git_commit())
-            (w.path / "report.md").write_text(text)
-            w.metrics["stages"] = len(rec.metas)
-            w.commit()
-    except (ConfigError, StorageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_stage_config(ReportConfig, "report", args.preset, args.overrides)
+    storage = RunStorage(args.run, args.storage)
+    rec = read_run(storage)
+    with storage.writer("report", cfg.model_dump()) as w:
+        plots = make_plots(rec, w.path)
+        text = render_report(rec, hourly_rate=cfg.hourly_rate, plots=plots, hardware=hardware(),
+                             versions=software_versions(), git_commit=git_commit())
+        (w.path / "report.md").write_text(text)
+        w.metrics["stages"] = len(rec.metas)
+        w.commit()
     print(text)
     print(f"[report] written to {storage.stage_uri('report')}/report.md")
     return 0

@@ -27,10 +27,11 @@ import pyarrow.fs as pafs
 import ray
 from pydantic import Field, model_validator
 
-from cluster.resources import ClusterDescription, Demand, UnplaceableError, check_placeable, describe_cluster
-from cluster.rl import STAGE, RLRun, RLSpec, WeightSyncError, make_task
+from cluster.resources import ClusterDescription, Demand, check_placeable, describe_cluster
+from cluster.rl import STAGE, RLRun, RLSpec, make_task
 from cluster.storage import RunStorage, StorageError, resolve_storage
-from jobs.config import ConfigError, StageConfig, load_stage_config, stage_argparser
+from jobs.cli import entrypoint
+from jobs.config import StageConfig, load_stage_config, stage_argparser
 from nanochat.checkpoint import CONFIG_FILE, TOKENIZER_DIR
 from nanochat.tasks.sources import hub_reachable
 
@@ -186,18 +187,15 @@ def run_rl(cfg: RLConfig, storage: RunStorage, config: dict[str, Any], force: bo
         return writer.commit()
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     args = stage_argparser("rl", __doc__.splitlines()[0]).parse_args(argv)
-    try:
-        cfg = load_stage_config(RLConfig, "rl", args.preset, args.overrides)
-        storage = RunStorage(args.run, args.storage)
-        if storage.is_complete(STAGE) and not args.force:
-            print(f"rl of run {args.run} is complete ({storage.stage_uri(STAGE)}); --force to redo it")
-            return 0
-        meta = run_rl(cfg, storage, {"preset": args.preset, **cfg.model_dump()}, force=args.force)
-    except (ConfigError, StorageError, UnplaceableError, WeightSyncError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_stage_config(RLConfig, "rl", args.preset, args.overrides)
+    storage = RunStorage(args.run, args.storage)
+    if storage.is_complete(STAGE) and not args.force:
+        print(f"rl of run {args.run} is complete ({storage.stage_uri(STAGE)}); --force to redo it")
+        return 0
+    meta = run_rl(cfg, storage, {"preset": args.preset, **cfg.model_dump()}, force=args.force)
     m = meta["metrics"]
     print(f"rl done: step {m['final_step']}, reward {m.get('reward_mean_first', 0):.3f} -> "
           f"{m.get('reward_mean_last', 0):.3f}, pass@1 {m.get('pass_at_1', float('nan')):.3f}, model at {meta['model']}")

@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cluster.storage import RunStorage, StorageError
+from cluster.storage import RunStorage
+from jobs.cli import entrypoint
 from jobs.config import ConfigError, load_preset, parse_overrides, stage_argparser
 from serve_app.config import ServeConfig
 
@@ -78,18 +79,15 @@ def serve_config_yaml(config: ServeConfig) -> str:
     return note + yaml.safe_dump(doc, sort_keys=False)
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     p = stage_argparser("serve", __doc__.splitlines()[0])
     p.add_argument("--stage", dest="stages", action="append", choices=SERVABLE,
                    help="stage whose exported model to serve (repeatable; default sft)")
     p.add_argument("--print-serve-config", action="store_true", help="print a Serve config YAML and exit")
     args = p.parse_args(argv)
-    try:
-        storage = RunStorage(args.run, args.storage)
-        config = build_config(args.preset, args.overrides, model_specs(storage, args.stages or ["sft"]))
-    except (ConfigError, StorageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    storage = RunStorage(args.run, args.storage)
+    config = build_config(args.preset, args.overrides, model_specs(storage, args.stages or ["sft"]))
     if args.print_serve_config:
         print(serve_config_yaml(config), end="")
         return 0

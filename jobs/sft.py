@@ -22,6 +22,7 @@ import sys
 from pydantic import Field
 
 from jobs.chat_stage import ChatStageConfig, run_main
+from jobs.cli import entrypoint
 
 STAGE, PREVIOUS = "sft", "midtrain"
 
@@ -40,6 +41,7 @@ class SftConfig(ChatStageConfig):
     checkpoint_every: int = Field(200, description="steps between checkpoints (<= 0: end only)")
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     return run_main(SftConfig, STAGE, PREVIOUS, "pad", __doc__.splitlines()[0], argv)
 

@@ -25,7 +25,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from cluster.storage import RunStorage
-from jobs.config import ConfigError, StageConfig, data_location, load_stage_config, stage_argparser
+from jobs.cli import entrypoint
+from jobs.config import StageConfig, data_location, load_stage_config, stage_argparser
 from nanochat import dataset
 
 
@@ -87,7 +88,7 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
     shards = dataset.list_shards(data)
     train, val = dataset.train_val_split(shards)
     if not train:
-        raise ValueError(f"no training shards under {data}: need at least 2 shards (the last is validation)")
+        raise dataset.ShardError(f"no training shards under {data}: need at least 2 shards (the last is validation)")
     with storage.writer("tokenizer", {**cfg.model_dump(), "data": data}) as w:
         with w.phase("read"):
             text, n_docs, n_chars = read_budgeted_text(train, doc_cap=cfg.doc_cap, max_chars=cfg.max_chars,
@@ -116,22 +117,19 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
     return meta
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     args = stage_argparser("tokenizer", __doc__.splitlines()[0]).parse_args(argv)
-    try:
-        cfg = load_stage_config(TokenizerConfig, "tokenizer", args.preset, args.overrides)
-        storage = RunStorage(args.run, args.storage)
-        if storage.is_complete("tokenizer") and not args.force:
-            print(f"tokenizer of run {args.run} is complete ({storage.stage_uri('tokenizer')}); --force reruns it")
-            return 0
-        data = data_location(args.preset, cfg.data)
-        import ray
+    cfg = load_stage_config(TokenizerConfig, "tokenizer", args.preset, args.overrides)
+    storage = RunStorage(args.run, args.storage)
+    if storage.is_complete("tokenizer") and not args.force:
+        print(f"tokenizer of run {args.run} is complete ({storage.stage_uri('tokenizer')}); --force reruns it")
+        return 0
+    data = data_location(args.preset, cfg.data)
+    import ray
 
-        ray.init(log_to_driver=True)
-        meta = run_tokenizer(cfg, storage, data)
-    except (ConfigError, ValueError, FileNotFoundError, dataset.ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ray.init(log_to_driver=True)
+    meta = run_tokenizer(cfg, storage, data)
     print(f"tokenizer: vocab {meta['metrics']['vocab_size']}, {meta['metrics']['chars']:,} chars, "
           f"{meta['counting']['tasks']} counting tasks over {meta['counting']['blocks']} blocks, "
           f"phases {meta['timings']} -> {storage.stage_uri('tokenizer')}")

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 
 from nanochat.dataloader import DataPosition
+from nanochat.errors import ConfigError
 from nanochat.tasks import SEED, Task, TaskMixture, check_disjoint, eval_tasks, get_task, training_mixture
 
 Layout = Literal["pack", "pad"]
@@ -63,7 +64,7 @@ def conversations(task: Task, indices: Sequence[int], tokenizer: Any, max_tokens
     (None: endless); g reads task item indices[g % len(indices)]. Cropped to max_tokens; those
     without a target are skipped."""
     if not indices:
-        raise ValueError(f"no training conversations in {task.describe()}: the mixture is empty")
+        raise ConfigError(f"no training conversations in {task.describe()}: the mixture is empty")
     stats = stats if stats is not None else StreamStats()
     g = start.item
     while stop is None or g < stop:
@@ -85,7 +86,7 @@ def build_rows(stream: Iterator[Rendered], layout: Layout, row_len: int,
     stream of conversations no longer than row_len: one per row ("pad"), or whole conversations
     in order while they fit ("pack"). A finite stream ends with its last, partly filled row."""
     if layout not in ("pack", "pad"):
-        raise ValueError(f"layout must be 'pack' (midtrain) or 'pad' (SFT), got {layout!r}")
+        raise ConfigError(f"layout must be 'pack' (midtrain) or 'pad' (SFT), got {layout!r}")
     pending = next(stream, None)
     while pending is not None:
         g, ids, mask = pending
@@ -158,7 +159,7 @@ def parse_task_spec(spec: str) -> Task:
     for option in options:
         key, eq, value = (x.strip() for x in option.partition("="))
         if not eq or not key:
-            raise ValueError(f"task spec {spec!r}: option {option!r} must look like key=value")
+            raise ConfigError(f"task spec {spec!r}: option {option!r} must look like key=value")
         kwargs[key] = int(value) if value.lstrip("-").isdigit() else value
     return get_task(name.strip(), **kwargs)
 
@@ -170,9 +171,9 @@ class ChatData:
     def __init__(self, stage: str, layout: Layout, *, offline: bool | None = None,
                  tasks: Sequence[str] | None = None, seed: int = SEED, val_conversations: int = 0) -> None:
         if layout not in ("pack", "pad"):
-            raise ValueError(f"layout must be 'pack' (midtrain) or 'pad' (SFT), got {layout!r}")
+            raise ConfigError(f"layout must be 'pack' (midtrain) or 'pad' (SFT), got {layout!r}")
         if val_conversations < 0:
-            raise ValueError(f"val_conversations must be >= 0, got {val_conversations}")
+            raise ConfigError(f"val_conversations must be >= 0, got {val_conversations}")
         self.stage, self.layout, self.offline, self.seed = stage, layout, offline, seed
         self.tasks = list(tasks) if tasks is not None else None
         self.val_conversations = val_conversations
@@ -187,7 +188,7 @@ class ChatData:
             if self.tasks is None:
                 self._mixture = training_mixture(self.stage, self.offline, seed=self.seed)
             elif not self.tasks:
-                raise ValueError(f"the {self.stage} mixture lists no tasks: name at least one (or leave "
+                raise ConfigError(f"the {self.stage} mixture lists no tasks: name at least one (or leave "
                                  "`tasks` unset for the stage's own mixture)")
             else:
                 self._mixture = TaskMixture([parse_task_spec(s) for s in self.tasks], seed=self.seed)
@@ -198,10 +199,10 @@ class ChatData:
         mixture = self.mixture()
         n = len(mixture)
         if n == 0:
-            raise ValueError(f"the {self.stage} mixture has zero conversations ({mixture.describe()}): "
+            raise ConfigError(f"the {self.stage} mixture has zero conversations ({mixture.describe()}): "
                              "check its tasks, their slices and their data")
         if self.val_conversations >= n:
-            raise ValueError(f"val_conversations {self.val_conversations} leaves nothing to train on in the "
+            raise ConfigError(f"val_conversations {self.val_conversations} leaves nothing to train on in the "
                              f"{self.stage} mixture of {n} conversations: lower it")
         cut = n - self.val_conversations
         return list(range(cut)), list(range(cut, n))

@@ -44,6 +44,7 @@ import torch
 
 from nanochat.common import autocast_context
 from nanochat.core_eval import option_credit
+from nanochat.errors import ConfigError
 from nanochat.evaluation import EvalState, ItemResult, TaskTotals, centred_mean
 from nanochat.tasks import HumanEval, Task
 from nanochat.tasks.base import assistant_text
@@ -91,10 +92,10 @@ class SampleSettings:
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {self.num_samples} and "
+            raise ConfigError(f"num_samples and max_new_tokens must be >= 1, got {self.num_samples} and "
                              f"{self.max_new_tokens}")
         if self.num_samples > 1 and self.temperature == 0:
-            raise ValueError(f"{self.num_samples} samples at temperature 0 would all be the same greedy answer: "
+            raise ConfigError(f"{self.num_samples} samples at temperature 0 would all be the same greedy answer: "
                              "set a temperature > 0 or num_samples = 1")
 
 
@@ -107,9 +108,9 @@ def select_tasks(tasks: dict[str, Task], names: Sequence[str] | None) -> dict[st
         return dict(tasks)
     unknown = [n for n in names if n not in tasks]
     if unknown:
-        raise ValueError(f"unknown chat task(s) {unknown}: the chat evaluation tasks are {', '.join(tasks)}")
+        raise ConfigError(f"unknown chat task(s) {unknown}: the chat evaluation tasks are {', '.join(tasks)}")
     if not names:
-        raise ValueError(f"no chat task selected: name at least one of {', '.join(tasks)}")
+        raise ConfigError(f"no chat task selected: name at least one of {', '.join(tasks)}")
     return {n: tasks[n] for n in names}
 
 
@@ -125,9 +126,9 @@ def chat_requests(tasks: dict[str, Task], max_per_task: int | None = None, seed:
     requests = []
     for name, task in tasks.items():
         if task.eval_type is None:
-            raise ValueError(f"task {name!r} ({task.describe()}) is training-only: it has no answers to evaluate")
+            raise ConfigError(f"task {name!r} ({task.describe()}) is training-only: it has no answers to evaluate")
         if len(task) == 0:
-            raise ValueError(f"chat task {name!r} has zero items ({task.describe()}): check its source")
+            raise ConfigError(f"chat task {name!r} has zero items ({task.describe()}): check its source")
         requests += [ChatRequest(name, i, task.get(i), task.eval_type)
                      for i in select_indices(len(task), max_per_task, seed)]
     return requests
@@ -138,12 +139,12 @@ def format_requests(tasks: dict[str, Task], num_items: int, seed: int = SELECT_S
     categorical tasks (in name order), each a seeded sample; index = position in the format set."""
     mc = {n: t for n, t in sorted(tasks.items()) if t.eval_type == "categorical"}
     if not mc:
-        raise ValueError(f"the format metric needs a multiple-choice task; the tasks are {', '.join(tasks)}")
+        raise ConfigError(f"the format metric needs a multiple-choice task; the tasks are {', '.join(tasks)}")
     shares = [num_items // len(mc) + (1 if k < num_items % len(mc) else 0) for k in range(len(mc))]
     requests: list[ChatRequest] = []
     for (name, task), share in zip(mc.items(), shares, strict=True):
         if share > len(task):
-            raise ValueError(f"the format metric wants {share} items of {name!r}, which has {len(task)}")
+            raise ConfigError(f"the format metric wants {share} items of {name!r}, which has {len(task)}")
         for i in select_indices(len(task), share, seed):
             requests.append(ChatRequest(FORMAT_TASK, len(requests), task.get(i), "format"))
     return requests

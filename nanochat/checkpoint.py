@@ -29,6 +29,7 @@ import torch
 
 from nanochat.adamw import ShardedOptimizer, load_optimizer_shards, optimizer_shard_state
 from nanochat.common import DistInfo
+from nanochat.errors import NanochatError, NotFoundError
 from nanochat.gpt import GPT, GPTConfig
 
 MODEL_FILE = "model.pt"
@@ -46,7 +47,7 @@ def data_file(rank: int) -> str:
     return f"data_rank{rank:05d}.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NanochatError, ValueError):
     """A checkpoint that cannot be used: incomplete, or saved for another model."""
 
 
@@ -177,7 +178,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device) -> tupl
     "tokenizer_dir", the tokenizer directory next to the weights (None if absent)."""
     d = Path(directory)
     if not (d / CONFIG_FILE).is_file() or not (d / MODEL_FILE).is_file():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"no exported model at {d}: {CONFIG_FILE} and {MODEL_FILE} are needed (run the pretrain stage)"
         )
     meta = json.loads((d / CONFIG_FILE).read_text())

@@ -52,6 +52,7 @@ import yaml
 
 from nanochat.common import autocast_context
 from nanochat.dataset import DownloadError, SourceUnavailableError, check_reachable
+from nanochat.errors import ConfigError, NotFoundError
 from nanochat.evaluation import EvalState, ItemResult, TaskTotals, centred_mean
 
 TaskType = Literal["multiple_choice", "schema", "language_modeling"]
@@ -73,9 +74,9 @@ class TaskMeta:
 
     def __post_init__(self) -> None:
         if self.task_type not in TASK_TYPES:
-            raise ValueError(f"task {self.label!r}: unknown task type {self.task_type!r}; use one of {TASK_TYPES}")
+            raise ConfigError(f"task {self.label!r}: unknown task type {self.task_type!r}; use one of {TASK_TYPES}")
         if self.num_fewshot < 0 or not 0.0 <= self.random_baseline < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"task {self.label!r}: num_fewshot must be >= 0 (got {self.num_fewshot}) and the random "
                 f"baseline a fraction in [0, 1) (got {self.random_baseline})"
             )
@@ -133,7 +134,7 @@ def fewshot_indices(num_items: int, index: int, k: int, seed: int = FEWSHOT_SEED
     if k == 0:
         return []
     if num_items - 1 < k:
-        raise ValueError(f"{k}-shot needs at least {k + 1} items in the task, it has {num_items}")
+        raise ConfigError(f"{k}-shot needs at least {k + 1} items in the task, it has {num_items}")
     others = [i for i in range(num_items) if i != index]
     return random.Random(seed + index).sample(others, k)
 
@@ -151,7 +152,7 @@ def build_requests(task: CoreTask, max_items: int | None = None) -> list[CoreReq
     """Render the (capped) items of a task; few-shot examples come from the whole task."""
     meta, items = task.meta, task.items
     if not items:
-        raise ValueError(f"task {meta.label!r} has no items")
+        raise ConfigError(f"task {meta.label!r} has no items")
     requests = []
     for i in select_items(len(items), max_items):
         shots = [items[j] for j in fewshot_indices(len(items), i, meta.num_fewshot)]
@@ -279,7 +280,7 @@ def load_bundle_tasks(bundle_dir: str | Path, labels: Sequence[str] | None = Non
     Random baselines are read from eval_meta_data.csv (percent) and stored as fractions."""
     root = Path(bundle_dir)
     if not (root / "core.yaml").is_file():
-        raise FileNotFoundError(f"no eval bundle at {root}: core.yaml is missing (see ensure_bundle)")
+        raise NotFoundError(f"no eval bundle at {root}: core.yaml is missing (see ensure_bundle)")
     config = yaml.safe_load((root / "core.yaml").read_text())
     with open(root / "eval_meta_data.csv", newline="", encoding="utf-8") as f:
         baselines = {row["Eval Task"]: float(row["Random baseline"]) / 100.0 for row in csv.DictReader(f)}
@@ -287,7 +288,7 @@ def load_bundle_tasks(bundle_dir: str | Path, labels: Sequence[str] | None = Non
     known = [e["label"] for e in entries]
     unknown = sorted(set(labels or ()) - set(known))
     if unknown:
-        raise ValueError(f"unknown CORE task(s) {unknown}: the bundle at {root} has {known}")
+        raise ConfigError(f"unknown CORE task(s) {unknown}: the bundle at {root} has {known}")
     tasks = []
     for entry in entries:
         if labels is not None and entry["label"] not in labels:

@@ -26,6 +26,7 @@ from typing import Any
 
 from nanochat.core_eval import EVAL_BUNDLE_URL, CoreTask, TaskMeta, TaskType, ensure_bundle, load_bundle_tasks
 from nanochat.dataset import DownloadError, SourceUnavailableError, nanochat_home
+from nanochat.errors import ConfigError
 from nanochat.evaluation import load_pack_items
 
 Row = dict[str, Any]
@@ -129,10 +130,10 @@ def check_task_names(names: Sequence[str] | None) -> list[str]:
     if names is None:
         return list(PACK_TASKS)
     if not names:
-        raise ValueError("no CORE tasks selected: give at least one, or leave the list unset for all")
+        raise ConfigError("no CORE tasks selected: give at least one, or leave the list unset for all")
     unknown = [n for n in names if n not in PACK_TASKS]
     if unknown:
-        raise ValueError(f"unknown CORE task(s) {unknown}; the pack config has {list(PACK_TASKS)}")
+        raise ConfigError(f"unknown CORE task(s) {unknown}; the pack config has {list(PACK_TASKS)}")
     return list(names)
 
 
@@ -167,7 +168,7 @@ def select_core_tasks(source: str, names: Sequence[str] | None = None, *, eval_d
     """CORE tasks from "bundle" (the real one; an error offline), "pack" (our config), or "auto"
     (the bundle when it is on disk or downloads, else the pack, saying why in `note`)."""
     if source not in ("auto", "bundle", "pack"):
-        raise ValueError(f"unknown CORE source {source!r}: use auto, bundle or pack")
+        raise ConfigError(f"unknown CORE source {source!r}: use auto, bundle or pack")
     note = ""
     if source in ("auto", "bundle"):
         root = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir()

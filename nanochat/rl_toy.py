@@ -20,6 +20,7 @@ import random
 import re
 from typing import Literal
 
+from nanochat.errors import ConfigError
 from nanochat.tasks.base import Task
 
 _TEMPLATES = (
@@ -51,11 +52,11 @@ class EndLetter(Task):
         super().__init__(**slicing)
         letters = letters.lower()
         if not letters or not all("a" <= c <= "z" for c in letters):
-            raise ValueError(f"letters must be a non-empty string of a-z, got {letters!r}")
+            raise ConfigError(f"letters must be a non-empty string of a-z, got {letters!r}")
         if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+            raise ConfigError(f"split must be 'train' or 'heldout', got {split!r}")
         if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
+            raise ConfigError(f"size must be >= 1, got {size}")
         self.letters, self.size, self.split = letters, size, split
         self.name = f"toy/end-letter-{letters}/{split}"
 

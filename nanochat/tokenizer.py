@@ -37,6 +37,7 @@ import pyarrow as pa
 import torch
 
 import rustbpe
+from nanochat.errors import ConfigError, NotFoundError
 
 SPECIAL_TOKENS = (
     "<|bos|>",  # every document starts with it
@@ -181,11 +182,11 @@ class Tokenizer:
         """Load a directory written by `save`."""
         d = Path(directory)
         if not (d / MERGES_FILE).is_file():
-            raise FileNotFoundError(f"no tokenizer at {d}: {MERGES_FILE} is missing (train one with jobs.tokenizer)")
+            raise NotFoundError(f"no tokenizer at {d}: {MERGES_FILE} is missing (train one with jobs.tokenizer)")
         tok = cls(rustbpe.Tokenizer.load(str(d / MERGES_FILE)))
         saved = json.loads((d / SPECIALS_FILE).read_text())
         if saved != tok._special_ids:
-            raise ValueError(
+            raise ConfigError(
                 f"{d / SPECIALS_FILE} holds special tokens {saved}, but this code expects {tok._special_ids}: "
                 "the tokenizer was saved by another version; retrain it"
             )

@@ -62,7 +62,7 @@ def test_bad_input_is_refused_before_anything_runs(fake_stages, tmp_path):
         pipeline.run_pipeline("micro", "../escape", storage_uri=str(tmp_path), submit=False)
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         pipeline.run_pipeline("nope", "r1", storage_uri=str(tmp_path), submit=False)
-    with pytest.raises(KeyError, match="unknown stage 'zzz'"):
+    with pytest.raises(ConfigError, match="unknown stage 'zzz'"):
         pipeline.run_pipeline("micro", "r1", storage_uri=str(tmp_path), stages=["zzz"], submit=False)
     assert not (tmp_path / "r1").exists()
 

@@ -26,6 +26,7 @@ import inspect
 import logging
 from collections.abc import Callable
 
+from nanochat.errors import ConfigError
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.arithmetic import Arithmetic
 from nanochat.tasks.base import (
@@ -47,6 +48,11 @@ from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tasks.social_iqa import SocialIQA
 from nanochat.tasks.sources import Source, hub_reachable
 from nanochat.tasks.spelling import LetterCount, Spelling
+
+
+class TaskArgumentError(ConfigError, TypeError):
+    """A task spec with an argument its task does not take."""
+
 
 __all__ = [
     "ARC", "GSM8K", "LETTERS", "MMLU", "Arithmetic", "HumanEval", "Identity", "LetterCount", "MultipleChoiceTask",
@@ -78,13 +84,13 @@ SLICING = ("start", "stop", "step")  # keyword arguments every task takes
 def get_task(name: str, **kwargs: object) -> Task:
     """The task called `name`, built with `kwargs` (split, source, start/stop/step, size, ...)."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}: the known tasks are {', '.join(sorted(TASKS))}")
+        raise ConfigError(f"unknown task {name!r}: the known tasks are {', '.join(sorted(TASKS))}")
     factory = TASKS[name]
     params = inspect.signature(factory).parameters
     accepted = [p for p, v in params.items() if v.kind is not inspect.Parameter.VAR_KEYWORD] + list(SLICING)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise TypeError(f"task {name!r} does not take {', '.join(unknown)}; it accepts {', '.join(accepted)}")
+        raise TaskArgumentError(f"task {name!r} does not take {', '.join(unknown)}; it accepts {', '.join(accepted)}")
     return factory(**kwargs)
 
 
@@ -135,7 +141,7 @@ def training_mixture(stage: str, offline: bool | None = None, *, seed: int = SEE
     `hub_reachable()` allows. `evals` defaults to `eval_tasks(offline)`.
     """
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r} for a training mixture: choose one of {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {stage!r} for a training mixture: choose one of {', '.join(STAGES)}")
     src = _source(offline)
     if stage == "rl":
         return GSM8K("test", subset="demo", source="pack") if src == "pack" else GSM8K("train", source="hub")

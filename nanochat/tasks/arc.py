@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from nanochat.errors import ConfigError
 from nanochat.tasks.base import MultipleChoiceTask
 from nanochat.tasks.sources import Source, load_rows
 
@@ -18,6 +19,6 @@ class ARC(MultipleChoiceTask):
     def __init__(self, subset: Literal["easy", "challenge"] = "easy", split: str = "test",
                  source: Source = "auto", **slicing: int | None) -> None:
         if subset not in ("easy", "challenge"):
-            raise ValueError(f"ARC subset must be 'easy' or 'challenge', got {subset!r}")
+            raise ConfigError(f"ARC subset must be 'easy' or 'challenge', got {subset!r}")
         dataset = f"arc_{subset}"
         super().__init__(load_rows(dataset, split, source), f"{dataset}/{split}", **slicing)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+from nanochat.errors import ConfigError
 from nanochat.tasks.base import Task, assistant_text, tool_call_parts
 from nanochat.tasks.gsm8k import answers_match, evaluate_arithmetic
 
@@ -85,9 +86,9 @@ class Arithmetic(Task):
     def __init__(self, size: int = 1000, split: str = "train", seed: int = 0, **slicing: int | None) -> None:
         super().__init__(**slicing)
         if split not in ("train", "test"):
-            raise ValueError(f"arithmetic split must be 'train' or 'test', got {split!r}")
+            raise ConfigError(f"arithmetic split must be 'train' or 'test', got {split!r}")
         if size < 0:
-            raise ValueError(f"arithmetic size must be >= 0, got {size}")
+            raise ConfigError(f"arithmetic size must be >= 0, got {size}")
         self.size, self.split, self.seed = size, split, seed
         self.name = f"arithmetic/{split}"
 

@@ -28,6 +28,7 @@ import random
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
+from nanochat.errors import ConfigError
 from nanochat.sandbox import ExecResult, format_tool_output, render_value
 
 EvalType = Literal["categorical", "generative"]
@@ -74,7 +75,7 @@ class Task:
 
     def __init__(self, *, start: int = 0, stop: int | None = None, step: int = 1) -> None:
         if start < 0 or (stop is not None and stop < 0) or step < 1:
-            raise ValueError(f"task slice needs start >= 0, stop >= 0 or None, step >= 1; got {start}:{stop}:{step}")
+            raise ConfigError(f"task slice needs start >= 0, stop >= 0 or None, step >= 1; got {start}:{stop}:{step}")
         self.start, self.stop, self.step = start, stop, step
 
     # -- what subclasses provide -------------------------------------------------------------------
@@ -166,10 +167,10 @@ class _Combined(Task):
         super().__init__(**slicing)
         self.tasks = list(tasks)
         if not self.tasks:
-            raise ValueError(f"a {type(self).__name__} needs at least one task, got none")
+            raise ConfigError(f"a {type(self).__name__} needs at least one task, got none")
         empty = [t.describe() for t in self.tasks if len(t) == 0]
         if empty:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} has tasks with zero examples: {', '.join(empty)}; check their "
                 "slices (start/stop) and that their datasets loaded (see the tasks' log lines)"
             )
@@ -248,7 +249,7 @@ def check_disjoint(train: Task, evals: Iterable[Task]) -> None:
     found = find_overlap(train, evals)
     if found:
         shown = "; ".join(f"train item {i} is in {name} (key {key[:12]})" for name, key, i in found)
-        raise ValueError(
+        raise ConfigError(
             f"the training task {train.name} shares items with the evaluation sets "
             f"({', '.join(t.name for t in evals)}): {shown}. Wrap the training tasks in WithoutItems "
             "with the evaluation keys (training_mixture does this)"
@@ -262,7 +263,7 @@ def render_multiple_choice(question: str, choices: Sequence[str], *, context: st
                            header: str = "") -> str:
     """The user message of a multiple-choice item: optional header and context, question, lettered choices."""
     if not 2 <= len(choices) <= len(LETTERS):
-        raise ValueError(f"a multiple-choice item needs 2..{len(LETTERS)} choices, got {len(choices)}: {question!r}")
+        raise ConfigError(f"a multiple-choice item needs 2..{len(LETTERS)} choices, got {len(choices)}: {question!r}")
     lines = [header, ""] if header else []
     if context.strip():
         lines += [f"{context_label}: {context.strip()}" if context_label else context.strip(), ""]

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
+from nanochat.errors import ConfigError
 from nanochat.tasks.base import Task, assistant_text, content_key, normalise, tool_call_parts
 from nanochat.tasks.sources import Source, load_rows
 
@@ -133,7 +134,7 @@ class GSM8K(Task):
                  rows: Sequence[dict] | None = None, **slicing: int | None) -> None:
         super().__init__(**slicing)
         if subset not in ("all", "demo", "heldout"):
-            raise ValueError(f"GSM8K subset must be 'all', 'demo' or 'heldout', got {subset!r}")
+            raise ConfigError(f"GSM8K subset must be 'all', 'demo' or 'heldout', got {subset!r}")
         rows = load_rows("gsm8k", split, source) if rows is None else rows
         self.origin = getattr(rows, "origin", "given rows")
         self.rows = rows if subset == "all" else [r for r in rows if in_demo_part(r["question"]) == (subset == "demo")]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from nanochat.errors import ConfigError
 from nanochat.sandbox import Sandbox
 from nanochat.tasks.base import Task
 from nanochat.tasks.sources import Source, load_rows
@@ -62,7 +63,7 @@ class HumanEval(Task):
         """Run the completion against the problem's tests in the sandbox; True if they all pass."""
         for key in ("prompt", "test", "entry_point"):
             if key not in conversation:
-                raise ValueError(f"a HumanEval conversation needs its {key!r} key (from HumanEval.get), got "
+                raise ConfigError(f"a HumanEval conversation needs its {key!r} key (from HumanEval.get), got "
                                  f"keys {sorted(conversation)}")
         if self.sandbox is None:
             self.sandbox = Sandbox()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+from nanochat.errors import ConfigError
 from nanochat.tasks.base import Task
 
 NAME = "nanochat"
@@ -104,7 +105,7 @@ class Identity(Task):
     def __init__(self, size: int = 1000, seed: int = 0, **slicing: int | None) -> None:
         super().__init__(**slicing)
         if size < 0:
-            raise ValueError(f"Identity size must be >= 0, got {size}")
+            raise ConfigError(f"Identity size must be >= 0, got {size}")
         self.size, self.seed = size, seed
         self.name = "identity"
 

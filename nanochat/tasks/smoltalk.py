@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from nanochat.errors import ConfigError
 from nanochat.tasks.base import Task
 from nanochat.tasks.sources import Source, load_rows
 
@@ -29,5 +30,5 @@ class SmolTalk(Task):
     def get_example(self, index: int) -> dict:
         messages = self.rows[index]["messages"]
         if not messages:
-            raise ValueError(f"{self.name} row {index} has no messages: the dataset is not SmolTalk-shaped")
+            raise ConfigError(f"{self.name} row {index} has no messages: the dataset is not SmolTalk-shaped")
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}

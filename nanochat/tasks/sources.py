@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nanochat.dataset import SourceUnavailableError, check_reachable, nanochat_home
+from nanochat.errors import ConfigError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def pack_splits(dataset: str) -> list[str]:
 
 def _spec(dataset: str) -> DatasetSpec:
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}: the known datasets are {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"unknown dataset {dataset!r}: the known datasets are {', '.join(sorted(DATASETS))}")
     return DATASETS[dataset]
 
 
@@ -184,7 +185,7 @@ def _load_pack(dataset: str, split: str) -> Rows:
             where = f"the embedded pack is missing here ({pack_eval_dir()}): build it with `{PACK_HINT}`"
         else:
             where = f"the embedded pack only has split(s) {', '.join(have)}"
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{dataset} split {split!r} is not available offline: {where}. It needs the Hugging Face hub "
             f"({spec.hub_path}), which this process cannot use; pick a pack split or run where the hub is reachable."
         )
@@ -196,7 +197,7 @@ def _load_pack(dataset: str, split: str) -> Rows:
 def _load_hub(dataset: str, split: str) -> Rows:
     spec = _spec(dataset)
     if split not in spec.hub_splits:
-        raise ValueError(f"{dataset} has no split {split!r} on the hub: choose one of {', '.join(spec.hub_splits)}")
+        raise ConfigError(f"{dataset} has no split {split!r} on the hub: choose one of {', '.join(spec.hub_splits)}")
     import datasets
 
     ds = datasets.load_dataset(spec.hub_path, spec.hub_config, split=spec.hub_splits[split])
@@ -207,7 +208,7 @@ def _load_hub(dataset: str, split: str) -> Rows:
 def load_rows(dataset: str, split: str, source: Source = "auto") -> Rows:
     """Rows of `dataset`/`split` from the hub or the pack (see the module docstring); logs which one."""
     if source not in ("auto", "hub", "pack"):
-        raise ValueError(f"source must be 'auto', 'hub' or 'pack', got {source!r}")
+        raise ConfigError(f"source must be 'auto', 'hub' or 'pack', got {source!r}")
     _spec(dataset)
     if source == "pack" or (source == "auto" and not hub_reachable()):
         rows = _load_pack(dataset, split)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nanochat.dataset import get_source, iter_documents, list_shards
+from nanochat.errors import ConfigError, NotFoundError
 from nanochat.tasks.base import Task, assistant_text, tool_call_parts
 from nanochat.tasks.gsm8k import answers_match
 
@@ -60,7 +61,7 @@ def word_list(dictionary: Path = DICT_PATH) -> list[str]:
     else:
         directory = get_source("embedded").directory
         if not directory.is_dir():
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"no word list: {dictionary} does not exist and the embedded pack is missing at {directory}; "
                 "install a dictionary (apt-get install wamerican) or build the pack (python -m jobs.data "
                 "--source embedded), or pass words=[...]"
@@ -90,13 +91,13 @@ class _WordTask(Task):
                  **slicing: int | None) -> None:
         super().__init__(**slicing)
         if split not in ("train", "test"):
-            raise ValueError(f"{self.kind} split must be 'train' or 'test', got {split!r}")
+            raise ConfigError(f"{self.kind} split must be 'train' or 'test', got {split!r}")
         if size < 0:
-            raise ValueError(f"{self.kind} size must be >= 0, got {size}")
+            raise ConfigError(f"{self.kind} size must be >= 0, got {size}")
         pool = word_list() if words is None else list(words)
         self.words = [w for w in pool if is_test_word(w) == (split == "test")]
         if size and not self.words:
-            raise ValueError(f"{self.kind}: no {split} words among the {len(pool)} given; pass more words")
+            raise ConfigError(f"{self.kind}: no {split} words among the {len(pool)} given; pass more words")
         self.size, self.seed, self.split = size, seed, split
         self.name = f"{self.kind}/{split}"
 
