@@ -14,6 +14,16 @@ export PYTHONPATH := $(CURDIR)
 export CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
 PRESET ?= tiny
 RUN ?= demo
+# Where the local cluster and the chat service listen (empty: the defaults 6379, 8265, 8080, 8000 and
+# /tmp/ray), e.g. `make demo RAY_PORT=6400 DASHBOARD_PORT=8300 METRICS_PORT=8100 SERVE_PORT=8001` to
+# run a second demo beside a first one. NANOCHAT_HOME (environment) holds the pack, runs and state.
+RAY_PORT ?=
+DASHBOARD_PORT ?=
+METRICS_PORT ?=
+SERVE_PORT ?=
+RAY_TEMP_DIR ?=
+CLUSTER_FLAGS = $(if $(RAY_PORT),--port $(RAY_PORT)) $(if $(DASHBOARD_PORT),--dashboard-port $(DASHBOARD_PORT)) \
+	$(if $(METRICS_PORT),--metrics-port $(METRICS_PORT)) $(if $(RAY_TEMP_DIR),--temp-dir $(RAY_TEMP_DIR))
 
 .PHONY: env data demo test test-all lint cluster-start cluster-stop
 
@@ -46,9 +56,10 @@ data: env
 	$(PY) -m jobs.data --source embedded
 
 demo: env
-	$(PY) -m cluster.local start
+	$(PY) -m cluster.local start $(CLUSTER_FLAGS)
 	$(PY) -m jobs.pipeline --preset $(PRESET) --run $(RUN)
-	RAY_AUTH_MODE=token $(PY) -m jobs.serve --preset $(PRESET) --run $(RUN) --stage sft --stage rl
+	RAY_AUTH_MODE=token $(PY) -m jobs.serve --preset $(PRESET) --run $(RUN) --stage sft --stage rl \
+		$(if $(SERVE_PORT),--set port=$(SERVE_PORT))
 
 # `make test` is what CI runs: everything but the tests marked `slow` (multi-minute scenarios on
 # 2 cores: a 2-node cluster losing a node, the full real pack build, ...); `make test-all` runs those too.
@@ -64,7 +75,7 @@ lint: env
 	$(VENV)/bin/ruff check .
 
 cluster-start: env
-	$(PY) -m cluster.local start
+	$(PY) -m cluster.local start $(CLUSTER_FLAGS)
 
 cluster-stop:
 	$(PY) -m cluster.local stop

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from nanochat.errors import ConfigError, NanochatError
+from nanochat.errors import ConfigError, NanochatError, entrypoint
 
 Resources = dict[str, float]  # resource name -> amount, e.g. {"CPU": 8, "GPU": 1}
 BOOTSTRAP_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # written by `ray up` on the head
@@ -474,6 +474,7 @@ def _fmt(r: Resources) -> str:
     return "{" + ", ".join(f"{k}: {_num(v)}" for k, v in sorted(r.items(), key=lambda kv: _order(kv[0]))) + "}"
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.resources", description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["describe", "check"])
@@ -492,9 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         demand = Demand.workers(args.stage, args.workers, _nonzero({"CPU": args.cpu, "GPU": args.gpu}), args.strategy)
         check_placeable(demand, cluster)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # an unreadable config file, or a cluster that does not answer
+        raise ConfigError(f"cannot describe the cluster ({args.config or args.address}): {e}") from e
     print(f"stage {args.stage}: {args.workers} x {_fmt(demand.bundles[0])} can be placed on {cluster.summary()}")
     return 0
 

@@ -27,10 +27,9 @@ import pyarrow.fs as pafs
 import torch
 
 from cluster.storage import RunStorage
-from jobs.cli import entrypoint
 from nanochat.checkpoint import load_model
 from nanochat.engine import Engine, IncrementalDecoder, SamplingParams, ToolUse
-from nanochat.errors import NanochatError
+from nanochat.errors import NanochatError, entrypoint
 from nanochat.sandbox import Sandbox, format_tool_output
 from nanochat.tokenizer import Tokenizer
 

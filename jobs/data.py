@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import entrypoint
 from nanochat import dataset
 from nanochat.datapack import build_embedded_pack, pack_status
+from nanochat.errors import entrypoint
 
 
 @entrypoint

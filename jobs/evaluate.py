@@ -42,12 +42,12 @@ from pydantic import Field
 from cluster.eval_pool import EvalPool, EvalPoolError, load_from_storage, plan_pool
 from cluster.sandbox_pool import SandboxPool, SandboxPoolError
 from cluster.storage import RunStorage, StorageError, git_commit, write_text_atomic
-from jobs.cli import entrypoint
 from jobs.config import StageConfig, load_stage_config, stage_argparser
 from nanochat import chat_eval
 from nanochat.core_eval import build_requests, core_results, score_requests
 from nanochat.core_tasks import CoreSelection, select_core_tasks
 from nanochat.dataset import get_source, list_shards, train_val_split
+from nanochat.errors import entrypoint
 from nanochat.evaluation import SAMPLE_PROMPTS, aggregate, sample_completions, val_bpb
 from nanochat.tasks import Task, eval_tasks
 

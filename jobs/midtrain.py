@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 
 from jobs.chat_stage import ChatStageConfig, run_main
-from jobs.cli import entrypoint
+from nanochat.errors import entrypoint
 
 STAGE, PREVIOUS = "midtrain", "pretrain"
 

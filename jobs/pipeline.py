@@ -27,9 +27,8 @@ from pathlib import Path
 
 from cluster.storage import RunStorage, git_commit, validate_run_id
 from jobs import registry
-from jobs.cli import entrypoint
 from jobs.config import load_preset, parse_overrides
-from nanochat.errors import NanochatError
+from nanochat.errors import NanochatError, entrypoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UPLOAD_EXCLUDES = [".git", "**/__pycache__", "rustbpe/target", ".pytest_cache", ".ruff_cache", "*.egg-info"]

@@ -20,8 +20,8 @@ from pydantic import Field, model_validator
 
 from cluster.storage import RunStorage
 from cluster.train import TrainSpec, run_pretrain
-from jobs.cli import entrypoint
 from jobs.config import TrainingConfig, data_location, load_stage_config, stage_argparser
+from nanochat.errors import entrypoint
 
 
 class PretrainConfig(TrainingConfig):

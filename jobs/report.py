@@ -19,8 +19,8 @@ import sys
 from pydantic import Field
 
 from cluster.storage import RunStorage, git_commit, software_versions
-from jobs.cli import entrypoint
 from jobs.config import StageConfig, load_stage_config, stage_argparser
+from nanochat.errors import entrypoint
 from nanochat.report import STAGE_ORDER, RunRecord, make_plots, render_report
 
 

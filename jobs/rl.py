@@ -30,9 +30,9 @@ from pydantic import Field, model_validator
 from cluster.resources import ClusterDescription, Demand, check_placeable, describe_cluster
 from cluster.rl import STAGE, RLRun, RLSpec, make_task
 from cluster.storage import RunStorage, StorageError, resolve_storage
-from jobs.cli import entrypoint
 from jobs.config import StageConfig, load_stage_config, stage_argparser
 from nanochat.checkpoint import CONFIG_FILE, TOKENIZER_DIR
+from nanochat.errors import entrypoint
 from nanochat.tasks.sources import hub_reachable
 
 

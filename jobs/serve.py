@@ -4,6 +4,7 @@
     python -m jobs.serve --run demo --stage sft --stage pretrain    # + base model `nanochat-pretrain`
     python -m jobs.serve --run demo --stage sft --set num_replicas=2 --set device=cuda --set num_gpus=1
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python -m jobs.serve --run demo --stage sft
+    python -m jobs.serve --run demo --stage sft --set port=8001 --address 127.0.0.1:6400  # another cluster
     python -m jobs.serve --run demo --stage sft --print-serve-config > serve.yaml
     serve run serve.yaml                                            # the same app by Serve's own CLI
 
@@ -12,6 +13,10 @@ Each `--stage` serves the exported model `{run}/<stage>/model/` (tokenizer besid
 the others are chat models. The config is the preset's `serve:` section (if any) plus `--set
 key=value` overrides, validated as `serve_app.config.ServeConfig`. API keys: comma-separated in
 $NANOCHAT_API_KEYS (kept off command lines); without keys the API is open to whoever reaches it.
+
+The Ray cluster: `--address`, else $RAY_ADDRESS (set inside a Ray job), else the local cluster
+started from this $NANOCHAT_HOME (`python -m cluster.local start`). The HTTP port is the config's
+`port` (8000; `--set port=N`); a port held by another program or another cluster's Serve is refused.
 
 Serve keeps the application running after this driver exits; `serve shutdown` (or
 `serve.delete(app_name)`) stops it. On the cluster (numbered as the Ray calls happen):
@@ -31,8 +36,8 @@ import yaml
 from pydantic import ValidationError
 
 from cluster.storage import RunStorage
-from jobs.cli import entrypoint
 from jobs.config import ConfigError, load_preset, parse_overrides, stage_argparser
+from nanochat.errors import entrypoint
 from serve_app.config import ServeConfig
 
 SERVABLE = ("pretrain", "midtrain", "sft", "rl")
@@ -80,11 +85,48 @@ def serve_config_yaml(config: ServeConfig) -> str:
 
 
 @entrypoint
+def ray_address(given: str | None) -> str | None:
+    """Where to connect: --address, $RAY_ADDRESS, the running local cluster of this NANOCHAT_HOME, else
+    None (ray.init's own lookup). Never the latest cluster in /tmp/ray when we started another."""
+    if given or os.environ.get("RAY_ADDRESS"):
+        return given or os.environ["RAY_ADDRESS"]
+    from cluster.local import LocalCluster
+
+    local = LocalCluster.from_state()
+    return local.address if local is not None and local.is_running() else None
+
+
+def _dashboard_of(address: str | None) -> str | None:
+    """The dashboard URL of the local cluster we deployed to, if it is this NANOCHAT_HOME's."""
+    from cluster.local import LocalCluster
+
+    local = LocalCluster.from_state()
+    if local is None or (address and address != local.address):
+        return None
+    return local.dashboard_url
+
+
+def check_serve_port(config: ServeConfig) -> None:
+    """Refuse a port that something other than this cluster's Serve already holds."""
+    import ray
+
+    from cluster.local import port_open
+
+    serve_here = any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in ray.util.list_named_actors(all_namespaces=True))
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    if not serve_here and port_open(config.port, host):
+        raise ConfigError(f"port {config.port} on {host} is in use by another program (or another Ray cluster's "
+                          "Serve): stop it or pick another port with --set port=N (make demo SERVE_PORT=N)")
+
+
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     p = stage_argparser("serve", __doc__.splitlines()[0])
     p.add_argument("--stage", dest="stages", action="append", choices=SERVABLE,
                    help="stage whose exported model to serve (repeatable; default sft)")
     p.add_argument("--print-serve-config", action="store_true", help="print a Serve config YAML and exit")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster (GCS address); default $RAY_ADDRESS, else this NANOCHAT_HOME's local cluster")
     args = p.parse_args(argv)
     storage = RunStorage(args.run, args.storage)
     config = build_config(args.preset, args.overrides, model_specs(storage, args.stages or ["sft"]))
@@ -96,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     from serve_app.app import deploy
 
     if not ray.is_initialized():
-        ray.init()  # 1. the cluster this job runs on
+        ray.init(address=ray_address(args.address))  # 1. the cluster this job runs on
+    check_serve_port(config)
     url = deploy(config)  # 2. + 3.
     model = config.models[0]
     route = "chat/completions" if model.kind == "chat" else "completions"
@@ -105,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     auth = " -H 'Authorization: Bearer <one of the keys>'" if config.api_keys else ""
     print(f"serving {', '.join(m.name for m in config.models)} at {url}/  (web chat: {url}/)")
     print(f"  curl {url}/v1/{route} -H 'Content-Type: application/json'{auth} -d '{json.dumps(payload)}'")
-    print(f"stop it with: serve shutdown -y  (or serve.delete({config.app_name!r}))")
+    dashboard = _dashboard_of(args.address)
+    shutdown = f"RAY_AUTH_MODE=token serve shutdown -y --address {dashboard}" if dashboard else "serve shutdown -y"
+    print(f"stop it with: {shutdown}  (or serve.delete({config.app_name!r}); `python -m cluster.local stop` "
+          "ends the whole local cluster)")
     return 0
 
 

@@ -22,7 +22,7 @@ import sys
 from pydantic import Field
 
 from jobs.chat_stage import ChatStageConfig, run_main
-from jobs.cli import entrypoint
+from nanochat.errors import entrypoint
 
 STAGE, PREVIOUS = "sft", "midtrain"
 

@@ -25,9 +25,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from cluster.storage import RunStorage
-from jobs.cli import entrypoint
 from jobs.config import StageConfig, data_location, load_stage_config, stage_argparser
 from nanochat import dataset
+from nanochat.errors import entrypoint
 
 
 class TokenizerConfig(StageConfig):

@@ -2,7 +2,8 @@
 
 Tests marked `cluster` get `ray_cluster`: a head node started by this test session on fresh
 ports with its own temp dir and state file (never a cluster a user left running), token auth on,
-stopped at the end. At the end the time spent in each tier (unit / cluster) is printed.
+stopped at the end. `newcomer_demo` runs the README's `make demo` as a new user would (tests/newcomer.py).
+At the end the time spent in each tier (unit / cluster / newcomer) is printed.
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ def embedded_pack() -> Path:
     return build_embedded_pack()
 
 
+@pytest.fixture(scope="session")
+def newcomer_demo():
+    """`make demo PRESET=micro` run as a newcomer would (tests/newcomer.py), once per session: its
+    results, and its run directory for the end-to-end tests. Cleaned up at the end of the session."""
+    from tests.newcomer import clean_up, run_newcomer_demo
+
+    run = run_newcomer_demo()
+    try:
+        yield run
+    finally:
+        clean_up(run)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """An empty NANOCHAT_HOME for the test."""
@@ -71,7 +85,7 @@ def home(tmp_path, monkeypatch):
 def pytest_runtest_protocol(item, nextitem):
     t0 = time.time()
     yield
-    tier = "cluster" if item.get_closest_marker("cluster") else "unit"
+    tier = next((m for m in ("newcomer", "cluster") if item.get_closest_marker(m)), "unit")
     _TIER_TIME[tier] += time.time() - t0
 
 

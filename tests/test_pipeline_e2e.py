@@ -1,7 +1,8 @@
 """The whole pipeline on the micro preset, every stage a real Ray job on the session's cluster.
 
-One uninterrupted run (module fixture) is the reference: every stage's output and the report's
-summary table are checked. A second run of the same preset is killed (SIGTERM, as Ctrl-C or a CI
+One uninterrupted run is the reference: the newcomer's `make demo PRESET=micro RUN=e2e` from an empty
+home (tests/newcomer.py, run once per session); every stage's output and the report's summary
+table are checked. A second run of the same preset is killed (SIGTERM, as Ctrl-C or a CI
 cancel would) while its SFT job is between checkpoints, rerun with the same command, and must
 match the reference stage by stage: config, final step and metrics. To keep the test to minutes
 on 2 cores, that run starts from a copy of the reference's tokenizer and pretraining outputs
@@ -24,18 +25,20 @@ import pytest
 
 from cluster.storage import RunStorage
 from jobs import pipeline, registry
+from tests.newcomer import RUN, describe
 
 pytestmark = pytest.mark.cluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RUN = "e2e"
 TRAINED = ("pretrain", "midtrain", "sft", "rl")
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, embedded_pack, tmp_path_factory) -> RunStorage:
-    root = tmp_path_factory.mktemp("reference")
-    return pipeline.run_pipeline("micro", RUN, storage_uri=str(root), submit=True, address=ray_cluster.dashboard_url)
+def reference(newcomer_demo) -> RunStorage:
+    """The run that `make demo PRESET=micro` made from an empty home (tests/newcomer.py)."""
+    if newcomer_demo.make_rc != 0:
+        pytest.fail(f"the reference run (make demo, newcomer) failed:\n{describe(newcomer_demo)}")
+    return RunStorage(RUN, str(newcomer_demo.storage))
 
 
 def _summary(report: str) -> dict[str, list[str]]:
@@ -92,7 +95,8 @@ def _close(a, b, rel: float = 1e-3, abs_: float = 1e-4) -> bool:
     return a == b
 
 
-def test_a_pipeline_killed_during_sft_resumes_and_matches_the_uninterrupted_run(reference, ray_cluster, tmp_path,
+def test_a_pipeline_killed_during_sft_resumes_and_matches_the_uninterrupted_run(reference, ray_cluster, embedded_pack,
+                                                                                tmp_path,
                                                                                 capsys):
     storage = RunStorage(RUN, str(tmp_path))
     src, dest = Path(reference.uri) / RUN, tmp_path / RUN
