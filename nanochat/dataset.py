@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from nanochat.errors import NanochatError
+from nanochat.errors import NanochatError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,14 @@ def list_shards(directory_or_uri: str | os.PathLike) -> list[str]:
     fs, root = _filesystem(text)
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"no shard directory at {text}: build one with `{EMBEDDED_HINT}` "
             "(or `python -m jobs.data --source fineweb`), or give a directory/prefix that holds parquet shards"
         )
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     names = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     if not names:
-        raise FileNotFoundError(f"{text} holds no *.parquet shards: fill it with `{EMBEDDED_HINT}` or a mirror")
+        raise NotFoundError(f"{text} holds no *.parquet shards: fill it with `{EMBEDDED_HINT}` or a mirror")
     if "://" in text:
         scheme = text.split("://", 1)[0]
         return [f"{scheme}://{name}" for name in names]
@@ -173,7 +173,7 @@ def validate_shard(path: str | os.PathLike, *, full: bool = False) -> ShardInfo:
     fs, inner = _filesystem(path)
     info = fs.get_file_info(inner)
     if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"shard {os.fspath(path)} does not exist")
+        raise NotFoundError(f"shard {os.fspath(path)} does not exist")
     try:
         with fs.open_input_file(inner) as handle:
             parquet = pq.ParquetFile(handle)

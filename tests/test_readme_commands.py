@@ -44,6 +44,7 @@ RULES = [
          "tests/test_newcomer.py runs `make demo PRESET=micro` with an empty NANOCHAT_HOME and its own ports"),
     Rule(r"make test\b.*", "skip", "it is the command that runs this test"),
     Rule(r"python -m cluster\.local (start|status|stop)\b.*", "run"),
+    Rule(r"python -m jobs\.data --source embedded", "run"),
     Rule(r"RAY_AUTH_MODE=token ray job submit .*", "run",
          "on the micro preset (the tiny preset's tokenizer is the same code, on 10x the text)",
          ((re.escape(DASHBOARD), "{dashboard}"), (r"--preset tiny\b", "--preset micro"))),
