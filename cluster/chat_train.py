@@ -150,6 +150,7 @@ def chat_train_spec(settings: ChatStageSettings, model_config: dict[str, Any], n
                          f"{spec.device_batch_size} x num_workers {spec.num_workers}: change one of them")
     lrs = {k: getattr(spec, k) * settings.init_lr_frac for k in LR_FIELDS}
     return replace(spec, depth=depth, head_dim=width // heads, sequence_len=model_config["sequence_len"],
+                   norm_eps=model_config.get("norm_eps"),
                    total_batch_tokens=settings.rows_per_step * model_config["sequence_len"],
                    num_iterations=num_steps, **lrs)
 

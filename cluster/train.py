@@ -75,6 +75,7 @@ class TrainSpec:
 
     depth: int = 20  # the one dial: width 64 * depth, heads of head_dim
     head_dim: int = 128
+    norm_eps: float | None = None  # RMSNorm epsilon (None: the dtype's; set from an imported model)
     sequence_len: int = 2048  # tokens per row (a row holds sequence_len + 1 for the shifted targets)
     device_batch_size: int = 32  # rows per micro-batch per worker
     total_batch_tokens: int = 524_288  # tokens per optimizer step over all workers
@@ -123,6 +124,7 @@ def make_plan(spec: TrainSpec, vocab_size: int, world_size: int) -> Plan:
     """Model dims from depth, grad accumulation from the total batch, horizon from the rules;
     raises ValueError naming the setting when they do not fit."""
     model = GPTConfig.from_depth(spec.depth, vocab_size, spec.sequence_len, head_dim=spec.head_dim)
+    model = replace(model, norm_eps=spec.norm_eps)
     with torch.device("meta"):
         shape = GPT(model)
     num_params, flops = shape.num_params(), shape.estimate_flops()

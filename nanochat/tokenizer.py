@@ -13,7 +13,9 @@ Notable:
   `render_for_completion` gives a prompt that ends with <|assistant_start|>.
 - `decode` returns str: bytes are decoded as UTF-8 with U+FFFD only where the ids cut or break a
   character (rustbpe's own `decode` returns the exact bytes).
-- `to_tiktoken()` and `export_hf(path)` give the same ids through tiktoken and HF `tokenizers`.
+- `to_tiktoken()` and `export_hf(path)` give the same ids through tiktoken and HF `tokenizers`;
+  `from_hf_json` reads such a tokenizer.json back (ours, or transformers' NanoChat one), and `load`
+  falls back to a directory's tokenizer.json when it has no tokenizer.rbpe.
 
 Saved directory (each file written under a temporary name, then renamed):
     tokenizer.rbpe        merges + split pattern (rustbpe's text format, see rustbpe/src/tokenizer.rs)
@@ -37,6 +39,7 @@ import pyarrow as pa
 import torch
 
 import rustbpe
+from nanochat.errors import NanochatError
 
 SPECIAL_TOKENS = (
     "<|bos|>",  # every document starts with it
@@ -54,6 +57,7 @@ COUNT_COLUMN = "count"
 MERGES_FILE = "tokenizer.rbpe"
 SPECIALS_FILE = "special_tokens.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 TextsLike = Sequence[str] | pa.Array | pa.ChunkedArray
 CountsLike = pa.Table | pa.RecordBatch | rustbpe.ChunkCounts
@@ -124,6 +128,23 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
+class TokenizerFormatError(NanochatError, ValueError):
+    """A tokenizer file that does not hold a nanochat tokenizer (the message says what differs)."""
+
+
+def _split_pattern(pre: dict | None) -> str | None:
+    """The regex of the first Split pre-tokenizer in a tokenizer.json pre_tokenizer tree."""
+    if not isinstance(pre, dict):
+        return None
+    if pre.get("type") == "Split" and isinstance(pre.get("pattern"), dict) and "Regex" in pre["pattern"]:
+        return pre["pattern"]["Regex"]
+    for child in pre.get("pretokenizers") or []:
+        found = _split_pattern(child)
+        if found:
+            return found
+    return None
+
+
 class Tokenizer:
     """rustbpe merges + nanochat's special tokens (ids right after the merges)."""
 
@@ -180,8 +201,11 @@ class Tokenizer:
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
         """Load a directory written by `save`."""
         d = Path(directory)
+        if not (d / MERGES_FILE).is_file() and (d / HF_TOKENIZER_FILE).is_file():
+            return cls.from_hf_json(json.loads((d / HF_TOKENIZER_FILE).read_text()), str(d / HF_TOKENIZER_FILE))
         if not (d / MERGES_FILE).is_file():
-            raise FileNotFoundError(f"no tokenizer at {d}: {MERGES_FILE} is missing (train one with jobs.tokenizer)")
+            raise FileNotFoundError(f"no tokenizer at {d}: neither {MERGES_FILE} nor {HF_TOKENIZER_FILE} is there "
+                                    "(train one with jobs.tokenizer)")
         tok = cls(rustbpe.Tokenizer.load(str(d / MERGES_FILE)))
         saved = json.loads((d / SPECIALS_FILE).read_text())
         if saved != tok._special_ids:
@@ -382,6 +406,46 @@ class Tokenizer:
                       "ignore_merges": False, "vocab": vocab,
                       "merges": [f"{pieces[a]} {pieces[b]}" for a, b in self.core.get_merges()]},
         }
+
+    @classmethod
+    def from_hf_json(cls, data: dict, where: str = "tokenizer.json") -> Tokenizer:
+        """The tokenizer of a tokenizer.json in nanochat's layout (what `hf_json` writes, and what
+        transformers' NanoChat checkpoints hold): byte-level BPE whose ids 0..255 are the bytes in
+        order, whose merge k makes id 256 + k, followed by the 9 special tokens in SPECIAL_TOKENS
+        order. TokenizerFormatError names the first thing that differs."""
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            raise TokenizerFormatError(f"{where} is not a byte-level BPE tokenizer (model.type must be 'BPE')")
+        to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        vocab: dict[str, int] = model["vocab"]
+        by_id = {i: piece for piece, i in vocab.items()}
+        for b in range(256):
+            piece = by_id.get(b)
+            if piece is None or len(piece) != 1 or to_byte.get(piece) != b:
+                raise TokenizerFormatError(f"{where}: id {b} is {piece!r}, not byte {b}; nanochat tokenizers "
+                                           "start with the 256 bytes in order")
+        merges: list[tuple[int, int]] = []
+        for k, merge in enumerate(model.get("merges") or []):
+            a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+            if a not in vocab or b not in vocab or vocab.get(a + b) != 256 + k:
+                raise TokenizerFormatError(f"{where}: merge {k} ({a!r} + {b!r}) does not make id {256 + k}; "
+                                           "the merges are not in nanochat's rank order")
+            merges.append((vocab[a], vocab[b]))
+        if len(vocab) != 256 + len(merges):
+            raise TokenizerFormatError(f"{where}: {len(vocab)} vocabulary entries for {len(merges)} merges "
+                                       f"(expected {256 + len(merges)})")
+        added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or []}
+        want = {name: 256 + len(merges) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        if added != want:
+            raise TokenizerFormatError(f"{where}: the special tokens are {added}, but a nanochat tokenizer "
+                                       f"has exactly {want}")
+        pattern = _split_pattern(data.get("pre_tokenizer"))
+        if pattern is None:
+            raise TokenizerFormatError(f"{where}: no Split regex in its pre_tokenizer (the chunking pattern)")
+        try:
+            return cls(rustbpe.Tokenizer(merges, pattern))
+        except ValueError as e:
+            raise TokenizerFormatError(f"{where}: rustbpe rejects its merges or pattern: {e}") from None
 
     def export_hf(self, path: str | os.PathLike) -> None:
         """Write `hf_json()` to `path` (e.g. .../tokenizer.json) atomically; load it with
