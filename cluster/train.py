@@ -282,8 +282,7 @@ def _restore(model: GPT, optimizers: list, dist: DistInfo, num_steps: int) -> tu
 
 def _load_initial_weights(model: GPT, init_from: str, device: torch.device) -> None:
     """The weights of an exported model (local path or URI), identical on every rank."""
-    state = torch.load(f"{localize(init_from)}/{ckpt.MODEL_FILE}", map_location=device, weights_only=True)
-    model.load_state_dict(state)
+    model.load_state_dict(ckpt.load_weights(localize(init_from), device))
 
 
 def train_worker(cfg: dict[str, Any]) -> None:

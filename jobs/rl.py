@@ -32,6 +32,7 @@ from cluster.rl import STAGE, RLRun, RLSpec, WeightSyncError, make_task
 from cluster.storage import RunStorage, StorageError, resolve_storage
 from jobs.config import ConfigError, StageConfig, load_stage_config, stage_argparser
 from nanochat.checkpoint import CONFIG_FILE, TOKENIZER_DIR
+from nanochat.hf_format import TOKENIZER_FILE as HF_TOKENIZER_FILE
 from nanochat.tasks.sources import hub_reachable
 
 
@@ -153,6 +154,8 @@ def model_inputs(storage: RunStorage, cfg: RLConfig) -> tuple[str, str]:
                            f"{storage.run!r} first, or point model_dir at an exported model")
     if exists(TOKENIZER_DIR):
         return model_uri, f"{model_uri}/{TOKENIZER_DIR}"
+    if exists(HF_TOKENIZER_FILE):  # a transformers NanoChat directory (nanochat/hf_format.py)
+        return model_uri, model_uri
     storage.read_meta("tokenizer")  # "... (run the tokenizer stage first)" when missing
     return model_uri, storage.stage_uri("tokenizer")
 

@@ -396,31 +396,43 @@ def load_hf_model(directory: str | os.PathLike, device: str | torch.device) -> t
     d = Path(directory)
     cfg = read_hf_config(d)
     config = gpt_config_from_hf(cfg, str(d))
+    weights, dtypes = load_hf_state_dict(d, config)
     with torch.device("meta"):
         model = GPT(config)
-    expected = {hf_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    model.to_empty(device=device)
+    model.init_weights()  # also computes the rotary tables, which are not weights
+    model.load_state_dict(weights)
+    model.eval()
+    tok_dir = str(d) if (d / TOKENIZER_FILE).is_file() else None
+    if tok_dir is not None:
+        check_tokenizer(Tokenizer.load(d), cfg, str(d))
+    return model, {"format": "hf", "model_config": asdict(config), "hf_config": cfg,
+                   "source_dtype": dtypes, "tokenizer_dir": tok_dir}
+
+
+def load_hf_state_dict(directory: str | os.PathLike, config: GPTConfig | None = None
+                       ) -> tuple[dict[str, torch.Tensor], str]:
+    """Our float32 state_dict from a NanoChat directory's safetensors (config: from its config.json
+    when None), after checking every weight's name, shape and dtype; also the stored dtype(s)."""
+    d = Path(directory)
+    config = config or gpt_config_from_hf(read_hf_config(d), str(d))
+    with torch.device("meta"):
+        shape = GPT(config)
+    expected = {hf_name(k): tuple(v.shape) for k, v in shape.state_dict().items()}
     tensors = read_weights(d)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise HFFormatError(f"{d}: the weights do not match the config's NanoChat model (missing: "
                             f"{missing[:5] or 'none'}, unexpected: {unexpected[:5] or 'none'})")
-    bad_shape = [f"{k} {tuple(t.shape)} (config needs {expected[k]})" for k, t in tensors.items()
-                 if tuple(t.shape) != expected[k]]
-    bad_dtype = sorted({str(t.dtype) for t in tensors.values() if not t.dtype.is_floating_point})
-    if bad_shape or bad_dtype:
-        raise HFFormatError(f"{d}: " + "; ".join(bad_shape[:5] + [f"non-float weights ({', '.join(bad_dtype)})"
-                                                                  if bad_dtype else ""]).strip("; "))
-    model.to_empty(device=device)
-    model.init_weights()  # also computes the rotary tables, which are not weights
-    model.load_state_dict({our_name(k): t.to(torch.float32) for k, t in tensors.items()})
-    model.eval()
-    tok_dir = str(d) if (d / TOKENIZER_FILE).is_file() else None
-    if tok_dir is not None:
-        check_tokenizer(Tokenizer.load(d), cfg, str(d))
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-    return model, {"format": "hf", "model_config": asdict(config), "hf_config": cfg,
-                   "source_dtype": ",".join(dtypes), "tokenizer_dir": tok_dir}
+    problems = [f"{k} is {tuple(t.shape)} but the config needs {expected[k]}" for k, t in tensors.items()
+                if tuple(t.shape) != expected[k]]
+    problems += [f"{k} has dtype {t.dtype} (weights must be floating point)" for k, t in tensors.items()
+                 if not t.dtype.is_floating_point]
+    if problems:
+        raise HFFormatError(f"{d}: " + "; ".join(problems[:5]))
+    dtypes = ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+    return {our_name(k): t.to(torch.float32) for k, t in tensors.items()}, dtypes
 
 
 def check_tokenizer(tokenizer: Tokenizer, cfg: dict[str, Any], where: str) -> None:
