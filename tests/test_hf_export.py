@@ -34,6 +34,15 @@ WORDS = ("the cat sat on a mat while python code ran fast and slow numbers add u
          "print def return if else for in range list dict open file read write yes no hello world").split()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread (on a shared 2-core machine two threads mostly wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _text(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)) + rng.choice([".", "?", "!", "\n"])
 
@@ -352,6 +361,20 @@ def test_chat_and_rl_stages_start_from_a_transformers_directory(exported, run_st
     settings = ChatStageSettings("sft", "midtrain", "pad", init_from=str(exported))
     assert stage_inputs(run_storage, settings) == (str(exported), str(exported))
     assert model_inputs(run_storage, RLConfig(model_dir=str(exported))) == (str(exported), str(exported))
+
+
+def test_serving_loads_a_transformers_directory(exported, tokenizer):
+    from serve_app.config import ModelSpec, ServeConfig
+    from serve_app.models import ServedModel
+
+    spec = ModelSpec(name="hf-import", model_uri=str(exported), kind="chat", tool_use=False)
+    served = ServedModel.load(spec, ServeConfig(models=[spec], device="cpu"))
+    try:
+        assert served.tokenizer.vocab_size == tokenizer.vocab_size
+        assert served.stop_ids == (tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id())
+        assert served.engine.model.config.n_kv_head == 2
+    finally:
+        served.close()
 
 
 def test_report_has_the_inference_section(run_storage):
