@@ -145,6 +145,20 @@ def _split_pattern(pre: dict | None) -> str | None:
     return None
 
 
+def _last_merge(token: bytes, ranks: dict[bytes, int], rank: int, where: str) -> tuple[int, int]:
+    """The two tokens that rank-based BPE (tiktoken's) joins into `token`, using merges below `rank`."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best = min((ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1))
+        if best[0] >= rank:
+            break
+        i = best[1]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2 or ranks.get(parts[0], rank) >= rank or ranks.get(parts[1], rank) >= rank:
+        raise TokenizerFormatError(f"{where}: token {rank} ({token!r}) is not made by merging two earlier tokens")
+    return ranks[parts[0]], ranks[parts[1]]
+
+
 class Tokenizer:
     """rustbpe merges + nanochat's special tokens (ids right after the merges)."""
 
@@ -411,8 +425,9 @@ class Tokenizer:
     def from_hf_json(cls, data: dict, where: str = "tokenizer.json") -> Tokenizer:
         """The tokenizer of a tokenizer.json in nanochat's layout (what `hf_json` writes, and what
         transformers' NanoChat checkpoints hold): byte-level BPE whose ids 0..255 are the bytes in
-        order, whose merge k makes id 256 + k, followed by the 9 special tokens in SPECIAL_TOKENS
-        order. TokenizerFormatError names the first thing that differs."""
+        order, whose merges make ids 256, 257, ... in order (one pair each as `hf_json` writes, or
+        every split whose halves are tokens, as transformers' tiktoken conversion writes), followed
+        by the 9 special tokens in SPECIAL_TOKENS order. TokenizerFormatError names what differs."""
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
             raise TokenizerFormatError(f"{where} is not a byte-level BPE tokenizer (model.type must be 'BPE')")
@@ -424,16 +439,28 @@ class Tokenizer:
             if piece is None or len(piece) != 1 or to_byte.get(piece) != b:
                 raise TokenizerFormatError(f"{where}: id {b} is {piece!r}, not byte {b}; nanochat tokenizers "
                                            "start with the 256 bytes in order")
-        merges: list[tuple[int, int]] = []
-        for k, merge in enumerate(model.get("merges") or []):
+        n_merges = len(vocab) - 256
+        listed: dict[int, list[tuple[int, int]]] = {}  # merged id -> the pairs tokenizer.json lists for it
+        last = 0
+        for merge in model.get("merges") or []:
             a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
-            if a not in vocab or b not in vocab or vocab.get(a + b) != 256 + k:
-                raise TokenizerFormatError(f"{where}: merge {k} ({a!r} + {b!r}) does not make id {256 + k}; "
-                                           "the merges are not in nanochat's rank order")
-            merges.append((vocab[a], vocab[b]))
-        if len(vocab) != 256 + len(merges):
-            raise TokenizerFormatError(f"{where}: {len(vocab)} vocabulary entries for {len(merges)} merges "
-                                       f"(expected {256 + len(merges)})")
+            made = vocab.get(a + b)
+            if a not in vocab or b not in vocab or made is None or made < max(last, 256):
+                raise TokenizerFormatError(f"{where}: merge {a!r} + {b!r} is not in nanochat's rank order (each "
+                                           "merge must make a token, in increasing id order)")
+            listed.setdefault(made, []).append((vocab[a], vocab[b]))
+            last = made
+        if sorted(listed) != list(range(256, 256 + n_merges)):
+            raise TokenizerFormatError(f"{where}: {len(vocab)} vocabulary entries but merges make "
+                                       f"{len(listed)} of the {n_merges} tokens above the bytes")
+        token_bytes = {i: bytes(to_byte[c] for c in piece) for piece, i in vocab.items()}
+        ranks = {tb: i for i, tb in token_bytes.items()}
+        merges: list[tuple[int, int]] = []
+        for made in range(256, 256 + n_merges):
+            pairs = listed[made]
+            # one pair: rustbpe's own export; several (transformers' tiktoken conversion lists every split
+            # whose halves are tokens): the pair rank-based BPE really merges last, as tiktoken encodes
+            merges.append(pairs[0] if len(pairs) == 1 else _last_merge(token_bytes[made], ranks, made, where))
         added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or []}
         want = {name: 256 + len(merges) + i for i, name in enumerate(SPECIAL_TOKENS)}
         if added != want:

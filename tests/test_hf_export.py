@@ -311,8 +311,30 @@ def test_a_tokenizer_not_in_nanochat_layout_is_refused(tokenizer):
         Tokenizer.from_hf_json(data)
     data = tokenizer.hf_json()
     data["model"]["merges"] = list(reversed(data["model"]["merges"]))
-    with pytest.raises(TokenizerFormatError, match="merge 0"):
+    with pytest.raises(TokenizerFormatError, match="rank order"):
         Tokenizer.from_hf_json(data)
+
+
+def test_a_tokenizer_converted_from_tiktoken_by_transformers_imports(tokenizer, tmp_path):
+    """nanochat's published checkpoints carry a tokenizer.json made by transformers' TikTokenConverter
+    from the tiktoken ranks: every split of a token whose halves are tokens is listed as a merge."""
+    import base64
+
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = tokenizer.core.get_mergeable_ranks()
+    (tmp_path / "tok.tiktoken").write_text("".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in ranks))
+    from nanochat.tokenizer import SPECIAL_TOKENS
+
+    converted = TikTokenConverter(vocab_file=str(tmp_path / "tok.tiktoken"), pattern=tokenizer.core.get_pattern(),
+                                  extra_special_tokens=list(SPECIAL_TOKENS)).converted()
+    converted.save(str(tmp_path / "tokenizer.json"))
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert len(data["model"]["merges"]) > len(ranks) - 256  # several splits listed for some tokens
+    again = Tokenizer.load(tmp_path)
+    assert again.core.get_merges() == tokenizer.core.get_merges()
+    text = "\n".join(_corpus()[:200])
+    assert again.encode(text) == tokenizer.encode(text)
 
 
 # -- the job, the stages' inputs, the report --------------------------------------------------------
