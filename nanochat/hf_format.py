@@ -383,8 +383,11 @@ def save_hf(directory: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, c
     _atomic(d / CHAT_TEMPLATE_FILE, lambda p: p.write_text(CHAT_TEMPLATE))
     card = model_card(model.config, model.num_params(), meta or {}, numbers or [])
     _atomic(d / CARD_FILE, lambda p: p.write_text(card))
-    return [*files, CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE,
-            CARD_FILE]
+    written = [*files, CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE,
+               CARD_FILE]
+    for name in written:  # temporary files are created owner-only; a shared model is world-readable
+        os.chmod(d / name, 0o644)
+    return written
 
 
 def load_hf_model(directory: str | os.PathLike, device: str | torch.device) -> tuple[GPT, dict[str, Any]]:
