@@ -64,6 +64,7 @@ from nanochat.dataloader import (
 from nanochat.dataset import get_source, list_shards, train_val_split
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedule import grad_accum_steps, num_steps_from
+from nanochat.tokenizer import HF_TOKENIZER_FILE, MERGES_FILE
 from nanochat.train import Batch, LoopConfig, evaluate_bpb, train_loop
 
 STAGE = "pretrain"
@@ -444,8 +445,12 @@ def export_model(checkpoint: Checkpoint, storage: RunStorage, tokenizer: str, me
     tok_fs, tok_path = (pafs.FileSystem.from_uri(tokenizer) if "://" in tokenizer
                         else (pafs.LocalFileSystem(), tokenizer))
     storage.fs.create_dir(f"{dest}/{ckpt.TOKENIZER_DIR}", recursive=True)
-    pafs.copy_files(tok_path, f"{dest}/{ckpt.TOKENIZER_DIR}", source_filesystem=tok_fs,
-                    destination_filesystem=storage.fs)
+    if tok_fs.get_file_info(f"{tok_path}/{MERGES_FILE}").type == pafs.FileType.File:
+        pafs.copy_files(tok_path, f"{dest}/{ckpt.TOKENIZER_DIR}", source_filesystem=tok_fs,
+                        destination_filesystem=storage.fs)
+    else:  # the stage started from a transformers directory: its tokenizer.json, not its weights
+        pafs.copy_files(f"{tok_path}/{HF_TOKENIZER_FILE}", f"{dest}/{ckpt.TOKENIZER_DIR}/{HF_TOKENIZER_FILE}",
+                        source_filesystem=tok_fs, destination_filesystem=storage.fs)
     with src_fs.open_input_stream(f"{src}/{ckpt.STATE_FILE}") as f:
         state = json.loads(f.read().decode())
     write_text_atomic(storage.fs, f"{dest}/{ckpt.CONFIG_FILE}", ckpt.model_config_json(state["model_config"], meta))

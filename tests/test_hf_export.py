@@ -399,6 +399,49 @@ def test_serving_loads_a_transformers_directory(exported, tokenizer):
         served.close()
 
 
+def test_a_gqa_import_cannot_be_trained_and_says_why(exported, tokenizer):
+    from cluster.chat_train import chat_train_spec, read_model_config, settings_from
+    from cluster.train import make_plan
+    from jobs.sft import SftConfig
+
+    saved = read_model_config(str(exported))["model_config"]
+    settings = settings_from("sft", "midtrain", "pad", SftConfig(rows_per_step=8, device_batch_size=4).model_dump())
+    with pytest.raises(ValueError, match="not the depth-derived shape"):  # width 64 is not 64 x 2 layers
+        chat_train_spec(settings, saved, 2)
+    saved = {**saved, "n_layer": 1}  # width 64 = 64 x 1 layer: the shape fits, the key/value heads do not
+    plan = make_plan(chat_train_spec(settings, saved, 2), tokenizer.vocab_size, 1)
+    with pytest.raises(ckpt.CheckpointError, match="n_kv_head: saved 2, now 4"):
+        ckpt.check_model_config(saved, plan.model, "at the import")
+
+
+@pytest.mark.cluster
+def test_sft_and_evaluation_start_from_a_directory_saved_by_transformers(ray_cluster, embedded_pack, tokenizer,
+                                                                         tmp_path, capsys):
+    """transformers' own model (rms_norm_eps 1e-6, micro's depth-2 shape) as SFT's init_from; the
+    stage keeps the epsilon; the evaluation reads the transformers directory directly."""
+    from jobs import evaluate, sft
+
+    hf_dir = tmp_path / "hf"
+    config = transformers.NanoChatConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=tokenizer.get_bos_token_id(), pad_token_id=tokenizer.get_bos_token_id())
+    torch.manual_seed(0)
+    transformers.NanoChatForCausalLM(config).save_pretrained(hf_dir)
+    tokenizer.export_hf(hf_dir / "tokenizer.json")
+    base = ["--preset", "micro", "--run", "imp", "--storage", str(tmp_path / "runs")]
+    assert sft.main([*base, "--set", f"init_from={hf_dir}", "--set", "num_iterations=2",
+                     "--set", "eval_every=-1", "--set", "val_conversations=8"]) == 0, capsys.readouterr().err
+    model_dir = tmp_path / "runs" / "imp" / "sft" / "model"
+    saved = json.loads((model_dir / "config.json").read_text())["model_config"]
+    assert saved["norm_eps"] == 1e-6 and saved["n_layer"] == 2
+    assert sorted(p.name for p in (model_dir / "tokenizer").iterdir()) == ["tokenizer.json"]  # not the weights
+    assert evaluate.main(["--stage", "sft", *base, "--set", f"model_dir={hf_dir}", "--set", "num_actors=1",
+                          "--set", "chat_max_per_task=1", "--set", "format_items=0"]) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "runs" / "imp" / "evaluate" / "sft.json").read_text())
+    assert result["model"] == str(hf_dir) and result["val_bpb"] > 0
+
+
 def test_report_has_the_inference_section(run_storage):
     from jobs import report
 
