@@ -415,6 +415,7 @@ def test_a_gqa_import_cannot_be_trained_and_says_why(exported, tokenizer):
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # ~1.5 min on 2 shared cores; the pieces it joins have unit tests above
 def test_sft_and_evaluation_start_from_a_directory_saved_by_transformers(ray_cluster, embedded_pack, tokenizer,
                                                                          tmp_path, capsys):
     """transformers' own model (rms_norm_eps 1e-6, micro's depth-2 shape) as SFT's init_from; the
