@@ -374,8 +374,9 @@ def test_export_job_writes_a_directory_transformers_loads_offline(run_storage, t
                         str(tmp_path / "x")]) == 2
 
 
-def test_chat_and_rl_stages_start_from_a_transformers_directory(exported, run_storage):
+def test_chat_rl_and_evaluation_stages_start_from_a_transformers_directory(exported, run_storage):
     from cluster.chat_train import ChatStageSettings, read_model_config, stage_inputs
+    from jobs import evaluate
     from jobs.rl import RLConfig, model_inputs
 
     saved = read_model_config(str(exported))["model_config"]
@@ -383,6 +384,8 @@ def test_chat_and_rl_stages_start_from_a_transformers_directory(exported, run_st
     settings = ChatStageSettings("sft", "midtrain", "pad", init_from=str(exported))
     assert stage_inputs(run_storage, settings) == (str(exported), str(exported))
     assert model_inputs(run_storage, RLConfig(model_dir=str(exported))) == (str(exported), str(exported))
+    cfg = evaluate.EvaluateConfig(model_dir=str(exported))  # the run has no midtrain stage: not needed
+    assert evaluate.stage_inputs(run_storage, "midtrain", cfg) == (str(exported), None, {})
 
 
 def test_serving_loads_a_transformers_directory(exported, tokenizer):
