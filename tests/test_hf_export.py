@@ -374,6 +374,17 @@ def test_export_job_writes_a_directory_transformers_loads_offline(run_storage, t
                         str(tmp_path / "x")]) == 2
 
 
+def test_export_and_import_run_without_transformers(exported, tmp_path):
+    code = ("import sys; from nanochat import checkpoint, hf_format; from nanochat.tokenizer import Tokenizer; "
+            "import jobs.export; m, meta = checkpoint.load_model(sys.argv[1], 'cpu'); "
+            "hf_format.save_hf(sys.argv[2], m, Tokenizer.load(meta['tokenizer_dir']), chat=True); "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code, str(exported), str(tmp_path / "again")], capture_output=True,
+                         text=True, timeout=300, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (exported / "model.safetensors").read_bytes()
+
+
 def test_chat_rl_and_evaluation_stages_start_from_a_transformers_directory(exported, run_storage):
     from cluster.chat_train import ChatStageSettings, read_model_config, stage_inputs
     from jobs import evaluate
