@@ -188,7 +188,6 @@ def gpt_config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
     rope = cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", ROTARY_BASE))
     head_dim = cfg.get("head_dim") or (hidden // heads if heads else 0)
-    problems = []
     checks = [
         (cfg.get("hidden_act", "relu2") == "relu2", f"hidden_act {cfg.get('hidden_act')!r} (need 'relu2')"),
         (not cfg.get("attention_bias", False), "attention_bias true (our layers have no biases)"),
@@ -375,6 +374,8 @@ def save_hf(directory: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, c
         raise HFFormatError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    for stale in [*d.glob("model-*-of-*.safetensors"), d / WEIGHTS_FILE, d / INDEX_FILE]:
+        stale.unlink(missing_ok=True)  # an earlier export's shards or index would shadow the new weights
     files = save_weights(d, hf_state_dict(model, DTYPES[dtype]), max_shard_bytes)
     _write_json(d / CONFIG_FILE, hf_config(model.config, tokenizer, chat=chat, dtype=dtype))
     _write_json(d / GENERATION_FILE, generation_config(tokenizer, chat=chat))

@@ -201,6 +201,8 @@ def test_sharded_export_has_an_index_and_loads_in_both(trained, tokenizer, tmp_p
     with torch.no_grad():
         assert torch.equal(ours(x), trained(x))
         assert (theirs(x).logits - trained(x)).abs().max().item() <= 1e-6
+    hf_format.save_hf(tmp_path, trained, tokenizer, chat=True)  # again into the same directory
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
 
 
 # -- tokenizer and chat template --------------------------------------------------------------------
