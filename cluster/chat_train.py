@@ -44,6 +44,7 @@ from cluster.train import (
     train_and_export,
 )
 from nanochat import checkpoint as ckpt
+from nanochat import hf_format
 from nanochat.chat_data import ChatData, Layout
 from nanochat.common import DistInfo
 from nanochat.dataloader import DataPosition
@@ -114,12 +115,16 @@ def _exists(uri: str) -> bool:
 
 
 def read_model_config(model_uri: str) -> dict[str, Any]:
-    """config.json of an exported model (local path or URI); FileNotFoundError naming it when absent."""
+    """config.json of an exported model (local path or URI); FileNotFoundError naming it when absent.
+    A transformers NanoChat config.json is translated to {"model_config": GPTConfig fields, "hf_config"}."""
     fs, path = pafs.FileSystem.from_uri(model_uri) if "://" in model_uri else (pafs.LocalFileSystem(), model_uri)
     if fs.get_file_info(f"{path}/{ckpt.CONFIG_FILE}").type != pafs.FileType.File:
         raise NotFoundError(f"no exported model at {model_uri}: its {ckpt.CONFIG_FILE} is missing")
     with fs.open_input_stream(f"{path}/{ckpt.CONFIG_FILE}") as f:
-        return json.loads(f.read().decode())
+        config = json.loads(f.read().decode())
+    if "model_type" in config and "model_config" not in config:  # transformers' NanoChat format
+        return {"model_config": asdict(hf_format.gpt_config_from_hf(config, model_uri)), "hf_config": config}
+    return config
 
 
 def stage_inputs(storage: RunStorage, settings: ChatStageSettings) -> tuple[str, str]:
@@ -134,6 +139,8 @@ def stage_inputs(storage: RunStorage, settings: ChatStageSettings) -> tuple[str,
                                 f"{ckpt.CONFIG_FILE}: rerun the {settings.previous} stage (with --force) to export it")
     if _exists(f"{init}/{ckpt.TOKENIZER_DIR}"):
         return init, f"{init}/{ckpt.TOKENIZER_DIR}"
+    if _exists(f"{init}/{hf_format.TOKENIZER_FILE}"):  # a transformers directory holds its tokenizer.json
+        return init, init
     storage.read_meta("tokenizer")
     return init, storage.stage_uri("tokenizer")
 
@@ -151,6 +158,7 @@ def chat_train_spec(settings: ChatStageSettings, model_config: dict[str, Any], n
                          f"{spec.device_batch_size} x num_workers {spec.num_workers}: change one of them")
     lrs = {k: getattr(spec, k) * settings.init_lr_frac for k in LR_FIELDS}
     return replace(spec, depth=depth, head_dim=width // heads, sequence_len=model_config["sequence_len"],
+                   norm_eps=model_config.get("norm_eps"),
                    total_batch_tokens=settings.rows_per_step * model_config["sequence_len"],
                    num_iterations=num_steps, **lrs)
 

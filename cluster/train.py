@@ -64,6 +64,7 @@ from nanochat.dataloader import (
 from nanochat.dataset import get_source, list_shards, train_val_split
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedule import grad_accum_steps, num_steps_from
+from nanochat.tokenizer import HF_TOKENIZER_FILE, MERGES_FILE
 from nanochat.train import Batch, LoopConfig, evaluate_bpb, train_loop
 
 STAGE = "pretrain"
@@ -75,6 +76,7 @@ class TrainSpec:
 
     depth: int = 20  # the one dial: width 64 * depth, heads of head_dim
     head_dim: int = 128
+    norm_eps: float | None = None  # RMSNorm epsilon (None: the dtype's; set from an imported model)
     sequence_len: int = 2048  # tokens per row (a row holds sequence_len + 1 for the shifted targets)
     device_batch_size: int = 32  # rows per micro-batch per worker
     total_batch_tokens: int = 524_288  # tokens per optimizer step over all workers
@@ -123,6 +125,7 @@ def make_plan(spec: TrainSpec, vocab_size: int, world_size: int) -> Plan:
     """Model dims from depth, grad accumulation from the total batch, horizon from the rules;
     raises ValueError naming the setting when they do not fit."""
     model = GPTConfig.from_depth(spec.depth, vocab_size, spec.sequence_len, head_dim=spec.head_dim)
+    model = replace(model, norm_eps=spec.norm_eps)
     with torch.device("meta"):
         shape = GPT(model)
     num_params, flops = shape.num_params(), shape.estimate_flops()
@@ -280,8 +283,7 @@ def _restore(model: GPT, optimizers: list, dist: DistInfo, num_steps: int) -> tu
 
 def _load_initial_weights(model: GPT, init_from: str, device: torch.device) -> None:
     """The weights of an exported model (local path or URI), identical on every rank."""
-    state = torch.load(f"{localize(init_from)}/{ckpt.MODEL_FILE}", map_location=device, weights_only=True)
-    model.load_state_dict(state)
+    model.load_state_dict(ckpt.load_weights(localize(init_from), device))
 
 
 def train_worker(cfg: dict[str, Any]) -> None:
@@ -443,8 +445,12 @@ def export_model(checkpoint: Checkpoint, storage: RunStorage, tokenizer: str, me
     tok_fs, tok_path = (pafs.FileSystem.from_uri(tokenizer) if "://" in tokenizer
                         else (pafs.LocalFileSystem(), tokenizer))
     storage.fs.create_dir(f"{dest}/{ckpt.TOKENIZER_DIR}", recursive=True)
-    pafs.copy_files(tok_path, f"{dest}/{ckpt.TOKENIZER_DIR}", source_filesystem=tok_fs,
-                    destination_filesystem=storage.fs)
+    if tok_fs.get_file_info(f"{tok_path}/{MERGES_FILE}").type == pafs.FileType.File:
+        pafs.copy_files(tok_path, f"{dest}/{ckpt.TOKENIZER_DIR}", source_filesystem=tok_fs,
+                        destination_filesystem=storage.fs)
+    else:  # the stage started from a transformers directory: its tokenizer.json, not its weights
+        pafs.copy_files(f"{tok_path}/{HF_TOKENIZER_FILE}", f"{dest}/{ckpt.TOKENIZER_DIR}/{HF_TOKENIZER_FILE}",
+                        source_filesystem=tok_fs, destination_filesystem=storage.fs)
     with src_fs.open_input_stream(f"{src}/{ckpt.STATE_FILE}") as f:
         state = json.loads(f.read().decode())
     write_text_atomic(storage.fs, f"{dest}/{ckpt.CONFIG_FILE}", ckpt.model_config_json(state["model_config"], meta))

@@ -114,9 +114,9 @@ class Work:
 def stage_inputs(storage: RunStorage, stage: str, cfg: EvaluateConfig) -> tuple[str, str | None, dict[str, Any]]:
     """(model URI, tokenizer URI or None when it is exported beside the model, the stage's meta);
     errors name the stage to run first."""
+    if cfg.model_dir is not None:  # e.g. an imported transformers directory: the run need not hold the stage
+        return cfg.model_dir, None, storage.read_meta(stage) if storage.is_complete(stage) else {}
     meta = storage.read_meta(stage)  # StorageError "... (run the pretrain stage first)" when incomplete
-    if cfg.model_dir is not None:
-        return cfg.model_dir, None, meta
     model_path = f"{storage.stage_path(stage)}/model"
     model_uri = f"{storage.stage_uri(stage)}/model"
     if not storage.exists(f"{model_path}/config.json"):

@@ -119,3 +119,17 @@ def _report_current(storage: RunStorage) -> bool:
 
 register(Stage("report", "jobs.report", description="report card of the run (report.md + plots)",
                complete=_report_current))
+
+
+def _export_current(storage: RunStorage) -> bool:
+    """The export is complete when it was written after the report (whose numbers its model card holds)."""
+    if not storage.is_complete("export"):
+        return False
+    report = storage.read_meta("report").get("finished_at", 0) if storage.is_complete("report") else 0
+    return storage.read_meta("export").get("finished_at", 0) >= report
+
+
+# Cheap (seconds: one model load and a file copy, no Ray work), so it runs in every pipeline.
+register(Stage("export", "jobs.export", inputs=("report",),
+               description="the final model as a transformers NanoChat directory (safetensors, tokenizer.json, "
+                           "chat template, model card)", complete=_export_current))

@@ -33,6 +33,7 @@ from cluster.storage import RunStorage, StorageError, resolve_storage
 from jobs.config import StageConfig, load_stage_config, stage_argparser
 from nanochat.checkpoint import CONFIG_FILE, TOKENIZER_DIR
 from nanochat.errors import entrypoint
+from nanochat.hf_format import TOKENIZER_FILE as HF_TOKENIZER_FILE
 from nanochat.tasks.sources import hub_reachable
 
 
@@ -154,6 +155,8 @@ def model_inputs(storage: RunStorage, cfg: RLConfig) -> tuple[str, str]:
                            f"{storage.run!r} first, or point model_dir at an exported model")
     if exists(TOKENIZER_DIR):
         return model_uri, f"{model_uri}/{TOKENIZER_DIR}"
+    if exists(HF_TOKENIZER_FILE):  # a transformers NanoChat directory (nanochat/hf_format.py)
+        return model_uri, model_uri
     storage.read_meta("tokenizer")  # "... (run the tokenizer stage first)" when missing
     return model_uri, storage.stage_uri("tokenizer")
 

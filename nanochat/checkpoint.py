@@ -14,6 +14,9 @@ Exported model (what later stages load with `load_model`):
     model.pt              state_dict
     config.json           {"model_config": GPTConfig fields, ...meta (step, val_bpb, ...)}
     tokenizer/            the tokenizer the model was trained with (copied by the exporter)
+`load_model` and `load_weights` also read a directory in transformers' NanoChat format
+(nanochat/hf_format.py: config.json with a model_type, safetensors, tokenizer.json), so every stage
+that starts from an exported model can start from such a directory.
 """
 
 from __future__ import annotations
@@ -171,12 +174,35 @@ def save_model(directory: str | os.PathLike, model: GPT, meta: dict[str, Any] | 
     write_model_config(d, asdict(model.config), meta or {})
 
 
+def _hf(directory: Path) -> bool:
+    """A transformers-format directory (no model.pt; config.json names a model_type)."""
+    from nanochat import hf_format
+
+    return not (directory / MODEL_FILE).is_file() and hf_format.is_hf_dir(directory)
+
+
+def load_weights(directory: str | os.PathLike, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The state_dict of an exported model (ours or transformers' NanoChat format) on `device`."""
+    d = Path(directory)
+    if _hf(d):
+        from nanochat import hf_format
+
+        weights, _ = hf_format.load_hf_state_dict(d)
+        return {k: v.to(device) for k, v in weights.items()}
+    return torch.load(d / MODEL_FILE, map_location=device, weights_only=True)
+
+
 def load_model(directory: str | os.PathLike, device: str | torch.device) -> tuple[GPT, dict[str, Any]]:
-    """Load an exported model onto `device` (float32, eval mode).
+    """Load an exported model onto `device` (float32, eval mode); a transformers NanoChat directory
+    is imported (nanochat/hf_format.py).
 
     Returns (model, meta): meta is config.json (model_config, step, val_bpb, ...) plus
     "tokenizer_dir", the tokenizer directory next to the weights (None if absent)."""
     d = Path(directory)
+    if _hf(d):
+        from nanochat import hf_format
+
+        return hf_format.load_hf_model(d, device)
     if not (d / CONFIG_FILE).is_file() or not (d / MODEL_FILE).is_file():
         raise NotFoundError(
             f"no exported model at {d}: {CONFIG_FILE} and {MODEL_FILE} are needed (run the pretrain stage)"

@@ -4,7 +4,7 @@ Notable features:
 - rotary embeddings (base 10000), no absolute positional embeddings
 - QK norm (queries and keys RMS-normalised after rotary)
 - RMSNorm without learnable parameters: after the token embedding, before each attention and
-  MLP, and before the head
+  MLP, and before the head (epsilon: the dtype's machine epsilon, or GPTConfig.norm_eps)
 - untied token embedding and lm_head
 - ReLU^2 MLP with 4x expansion; no biases anywhere
 - group-query attention (n_kv_head <= n_head) for cheaper inference
@@ -108,6 +108,7 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (GQA when < n_head; must divide n_head)
     n_embd: int = 768  # model width; head_dim = n_embd / n_head
+    norm_eps: float | None = None  # RMSNorm epsilon; None: the input dtype's machine epsilon (F.rms_norm's)
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, sequence_len: int, head_dim: int = 128) -> GPTConfig:
@@ -125,9 +126,9 @@ class GPTConfig:
         return cls(sequence_len, vocab_size, depth, n_head, n_head, model_dim)
 
 
-def norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm over the last dim without learnable scale."""
-    return F.rms_norm(x, (x.size(-1),))
+def norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim without learnable scale (eps None: the dtype's machine epsilon)."""
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,6 +148,7 @@ class CausalSelfAttention(nn.Module):
                 f"n_kv_head {config.n_kv_head}"
             )
         self.layer_idx = layer_idx
+        self.eps = config.norm_eps
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
@@ -162,7 +164,7 @@ class CausalSelfAttention(nn.Module):
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
         if self.c_q.prepacked(x):  # one fused matmul; rotary and norm over q and k heads at once
             qkv = self.qkv_packed.matmul(x, [self.c_q.weight, self.c_k.weight, self.c_v.weight])
-            qk = norm(apply_rotary(qkv[..., : (H + H_kv) * D].view(B, T, H + H_kv, D), cos, sin))
+            qk = norm(apply_rotary(qkv[..., : (H + H_kv) * D].view(B, T, H + H_kv, D), cos, sin), self.eps)
             q, k = qk.split([H, H_kv], dim=2)
             v = qkv[..., (H + H_kv) * D :].view(B, T, H_kv, D)
         else:
@@ -170,7 +172,7 @@ class CausalSelfAttention(nn.Module):
             k = self.c_k(x).view(B, T, H_kv, D)
             v = self.c_v(x).view(B, T, H_kv, D)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)  # QK norm; keep autocast's dtype
+            q, k = norm(q, self.eps).to(v.dtype), norm(k, self.eps).to(v.dtype)  # QK norm; keep autocast's dtype
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_head != self.n_kv_head
         if kv_cache is None:
@@ -198,12 +200,13 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
+        self.eps = config.norm_eps
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
     ) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
-        return x + self.mlp(norm(x))
+        x = x + self.attn(norm(x, self.eps), cos, sin, kv_cache)
+        return x + self.mlp(norm(x, self.eps))
 
 
 class GPT(nn.Module):
@@ -274,10 +277,11 @@ class GPT(nn.Module):
         cross-entropy loss (targets == -1 ignored): a scalar for "mean"/"sum", (B, T) for "none".
         With a kv_cache, idx continues the cache's active rows (see nanochat/kv_cache.py)."""
         cos, sin = self._rotary_for(idx, kv_cache)
-        x = norm(self.transformer.wte(idx))  # (B, T, C)
+        eps = self.config.norm_eps
+        x = norm(self.transformer.wte(idx), eps)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
-        x = norm(x)
+        x = norm(x, eps)
         logits = self.lm_head(x).float()  # (B, T, V)
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:

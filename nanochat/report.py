@@ -7,6 +7,8 @@ Summary table (as the seed's): columns BASE / MID / SFT / RL, rows CORE, ARC-Eas
 ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE, and the chat format rate. CORE comes from the base evaluation
 (`evaluate/pretrain.json`: `core.label`, `core.metric`); the chat rows from each chat stage's
 evaluation (`evaluate/<stage>.json`: `chat.tasks.<task>.accuracy`, `chat.chatcore`, `chat.format_rate`).
+Inference section (`inference_section`): TTFT, time per output token and tokens/s of the final model
+at batch 1/8/32 and peak memory, measured by jobs/report.py through nanochat/inference_metrics.py.
 """
 
 from __future__ import annotations
@@ -95,9 +97,29 @@ def _stage_section(stage: str, meta: dict[str, Any] | None, evaluation: dict[str
     return "\n".join(lines) + "\n"
 
 
+def inference_section(inference: dict[str, Any] | None) -> str:
+    """"## Inference": TTFT, time per output token and tokens/s per batch size, peak memory, as
+    measured by nanochat/inference_metrics.py on the final model ("" when not measured)."""
+    if not inference:
+        return ""
+    lines = [
+        "## Inference", "",
+        f"Model: {inference.get('stage', '?')} ({inference.get('device')}, {inference.get('dtype')}), our engine, "
+        f"greedy, prompts of {inference.get('prompt_tokens')} tokens, {inference.get('new_tokens')} new tokens "
+        "per row, all rows submitted at once.", "",
+        "| batch | TTFT (ms) | time per output token (ms) | tokens/s |", "|---|---|---|---|",
+    ]
+    for b, m in inference.get("batches", {}).items():
+        lines.append(f"| {b} | {m['ttft_ms']:.1f} | {m['tpot_ms']:.2f} | {m['tokens_per_s']:.1f} |")
+    lines += ["", f"- peak memory: {inference.get('peak_memory_mib')} MiB ({inference.get('memory_kind')})",
+              f"- cost: {inference.get('seconds')} s of the report stage (model load included: "
+              f"{inference.get('total_seconds', inference.get('seconds'))} s)", ""]
+    return "\n".join(lines)
+
+
 def render_report(rec: RunRecord, *, hourly_rate: float, plots: list[str], now: float | None = None,
                   hardware: str | None = None, versions: dict[str, str] | None = None,
-                  git_commit: str = "unknown") -> str:
+                  git_commit: str = "unknown", inference: dict[str, Any] | None = None) -> str:
     """The whole report.md text."""
     now = now or time.time()
     table, _ = summary_table(rec)
@@ -122,6 +144,8 @@ def render_report(rec: RunRecord, *, hourly_rate: float, plots: list[str], now: 
         f"(the stages' and evaluations' own time: {own / 60:.1f} min)", "",
         "## Summary", "", table, "",
     ]
+    if inference:
+        head.append(inference_section(inference))
     sections = [_stage_section(s, rec.metas.get(s), rec.evaluations.get(s)) for s in STAGE_ORDER]
     tok = rec.metas.get("tokenizer", {}).get("evaluation", {}).get("bytes_per_token")
     if tok:

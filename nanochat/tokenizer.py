@@ -13,7 +13,9 @@ Notable:
   `render_for_completion` gives a prompt that ends with <|assistant_start|>.
 - `decode` returns str: bytes are decoded as UTF-8 with U+FFFD only where the ids cut or break a
   character (rustbpe's own `decode` returns the exact bytes).
-- `to_tiktoken()` and `export_hf(path)` give the same ids through tiktoken and HF `tokenizers`.
+- `to_tiktoken()` and `export_hf(path)` give the same ids through tiktoken and HF `tokenizers`;
+  `from_hf_json` reads such a tokenizer.json back (ours, or transformers' NanoChat one), and `load`
+  falls back to a directory's tokenizer.json when it has no tokenizer.rbpe.
 
 Saved directory (each file written under a temporary name, then renamed):
     tokenizer.rbpe        merges + split pattern (rustbpe's text format, see rustbpe/src/tokenizer.rs)
@@ -37,7 +39,7 @@ import pyarrow as pa
 import torch
 
 import rustbpe
-from nanochat.errors import ConfigError, NotFoundError
+from nanochat.errors import ConfigError, NanochatError, NotFoundError
 
 SPECIAL_TOKENS = (
     "<|bos|>",  # every document starts with it
@@ -55,6 +57,7 @@ COUNT_COLUMN = "count"
 MERGES_FILE = "tokenizer.rbpe"
 SPECIALS_FILE = "special_tokens.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 TextsLike = Sequence[str] | pa.Array | pa.ChunkedArray
 CountsLike = pa.Table | pa.RecordBatch | rustbpe.ChunkCounts
@@ -125,6 +128,37 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
+class TokenizerFormatError(NanochatError, ValueError):
+    """A tokenizer file that does not hold a nanochat tokenizer (the message says what differs)."""
+
+
+def _split_pattern(pre: dict | None) -> str | None:
+    """The regex of the first Split pre-tokenizer in a tokenizer.json pre_tokenizer tree."""
+    if not isinstance(pre, dict):
+        return None
+    if pre.get("type") == "Split" and isinstance(pre.get("pattern"), dict) and "Regex" in pre["pattern"]:
+        return pre["pattern"]["Regex"]
+    for child in pre.get("pretokenizers") or []:
+        found = _split_pattern(child)
+        if found:
+            return found
+    return None
+
+
+def _last_merge(token: bytes, ranks: dict[bytes, int], rank: int, where: str) -> tuple[int, int]:
+    """The two tokens that rank-based BPE (tiktoken's) joins into `token`, using merges below `rank`."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best = min((ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1))
+        if best[0] >= rank:
+            break
+        i = best[1]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2 or ranks.get(parts[0], rank) >= rank or ranks.get(parts[1], rank) >= rank:
+        raise TokenizerFormatError(f"{where}: token {rank} ({token!r}) is not made by merging two earlier tokens")
+    return ranks[parts[0]], ranks[parts[1]]
+
+
 class Tokenizer:
     """rustbpe merges + nanochat's special tokens (ids right after the merges)."""
 
@@ -181,8 +215,11 @@ class Tokenizer:
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
         """Load a directory written by `save`."""
         d = Path(directory)
+        if not (d / MERGES_FILE).is_file() and (d / HF_TOKENIZER_FILE).is_file():
+            return cls.from_hf_json(json.loads((d / HF_TOKENIZER_FILE).read_text()), str(d / HF_TOKENIZER_FILE))
         if not (d / MERGES_FILE).is_file():
-            raise NotFoundError(f"no tokenizer at {d}: {MERGES_FILE} is missing (train one with jobs.tokenizer)")
+            raise NotFoundError(f"no tokenizer at {d}: neither {MERGES_FILE} nor {HF_TOKENIZER_FILE} is there "
+                                "(train one with jobs.tokenizer)")
         tok = cls(rustbpe.Tokenizer.load(str(d / MERGES_FILE)))
         saved = json.loads((d / SPECIALS_FILE).read_text())
         if saved != tok._special_ids:
@@ -383,6 +420,59 @@ class Tokenizer:
                       "ignore_merges": False, "vocab": vocab,
                       "merges": [f"{pieces[a]} {pieces[b]}" for a, b in self.core.get_merges()]},
         }
+
+    @classmethod
+    def from_hf_json(cls, data: dict, where: str = "tokenizer.json") -> Tokenizer:
+        """The tokenizer of a tokenizer.json in nanochat's layout (what `hf_json` writes, and what
+        transformers' NanoChat checkpoints hold): byte-level BPE whose ids 0..255 are the bytes in
+        order, whose merges make ids 256, 257, ... in order (one pair each as `hf_json` writes, or
+        every split whose halves are tokens, as transformers' tiktoken conversion writes), followed
+        by the 9 special tokens in SPECIAL_TOKENS order. TokenizerFormatError names what differs."""
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            raise TokenizerFormatError(f"{where} is not a byte-level BPE tokenizer (model.type must be 'BPE')")
+        to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        vocab: dict[str, int] = model["vocab"]
+        by_id = {i: piece for piece, i in vocab.items()}
+        for b in range(256):
+            piece = by_id.get(b)
+            if piece is None or len(piece) != 1 or to_byte.get(piece) != b:
+                raise TokenizerFormatError(f"{where}: id {b} is {piece!r}, not byte {b}; nanochat tokenizers "
+                                           "start with the 256 bytes in order")
+        n_merges = len(vocab) - 256
+        listed: dict[int, list[tuple[int, int]]] = {}  # merged id -> the pairs tokenizer.json lists for it
+        last = 0
+        for merge in model.get("merges") or []:
+            a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+            made = vocab.get(a + b)
+            if a not in vocab or b not in vocab or made is None or made < max(last, 256):
+                raise TokenizerFormatError(f"{where}: merge {a!r} + {b!r} is not in nanochat's rank order (each "
+                                           "merge must make a token, in increasing id order)")
+            listed.setdefault(made, []).append((vocab[a], vocab[b]))
+            last = made
+        if sorted(listed) != list(range(256, 256 + n_merges)):
+            raise TokenizerFormatError(f"{where}: {len(vocab)} vocabulary entries but merges make "
+                                       f"{len(listed)} of the {n_merges} tokens above the bytes")
+        token_bytes = {i: bytes(to_byte[c] for c in piece) for piece, i in vocab.items()}
+        ranks = {tb: i for i, tb in token_bytes.items()}
+        merges: list[tuple[int, int]] = []
+        for made in range(256, 256 + n_merges):
+            pairs = listed[made]
+            # one pair: rustbpe's own export; several (transformers' tiktoken conversion lists every split
+            # whose halves are tokens): the pair rank-based BPE really merges last, as tiktoken encodes
+            merges.append(pairs[0] if len(pairs) == 1 else _last_merge(token_bytes[made], ranks, made, where))
+        added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or []}
+        want = {name: 256 + len(merges) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        if added != want:
+            raise TokenizerFormatError(f"{where}: the special tokens are {added}, but a nanochat tokenizer "
+                                       f"has exactly {want}")
+        pattern = _split_pattern(data.get("pre_tokenizer"))
+        if pattern is None:
+            raise TokenizerFormatError(f"{where}: no Split regex in its pre_tokenizer (the chunking pattern)")
+        try:
+            return cls(rustbpe.Tokenizer(merges, pattern))
+        except ValueError as e:
+            raise TokenizerFormatError(f"{where}: rustbpe rejects its merges or pattern: {e}") from None
 
     def export_hf(self, path: str | os.PathLike) -> None:
         """Write `hf_json()` to `path` (e.g. .../tokenizer.json) atomically; load it with

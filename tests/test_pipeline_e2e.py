@@ -79,6 +79,20 @@ def test_every_stage_runs_as_a_job_and_the_report_fills_every_column(reference):
     assert (Path(reference.stage_path("report")) / "loss.png").stat().st_size > 0
 
 
+def test_the_runs_export_loads_in_transformers_offline(reference):
+    """The pipeline's export stage (jobs/export.py): the final model as a transformers NanoChat directory."""
+    out = Path(reference.stage_path("export"))
+    assert reference.read_meta("export")["stage"] == "rl"
+    code = ("import sys; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True); "
+            "AutoTokenizer.from_pretrained(sys.argv[1], local_files_only=True); print(type(m).__name__)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "NanoChatForCausalLM" in res.stdout, res.stderr[-2000:]
+    report = (Path(reference.stage_path("report")) / "report.md").read_text()
+    assert "## Inference" in report and "TTFT" in (out / "README.md").read_text()
+
+
 def _wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout_s
     while not predicate():
