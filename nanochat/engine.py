@@ -25,7 +25,7 @@ Notable:
   temperature, top-k/top-p and any constraint mask, as vLLM reports them by default).
 - constrained rows: `add_group(..., constraints=[...])` gives each sample a `TokenConstraint` (a
   grammar, say). Before sampling, every constrained row of the step fills its row of one packed
-  (R, ceil(V/32)) int32 bitmask; the batch's logits are masked in one op, so constrained and free
+  (C, ceil(V/32)) int32 bitmask; those rows' logits are masked in one op, so constrained and free
   rows share a decode step and free rows sample exactly as they would alone. The engine knows no
   grammar library: serve_app/grammar.py adapts one. A constrained row never runs the Python tool
   (its output belongs to its constraint).
@@ -517,16 +517,18 @@ class Engine:
 
     def _constrain(self, logits: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
         """logits (R, V) with each constrained row's forbidden tokens at -inf (a copy; free rows
-        unchanged). One packed bitmask for the batch, filled row by row, applied in one op."""
+        unchanged). One packed bitmask (C, ceil(V/32)) for the C constrained rows, filled row by
+        row, applied in one op."""
         constrained = [i for i, s in enumerate(slots) if s.constraint is not None]
         if not constrained:
             return logits
-        words = (logits.size(-1) + 31) // 32
-        bitmask = torch.full((len(slots), words), -1, dtype=torch.int32)  # all allowed
-        for i in constrained:
-            bitmask[i].zero_()
-            slots[i].constraint.fill_bitmask(bitmask[i])
-        return apply_bitmask(logits, bitmask)
+        bitmask = torch.zeros((len(constrained), (logits.size(-1) + 31) // 32), dtype=torch.int32)
+        for k, i in enumerate(constrained):
+            slots[i].constraint.fill_bitmask(bitmask[k])
+        rows = torch.tensor(constrained, device=logits.device)
+        out = logits.clone()
+        out[rows] = apply_bitmask(logits[rows], bitmask)
+        return out
 
     def _sample(self, logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
         if all(s.params.temperature == 0 for s in slots):  # greedy rows never use their draw
