@@ -10,7 +10,7 @@ the history) and top log-probs, on a random 2-layer GPT (vocab 512, context 1024
 - tool_choice required / named / auto, streamed deltas reassembled equal the whole answer;
 - top_logprobs equal a teacher-forced forward pass within 1e-5 (chat and completions).
 
-Run: PYTHONPATH=. python -m pytest tests/test_serve_agents.py -q -s  (about 4 minutes on 2 cores)
+Run: PYTHONPATH=. python -m pytest tests/test_serve_agents.py -q -s  (6 min on 2 cores shared by 4 engineers)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 engine's per-row constraint hook, the llguidance adapter, tool-call text streaming, and how
 OpenAI tool messages are rendered into nanochat's conversation.
 
-Run: PYTHONPATH=. python -m pytest tests/test_structured_units.py -q  (about 20 s on 2 cores)
+Run: PYTHONPATH=. python -m pytest tests/test_structured_units.py -q  (20 to 60 s on 2 shared cores)
 """
 
 from __future__ import annotations
