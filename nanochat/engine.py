@@ -20,7 +20,15 @@ Notable:
   one extra copy of the weights; a decode step of rows all at one position passes no mask.
 - sampling per row: temperature (0 = greedy), top-k, top-p and a per-request seed. Random draws
   come from a CPU `random.Random` per slot, so a seed gives the same tokens on any device and in
-  any batch; log-probs are those of the model (log-softmax of raw logits) for each emitted token.
+  any batch; log-probs are those of the model (log-softmax of raw logits) for each emitted token,
+  plus the `top_logprobs` most likely tokens of that raw distribution when asked (before
+  temperature, top-k/top-p and any constraint mask, as vLLM reports them by default).
+- constrained rows: `add_group(..., constraints=[...])` gives each sample a `TokenConstraint` (a
+  grammar, say). Before sampling, every constrained row of the step fills its row of one packed
+  (C, ceil(V/32)) int32 bitmask; those rows' logits are masked in one op, so constrained and free
+  rows share a decode step and free rows sample exactly as they would alone. The engine knows no
+  grammar library: serve_app/grammar.py adapts one. A constrained row never runs the Python tool
+  (its output belongs to its constraint).
 - tool use: a sampled <|python_start|> ... <|python_end|> block is decoded and run by `ToolUse.run`
   in a thread pool while the row waits (other rows go on); then <|output_start|> result
   <|output_end|> is forced into the sequence one token per step. Forced tokens carry mask 0 so RL
@@ -40,7 +48,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +70,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # a sampled stop token ends the sequence (and is kept)
     n: int = 1  # samples per prompt (generate/add_group), sharing one prefill
     logprobs: bool = False
+    top_logprobs: int = 0  # also report this many most likely tokens per step (raw distribution)
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,6 +84,8 @@ class SamplingParams:
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.n < 1:
             problems.append(f"n must be >= 1, got {self.n}")
+        if self.top_logprobs < 0:
+            problems.append(f"top_logprobs must be >= 0, got {self.top_logprobs}")
         if problems:
             raise ValueError("invalid SamplingParams: " + "; ".join(problems))
 
@@ -93,6 +104,18 @@ class ToolUse:
     max_workers: int = 4  # tool calls in flight at once
 
 
+class TokenConstraint(Protocol):
+    """Per-row hook of the sampler: which tokens may come next, and what was chosen."""
+
+    def fill_bitmask(self, words: torch.Tensor) -> None:
+        """Write the allowed next tokens into `words`, a contiguous CPU int32 tensor of
+        ceil(vocab_size / 32) words: bit j of word i set = token 32 * i + j allowed. At least one
+        token must stay allowed (a finished grammar allows its end-of-sequence tokens)."""
+
+    def accept(self, token: int) -> None:
+        """The token chosen for this row (always one the last bitmask allowed)."""
+
+
 @dataclass(frozen=True)
 class StepOutput:
     """One token emitted for one slot in one step."""
@@ -103,6 +126,7 @@ class StepOutput:
     logprob: float | None  # model log-prob of `token` (when params.logprobs)
     finished: bool
     finish_reason: FinishReason | None
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token, log-prob), most likely first
 
 
 @dataclass
@@ -139,6 +163,7 @@ class _Slot:
     python: list[int] | None = None  # tokens of an open python block
     tool_future: Future | None = None
     finish_reason: FinishReason | None = None
+    constraint: TokenConstraint | None = None
 
 
 class IncrementalDecoder:
@@ -185,6 +210,13 @@ def sample_tokens(
     draw = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
     choice = torch.searchsorted(cdf, draw, right=True).clamp_max(vocab - 1)[:, 0]
     return torch.where(temperature.to(logits.device) == 0, greedy, choice)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits (R, V) with -inf where the packed bitmask (R, ceil(V/32)) int32 has a 0 bit."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.size(-1)]  # (R, V)
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
 class SlotCache(KVCache):
@@ -325,9 +357,13 @@ class Engine:
             raise ValueError(f"add_request makes one sequence but params.n = {params.n}; use add_group")
         return self.add_group(prompt_ids, params)[0]
 
-    def add_group(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
-        """Queue params.n samples of one prompt, prefilled once; returns their slots."""
+    def add_group(self, prompt_ids: Sequence[int], params: SamplingParams,
+                  constraints: Sequence[TokenConstraint] | None = None) -> list[int]:
+        """Queue params.n samples of one prompt, prefilled once; returns their slots.
+        constraints: one TokenConstraint per sample (fresh objects: each follows its own row)."""
         prompt = self._check_prompt(prompt_ids)
+        if constraints is not None and len(constraints) != params.n:
+            raise ValueError(f"{len(constraints)} constraints for n = {params.n} samples; give one per sample")
         free = self.free_slots()
         if params.n > len(free):
             raise RuntimeError(
@@ -338,7 +374,8 @@ class Engine:
         for j, slot in enumerate(slots):
             rng = random.Random(f"{params.seed}/{j}") if params.seed is not None else random.Random()
             state = "prefill" if j == 0 else "copy"
-            self._slots[slot] = _Slot(prompt, params, rng, state, leader=slots[0])
+            self._slots[slot] = _Slot(prompt, params, rng, state, leader=slots[0],
+                                      constraint=constraints[j] if constraints is not None else None)
         self.cache.reset_rows(slots)
         return slots
 
@@ -456,17 +493,42 @@ class Engine:
         sampled_idx = [i for i, s in enumerate(slots) if not s.forced]
         chosen = [s.forced[0] if s.forced else -1 for s in slots]
         if sampled_idx:
-            picked = self._sample(logits[sampled_idx], [slots[i] for i in sampled_idx])
-            for i, tok in zip(sampled_idx, picked, strict=True):
+            sampled = [slots[i] for i in sampled_idx]
+            picked = self._sample(self._constrain(logits[sampled_idx], sampled), sampled)
+            for i, s, tok in zip(sampled_idx, sampled, picked, strict=True):
                 chosen[i] = tok
-        logprobs = None
-        if any(s.params.logprobs for s in slots):
+                if s.constraint is not None:
+                    s.constraint.accept(tok)
+        logprobs, tops = None, None
+        if any(s.params.logprobs for s in slots):  # raw distribution: no temperature, no mask
+            logp = F.log_softmax(logits.float(), -1)  # (R', V)
             token_t = torch.tensor(chosen, device=logits.device)
-            logprobs = F.log_softmax(logits.float(), -1).gather(-1, token_t[:, None])[:, 0].tolist()
-        return [self._emit(slot, s, tok, logprobs[i] if logprobs else None)
+            logprobs = logp.gather(-1, token_t[:, None])[:, 0].tolist()
+            k = max(s.params.top_logprobs for s in slots)
+            if k > 0:
+                values, ids = logp.topk(min(k, logp.size(-1)), dim=-1)  # (R', k), most likely first
+                tops = [list(zip(r_ids, r_vals, strict=True)) for r_ids, r_vals in
+                        zip(ids.tolist(), values.tolist(), strict=True)]
+        return [self._emit(slot, s, tok, logprobs[i] if logprobs else None,
+                           tuple(tops[i][: s.params.top_logprobs]) if tops else ())
                 for i, (slot, s, tok) in enumerate(zip(rows, slots, chosen, strict=True))]
 
     # ---- internals -------------------------------------------------------------------------------
+
+    def _constrain(self, logits: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
+        """logits (R, V) with each constrained row's forbidden tokens at -inf (a copy; free rows
+        unchanged). One packed bitmask (C, ceil(V/32)) for the C constrained rows, filled row by
+        row, applied in one op."""
+        constrained = [i for i, s in enumerate(slots) if s.constraint is not None]
+        if not constrained:
+            return logits
+        bitmask = torch.zeros((len(constrained), (logits.size(-1) + 31) // 32), dtype=torch.int32)
+        for k, i in enumerate(constrained):
+            slots[i].constraint.fill_bitmask(bitmask[k])
+        rows = torch.tensor(constrained, device=logits.device)
+        out = logits.clone()
+        out[rows] = apply_bitmask(logits[rows], bitmask)
+        return out
 
     def _sample(self, logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
         if all(s.params.temperature == 0 for s in slots):  # greedy rows never use their draw
@@ -481,7 +543,8 @@ class Engine:
         uniforms = torch.tensor([s.rng.random() for s in slots], dtype=torch.float64)
         return sample_tokens(logits, temperature, top_k, top_p, uniforms).tolist()
 
-    def _emit(self, slot: int, s: _Slot, token: int, logprob: float | None) -> StepOutput:
+    def _emit(self, slot: int, s: _Slot, token: int, logprob: float | None,
+              top_logprobs: tuple[tuple[int, float], ...] = ()) -> StepOutput:
         forced = bool(s.forced)
         if forced:
             s.forced.popleft()
@@ -495,11 +558,12 @@ class Engine:
             s.finish_reason = "stop"
         elif len(s.tokens) >= s.params.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_seq_len:
             s.finish_reason = "length"  # the last token never needs a cache position
-        elif not forced and self.tool_use is not None:
+        elif not forced and self.tool_use is not None and s.constraint is None:
             self._track_tool_block(s, token)
         if s.finish_reason is not None:
             s.state = "finished"
-        return StepOutput(slot, token, forced, logprob, s.finish_reason is not None, s.finish_reason)
+        return StepOutput(slot, token, forced, logprob, s.finish_reason is not None, s.finish_reason,
+                          top_logprobs)
 
     def _track_tool_block(self, s: _Slot, token: int) -> None:
         tool = self.tool_use

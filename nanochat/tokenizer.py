@@ -372,10 +372,19 @@ class Tokenizer:
         ids, mask = self._render(conversation)
         return ids[:max_tokens], mask[:max_tokens]
 
-    def render_for_completion(self, conversation: dict) -> list[int]:
+    def render_for_completion(self, conversation: dict, continue_last: bool = False) -> list[int]:
         """Prompt ids for the engine: the conversation without its last assistant message (if it
-        ends with one), followed by <|assistant_start|>. Not truncated."""
+        ends with one), followed by <|assistant_start|>. Not truncated.
+
+        continue_last: the conversation ends with an assistant message the model continues (e.g.
+        its tool calls and their outputs, as the service renders function calling): that message
+        is kept, without its <|assistant_end|>."""
         messages = conversation.get("messages") if isinstance(conversation, dict) else None
+        if continue_last:
+            if not messages or messages[-1].get("role") != "assistant":
+                raise ValueError("continue_last needs a conversation that ends with an assistant message")
+            ids, _ = self._render(conversation)
+            return ids[:-1]  # drop <|assistant_end|>: the turn stays open
         if messages and messages[-1].get("role") == "assistant":
             conversation = {**conversation, "messages": messages[:-1]}
         ids, _ = self._render(conversation)

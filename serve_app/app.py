@@ -21,10 +21,14 @@ Notable:
   limits on messages, characters and context (400); a full waiting queue answers 429 and Serve's
   own queue (`max_queued_requests`) 503. Every error has OpenAI's error body.
 - a client that disconnects cancels its handler; the generation's `finally` frees its slots.
+- agents' features: `response_format` and `tools` compile to one llguidance grammar per request
+  (serve_app/grammar.py), enforced per row by the engine's sampler; function calling maps onto
+  the tool tokens (`_conversation` documents how); log-probs come with up to 20 alternatives.
 """
 
 import asyncio
 import hmac
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -43,10 +47,20 @@ from nanochat.engine import SamplingParams
 from serve_app import responses as R
 from serve_app.config import ServeConfig
 from serve_app.generation import Generation, GenerationFailed
+from serve_app.grammar import Grammar, GrammarError, render_tool_call
 from serve_app.metrics import ServeMetrics, process_metrics
 from serve_app.models import ServedModel
 from serve_app.scheduler import Overloaded, SchedulerClosed
-from serve_app.schemas import ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest, parse_request
+from serve_app.schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    JsonObjectFormat,
+    JsonSchemaResponseFormat,
+    Tool,
+    parse_request,
+)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -97,6 +111,77 @@ class _CountStatus:
 
 
 api.add_middleware(_CountStatus)
+
+
+# Module-level helpers the deployment uses come before it: Serve pickles the class when it is decorated.
+TOOLS_PREAMBLE = ("You can call these functions. To call one, write a python block holding "
+                  '{"name": <function>, "arguments": <object>}; its result comes back as the block\'s output.')
+
+
+def _chars(m: ChatMessage) -> int:
+    content = m.content or ""
+    text = len(content) if isinstance(content, str) else sum(len(p.text) for p in content)
+    return text + sum(len(c.function.name) + len(c.function.arguments) for c in m.tool_calls or [])
+
+
+def _conversation(messages: list[ChatMessage], tools: list[Tool] | None) -> list[dict]:
+    """OpenAI messages -> nanochat's conversation (tokenizer._render), mapping function calling onto
+    the tool tokens:
+    - `tools` are listed in the system message (one JSON line per function after TOOLS_PREAMBLE);
+    - an assistant's tool call is a python part holding `{"name":...,"arguments":{...}}` (compact
+      JSON, as the grammar makes the model write it); a `role: "tool"` message is a python_output
+      part holding its content;
+    - an assistant message, its tool results and the assistant messages after them form one
+      assistant turn (the model's own python tool works the same way), so a conversation that
+      ends with tool results ends with an open assistant turn the model continues."""
+    out: list[dict] = []
+    open_calls: dict[str, str] = {}  # call id -> function name, not yet answered
+    for i, m in enumerate(messages):
+        role = "system" if m.role == "developer" else m.role
+        where = f"messages[{i}]"
+        if role == "system" and i != 0:
+            raise ApiError(400, f"{where}: a system message may only come first", "invalid_value", "messages")
+        content: Any = m.content
+        if isinstance(content, list):
+            if role != "assistant" and any(p.type != "text" for p in content):
+                raise ApiError(400, f"{where}: only assistant messages may hold python parts", "invalid_value",
+                               "messages")
+            content = ("".join(p.text for p in content) if role != "assistant"
+                       else [{"type": p.type, "text": p.text} for p in content])
+        if role in ("system", "user"):
+            out.append({"role": role, "content": content})
+            continue
+        if role == "tool":
+            if not out or out[-1]["role"] != "assistant" or m.tool_call_id not in open_calls:
+                raise ApiError(400, f"{where}: tool_call_id {m.tool_call_id!r} answers no earlier assistant tool call "
+                               "(a tool message must follow the assistant message that made the call)",
+                               "invalid_value", "messages")
+            del open_calls[m.tool_call_id]
+            parts = [{"type": "python_output", "text": content}]
+        else:
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) and content else list(content or [])
+            for call in m.tool_calls or []:
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except json.JSONDecodeError as e:
+                    raise ApiError(400, f"{where}: tool call {call.id!r} has arguments that are not JSON: {e}",
+                                   "invalid_value", "messages") from None
+                parts.append({"type": "python", "text": render_tool_call(call.function.name, arguments)})
+                open_calls[call.id] = call.function.name
+        if out and out[-1]["role"] == "assistant":
+            out[-1]["content"].extend(parts)  # the same turn goes on
+        else:
+            out.append({"role": "assistant", "content": parts})
+    if tools:
+        listing = "\n".join(json.dumps({"name": t.function.name, "description": t.function.description or "",
+                                        "parameters": t.function.parameters or {}}, ensure_ascii=False)
+                            for t in tools)
+        preamble = f"{TOOLS_PREAMBLE}\n{listing}"
+        if out[0]["role"] == "system":
+            out[0]["content"] = f"{out[0]['content']}\n\n{preamble}"
+        else:
+            out.insert(0, {"role": "system", "content": preamble})
+    return out
 
 
 @serve.deployment(name="ChatServer")
@@ -168,9 +253,11 @@ class ChatServer:
         req = parse_request(ChatCompletionRequest, await self._body(request))
         request.state.model = req.model
         served = await self._model(req.model, "/v1/chat/completions")
-        prompt = self._chat_prompt(served, req.messages)
-        params = self._params(served, req, [prompt], req.token_budget, req.logprobs)
-        gen = self._start(served, "chatcmpl", [prompt], params, req.stop_list(), req.logprobs, arrived)
+        prompt = self._chat_prompt(served, req.messages, req.tools)
+        params = self._params(served, req, [prompt], req.token_budget, req.logprobs, req.top_logprobs or 0)
+        grammar = await asyncio.to_thread(self._grammar, served, req)
+        gen = self._start(served, "chatcmpl", [prompt], params, req.stop_list(), req.logprobs, arrived,
+                          grammar, req.tool_mode != "none")
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._chat_stream(gen, req.model, usage, req.logprobs),
@@ -195,7 +282,7 @@ class ChatServer:
         self._check_chars(sum(len(t) for t in texts), "prompt")
         prompts = [served.tokenizer.encode(t, prepend="<|bos|>") for t in texts]
         logprobs = req.logprobs is not None
-        params = self._params(served, req, prompts, req.token_budget, logprobs)
+        params = self._params(served, req, prompts, req.token_budget, logprobs, req.logprobs or 0)
         gen = self._start(served, "cmpl", prompts, params, req.stop_list(), logprobs, arrived)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -251,35 +338,52 @@ class ChatServer:
         if chars > limit:
             raise ApiError(400, f"{chars} characters of input; at most {limit} are accepted", "input_too_long", param)
 
-    def _chat_prompt(self, served: ServedModel, messages: list[ChatMessage]) -> list[int]:
+    def _chat_prompt(self, served: ServedModel, messages: list[ChatMessage], tools: list[Tool] | None) -> list[int]:
         limits = self.config.limits
         if len(messages) > limits.max_messages:
             raise ApiError(400, f"{len(messages)} messages; at most {limits.max_messages} per request",
                            "too_many_messages", "messages")
-        conversation = []
-        for i, m in enumerate(messages):
-            role = "system" if m.role == "developer" else m.role
-            if role == "system" and i != 0:
-                raise ApiError(400, f"messages[{i}]: a system message may only come first", "invalid_value", "messages")
-            content: Any = m.content
-            if isinstance(content, list):
-                if role != "assistant" and any(p.type != "text" for p in content):
-                    raise ApiError(400, f"messages[{i}]: only assistant messages may hold python parts",
-                                   "invalid_value", "messages")
-                content = ("".join(p.text for p in content) if role != "assistant"
-                           else [{"type": p.type, "text": p.text} for p in content])
-            conversation.append({"role": role, "content": content})
-        self._check_chars(sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content)
-                              for m in messages), "messages")
-        if conversation[-1]["role"] != "user":
-            raise ApiError(400, "the last message must be from the user", "invalid_value", "messages")
+        self._check_chars(sum(_chars(m) for m in messages), "messages")
+        conversation = _conversation(messages, tools)
+        if conversation[-1]["role"] == "assistant" and messages[-1].role != "tool":
+            raise ApiError(400, "the last message must be from the user (or a tool's result)", "invalid_value",
+                           "messages")
         try:
-            return served.tokenizer.render_for_completion({"messages": conversation})
+            return served.tokenizer.render_for_completion({"messages": conversation},
+                                                          continue_last=conversation[-1]["role"] == "assistant")
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_value", "messages") from None
 
+    def _grammar(self, served: ServedModel, req: ChatCompletionRequest) -> Grammar | None:
+        """The request's grammar (None: free text); GrammarError -> 400 naming the problem."""
+        fmt, mode = req.response_format, req.tool_mode
+        structured = isinstance(fmt, JsonObjectFormat | JsonSchemaResponseFormat)
+        if (structured or mode != "none") and req.ignore_eos:
+            raise ApiError(400, "ignore_eos cannot be combined with response_format or tools: a grammar ends the "
+                           "reply with the end-of-turn token", "invalid_value", "ignore_eos")
+        if structured and mode != "none":
+            raise ApiError(400, "response_format json_object/json_schema together with tools is not supported; "
+                           "send tool_choice 'none' or drop response_format", "invalid_value", "response_format")
+        try:
+            if isinstance(fmt, JsonObjectFormat):
+                return served.grammars.json_object()
+            if isinstance(fmt, JsonSchemaResponseFormat):
+                if fmt.json_schema.schema_ is None:
+                    raise ApiError(400, "response_format.json_schema.schema is required", "invalid_value",
+                                   "response_format")
+                return served.grammars.json_schema(fmt.json_schema.schema_)
+            if mode == "none":
+                return None
+            functions = [{"name": t.function.name, "parameters": t.function.parameters} for t in req.tools]
+            if mode == "named":
+                functions = [f for f in functions if f["name"] == req.tool_choice.function.name]
+            return served.grammars.tool_calls(functions, "auto" if mode == "auto" else "required",
+                                              req.parallel_tool_calls)
+        except GrammarError as e:
+            raise ApiError(400, str(e), "invalid_schema", "response_format" if structured else "tools") from None
+
     def _params(self, served: ServedModel, req: Any, prompts: list[list[int]], budget: int | None,
-                logprobs: bool) -> SamplingParams:
+                logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
         room = served.max_seq_len - max(len(p) for p in prompts)  # tokens the longest prompt leaves
         if room < 1:
             raise ApiError(400, f"the prompt has {served.max_seq_len - room} tokens but the model's context is "
@@ -294,12 +398,14 @@ class ChatServer:
         return SamplingParams(
             max_new_tokens=budget or min(self.config.limits.default_max_tokens, room),
             temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-            stop_token_ids=() if req.ignore_eos else served.stop_ids, n=req.n, logprobs=logprobs)
+            stop_token_ids=() if req.ignore_eos else served.stop_ids, n=req.n, logprobs=logprobs,
+            top_logprobs=top_logprobs)
 
     def _start(self, served: ServedModel, prefix: str, prompts: list[list[int]], params: SamplingParams,
-               stop: list[str], logprobs: bool, arrived: float) -> Generation:
+               stop: list[str], logprobs: bool, arrived: float, grammar: Grammar | None = None,
+               tool_calls: bool = False) -> Generation:
         gen = Generation(served, f"{prefix}-{uuid.uuid4().hex}", prompts, params, stop, logprobs,
-                         self.metrics, arrived)
+                         self.metrics, arrived, grammar, tool_calls)
         try:
             gen.start()
         except Overloaded as e:

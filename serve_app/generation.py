@@ -8,6 +8,8 @@ events into visible updates per choice (text, tool parts, stop strings, finish r
 Leaving `updates()` early (client disconnect, error) cancels every unfinished choice, so the
 engine frees their slots before its next step. A stop string matched in the text cancels that
 choice at once. Choice indexes are prompt-major: prompt i, sample j -> i * n + j.
+With a `grammar` (structured output, tool calls) every choice gets its own matcher, applied by
+the engine's sampler; a choice that made function calls and stopped finishes with "tool_calls".
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from nanochat.engine import SamplingParams
+from serve_app.grammar import Grammar, GrammarConstraint
 from serve_app.metrics import ServeMetrics
 from serve_app.models import ServedModel
 from serve_app.scheduler import Submission, TokenEvent
@@ -42,6 +45,7 @@ class _Choice:
     last_time: float | None = None
     finish_reason: str | None = None
     pieces: list[Piece] = field(default_factory=list)  # kept for collect()
+    constraint: GrammarConstraint | None = None
 
 
 class Generation:
@@ -49,7 +53,8 @@ class Generation:
 
     def __init__(self, served: ServedModel, request_id: str, prompts: Sequence[list[int]],
                  params: SamplingParams, stop: Sequence[str] = (), logprobs: bool = False,
-                 metrics: ServeMetrics | None = None, arrived: float | None = None) -> None:
+                 metrics: ServeMetrics | None = None, arrived: float | None = None,
+                 grammar: Grammar | None = None, tool_calls: bool = False) -> None:
         self.served = served
         self.request_id = request_id
         self.prompts = [list(p) for p in prompts]
@@ -58,8 +63,11 @@ class Generation:
         self.arrived = arrived if arrived is not None else time.monotonic()
         self.first_token_time: float | None = None
         n = params.n
-        self._choices = [_Choice(ChoiceText(served.token_bytes, served.tools, served.hidden, stop, logprobs))
+        self._choices = [_Choice(ChoiceText(served.token_bytes, served.tools, served.hidden, stop, logprobs,
+                                            tool_calls, served.special_names),
+                                 constraint=grammar.constraint() if grammar is not None else None)
                          for _ in range(len(self.prompts) * n)]
+        self._constrained = grammar is not None
         self._subs: list[Submission] = []
         self._offset: dict[Submission, int] = {}
         self._queue: asyncio.Queue | None = None
@@ -76,11 +84,14 @@ class Generation:
     def start(self) -> None:
         """Submit every prompt (prompt i seeded with seed + i); all or none are queued."""
         self._queue = asyncio.Queue()
+        n = self.params.n
         try:
             for i, prompt in enumerate(self.prompts):
                 params = self.params if self.params.seed is None else replace(self.params, seed=self.params.seed + i)
+                constraints = ([c.constraint for c in self._choices[i * n: (i + 1) * n]]
+                               if self._constrained else None)
                 sub = self.served.scheduler.submit(f"{self.request_id}#{i}" if i else self.request_id,
-                                                   prompt, params, self._queue)
+                                                   prompt, params, self._queue, constraints)
                 self._subs.append(sub)
                 self._offset[sub] = i * self.params.n
         except Exception:
@@ -132,14 +143,18 @@ class Generation:
             return None
         c.tokens += 1
         self._time(c, ev.time)
-        pieces = c.text.push(ev.token, ev.logprob)
+        pieces = c.text.push(ev.token, ev.logprob, ev.top_logprobs)
         if c.text.stopped:
             c.finish_reason = "stop"
             if not ev.finished:
                 self.served.scheduler.cancel(sub, ev.choice)
         elif ev.finished:
+            if c.constraint is not None and c.constraint.error:
+                raise GenerationFailed(f"choice {index}: the grammar matcher failed: {c.constraint.error}")
             pieces += c.text.finish()
             c.finish_reason = ev.finish_reason or "length"
+            if c.finish_reason == "stop" and c.text.calls:
+                c.finish_reason = "tool_calls"
         c.pieces.extend(pieces)
         if c.finish_reason is not None:
             self._open -= 1

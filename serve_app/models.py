@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from nanochat.engine import Engine, ToolUse
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from serve_app.config import ModelSpec, ServeConfig
+from serve_app.grammar import GrammarCompiler
 from serve_app.scheduler import Scheduler
 from serve_app.textstream import ToolTokens
 
@@ -59,10 +60,19 @@ class ServedModel:
     tools: ToolTokens
     hidden: frozenset[int]  # special tokens never shown to clients
     stop_ids: tuple[int, ...]  # special tokens that end a sequence
+    special_names: dict[int, str] = field(default_factory=dict)  # id -> "<|name|>" (top log-probs)
+    _grammars: GrammarCompiler | None = None
 
     @property
     def max_seq_len(self) -> int:
         return self.engine.max_seq_len
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler for this tokenizer, built on first use (~1 s at a 65k vocabulary)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.stop_ids)
+        return self._grammars
 
     @classmethod
     def load(cls, spec: ModelSpec, config: ServeConfig) -> ServedModel:
@@ -100,7 +110,8 @@ class ServedModel:
         shown = {tools.python_start, tools.python_end, tools.output_start, tools.output_end}
         hidden = frozenset(i for i in sp.values() if i not in shown)
         stop_ids = (sp["<|assistant_end|>"], sp["<|bos|>"]) if spec.kind == "chat" else (sp["<|bos|>"],)
-        served = cls(spec, tokenizer, engine, scheduler, token_bytes, tools, hidden, stop_ids)
+        served = cls(spec, tokenizer, engine, scheduler, token_bytes, tools, hidden, stop_ids,
+                     {i: name for name, i in sp.items()})
         scheduler.start()
         return served
 

@@ -4,6 +4,9 @@ Chat: `chat.completion` / `chat.completion.chunk`; text: `text_completion`. Tool
 an extension the `openai` client keeps in `model_extra`: a streamed delta carries
 `nanochat_part: {"type": "python" | "python_output", "text": ...}`, a whole message carries
 `nanochat_parts` (all parts in order, text included) next to `content` (the text alone).
+Function calls follow OpenAI: `message.tool_calls` (content null when there is no text) and
+finish_reason "tool_calls"; streamed, a call's first delta carries its index, id, type and name with
+empty arguments, the next ones fragments of `function.arguments`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def chat_logprobs(lps: Sequence[TokenLogprob]) -> dict:
-    return {"content": [{"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes, "top_logprobs": []}
+    return {"content": [{"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes,
+                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
+                                          for t in lp.top_logprobs]}
                         for lp in lps]}
 
 
@@ -38,12 +43,19 @@ def completion_logprobs(lps: Sequence[TokenLogprob], offset: int) -> dict:
         offsets.append(at)
         at += len(lp.token)
     return {"tokens": [lp.token for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{lp.token: lp.logprob} for lp in lps], "text_offset": offsets}
+            "top_logprobs": [{**{t.token: t.logprob for t in lp.top_logprobs}, lp.token: lp.logprob} for lp in lps],
+            "text_offset": offsets}
 
 
 def piece_delta(piece: Piece) -> dict:
     if piece.kind == "text":
         return {"content": piece.text}
+    if piece.kind == "tool_call":
+        call: dict = {"index": piece.call, "function": {"arguments": piece.text}}
+        if piece.name is not None:
+            call.update(id=piece.call_id, type="function")
+            call["function"]["name"] = piece.name
+        return {"tool_calls": [call]}
     return {"nanochat_part": {"type": piece.kind, "text": piece.text}}
 
 
@@ -76,8 +88,13 @@ def chat_response(rid: str, created: int, model: str, choices: Sequence[tuple[li
     for i, (pieces, finish) in enumerate(choices):
         parts = merge_pieces(pieces)
         text = [p for p in parts if p.kind == "text"]
-        message = {"role": "assistant", "content": "".join(p.text for p in text)}
-        if any(p.kind != "text" for p in parts):
+        calls = [p for p in parts if p.kind == "tool_call"]
+        message: dict = {"role": "assistant", "content": "".join(p.text for p in text)}
+        if calls:
+            message["content"] = message["content"] or None
+            message["tool_calls"] = [{"id": p.call_id, "type": "function",
+                                      "function": {"name": p.name, "arguments": p.text}} for p in calls]
+        elif any(p.kind != "text" for p in parts):
             message["nanochat_parts"] = [{"type": p.kind, "text": p.text} for p in parts]
         lps = chat_logprobs([lp for p in text for lp in p.logprobs]) if logprobs else None
         out.append({"index": i, "message": message, "logprobs": lps, "finish_reason": finish})

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from nanochat.engine import Engine, SamplingParams
+from nanochat.engine import Engine, SamplingParams, TokenConstraint
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class TokenEvent(NamedTuple):
     finished: bool
     finish_reason: str | None  # "stop" (stop token) | "length" | None
     time: float  # time.monotonic() after the step
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token, raw log-prob), most likely first
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Submission:
     loop: asyncio.AbstractEventLoop
     submitted_at: float = field(default_factory=time.monotonic)
     slots: list[int] = field(default_factory=list)  # engine slots, set by the scheduler thread
+    constraints: list[TokenConstraint] | None = None  # one per choice (structured output, tool calls)
 
 
 class Scheduler:
@@ -127,13 +129,16 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive() and not self._closed
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
-               queue: asyncio.Queue | None = None) -> Submission:
+               queue: asyncio.Queue | None = None,
+               constraints: list[TokenConstraint] | None = None) -> Submission:
         """Queue a prompt for params.n choices; call from the event loop that will read `queue`
-        (a fresh one by default; pass one queue to several submissions to read them together)."""
+        (a fresh one by default; pass one queue to several submissions to read them together).
+        constraints: one per choice, applied by the engine's sampler (see nanochat/engine.py)."""
         if params.n > self.engine.cache.batch_size:
             raise ValueError(f"n = {params.n} exceeds the {self.engine.cache.batch_size} engine slots")
         loop = asyncio.get_running_loop()
-        sub = Submission(request_id, list(prompt), params, queue or asyncio.Queue(), loop)
+        sub = Submission(request_id, list(prompt), params, queue or asyncio.Queue(), loop,
+                         constraints=constraints)
         with self._cv:
             if self._closed:
                 raise SchedulerClosed(f"model {self.name} is shutting down; retry")
@@ -190,7 +195,7 @@ class Scheduler:
         admitted = []
         while self._admissible():
             sub = self._waiting.popleft()
-            sub.slots = self.engine.add_group(sub.prompt, sub.params)
+            sub.slots = self.engine.add_group(sub.prompt, sub.params, sub.constraints)
             for choice, slot in enumerate(sub.slots):
                 self._owner[slot] = (sub, choice)
             admitted.append(sub)
@@ -227,7 +232,8 @@ class Scheduler:
         for out in outputs:
             sub, choice = self._owner[out.slot]
             per_sub.setdefault(sub, []).append(
-                TokenEvent(choice, out.token, out.logprob, out.finished, out.finish_reason, now))
+                TokenEvent(choice, out.token, out.logprob, out.finished, out.finish_reason, now,
+                           out.top_logprobs))
             rows.append(f"{sub.request_id}/{choice}")
             if out.finished:
                 del self._owner[out.slot]

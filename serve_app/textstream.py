@@ -11,7 +11,12 @@ Notable:
 - UTF-8: each part has its own incremental decoder, so a character split over tokens is never
   cut (U+FFFD only for bytes that never complete, at a part's end).
 - log-probs (text tokens only) are released together with the text that completes them; tokens
-  at or after a matched stop string are dropped.
+  at or after a matched stop string are dropped. Each carries the top alternatives the engine
+  reported (special tokens shown by name).
+- function calls (`tool_calls=True`, a request with `tools`): a python block is one call, written
+  by the grammar as compact JSON `{"name":"f","arguments":{...}}` (serve_app/grammar.py). Its
+  first piece names the function (kind "tool_call", `name` and `call_id` set, no text); the next
+  pieces are fragments of the arguments' JSON text, the wrapper's closing brace held back.
 
 Pure Python: `python -m pytest tests/test_serve_units.py` exercises it without Ray.
 """
@@ -19,12 +24,15 @@ Pure Python: `python -m pytest tests/test_serve_units.py` exercises it without R
 from __future__ import annotations
 
 import codecs
+import re
+import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-PartKind = Literal["text", "python", "python_output"]
+PartKind = Literal["text", "python", "python_output", "tool_call"]
+CALL_HEAD = re.compile(r'\{"name":"([a-zA-Z0-9_-]{1,64})","arguments":')  # compact, as the grammar writes it
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class TokenLogprob:
     token: str  # the token's bytes as UTF-8 (U+FFFD where a character is cut)
     bytes: list[int]
     logprob: float
+    top_logprobs: tuple[TokenLogprob, ...] = ()  # most likely tokens of the raw distribution
 
 
 @dataclass
@@ -43,6 +52,17 @@ class Piece:
     kind: PartKind
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    call: int | None = None  # tool_call pieces: index of the call within the choice
+    name: str | None = None  # set on a call's first piece
+    call_id: str | None = None  # set on a call's first piece
+
+
+@dataclass
+class _CallText:
+    index: int
+    buf: str = ""
+    name: str | None = None
+    sent: int = 0  # characters of buf already released (head included)
 
 
 @dataclass(frozen=True)
@@ -59,9 +79,11 @@ class ChoiceText:
     """Turns the tokens of one choice into Pieces; see the module docstring."""
 
     def __init__(self, token_bytes: Sequence[bytes], tools: ToolTokens, hidden: frozenset[int],
-                 stop: Sequence[str] = (), logprobs: bool = False) -> None:
+                 stop: Sequence[str] = (), logprobs: bool = False, tool_calls: bool = False,
+                 special_names: Mapping[int, str] | None = None) -> None:
         """token_bytes[i]: bytes of token i (b"" for special tokens); hidden: special ids never shown;
-        stop: non-empty stop strings."""
+        stop: non-empty stop strings; tool_calls: python blocks are function calls;
+        special_names: names of special tokens (for top log-probs)."""
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         self._token_bytes = token_bytes
@@ -69,6 +91,10 @@ class ChoiceText:
         self._hidden = hidden
         self._stop = tuple(stop)
         self._want_logprobs = logprobs
+        self._tool_calls = tool_calls
+        self._names = special_names or {}
+        self._call: _CallText | None = None
+        self.calls = 0  # function calls opened so far
         self.kind: PartKind = "text"
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # text not yet released (could start a stop string)
@@ -78,28 +104,35 @@ class ChoiceText:
 
     # ---- public ------------------------------------------------------------------------------
 
-    def push(self, token: int, logprob: float | None = None) -> list[Piece]:
-        """Pieces that became visible with this token (none after a stop string matched)."""
+    def push(self, token: int, logprob: float | None = None,
+             top: Sequence[tuple[int, float]] = ()) -> list[Piece]:
+        """Pieces that became visible with this token (none after a stop string matched);
+        top: the engine's (token, log-prob) alternatives."""
         if self.stopped:
             return []
         t = self._tools
         if token in (t.python_start, t.output_start):
             pieces = self._close_part()
             self.kind = "python" if token == t.python_start else "python_output"
+            if self._tool_calls and token == t.python_start:
+                self.kind, self._call = "tool_call", _CallText(self.calls)
+                self.calls += 1
             return pieces
         if token in (t.python_end, t.output_end):
-            return self._close_part() if self.kind != "text" else []
+            return self._close_part(complete=True) if self.kind != "text" else []
         if token in self._hidden:
             return []
         raw = self._token_bytes[token]
         text = self._decoder.decode(raw)
+        if self.kind == "tool_call":
+            return self._call_pieces(text)
         if self.kind != "text":
             return [Piece(self.kind, text)] if text else []
         self._held += text
         self._text_len += len(text)
         if self._want_logprobs and logprob is not None:
-            entry = TokenLogprob(raw.decode("utf-8", errors="replace"), list(raw), float(logprob))
-            self._pending_lp.append((self._text_len, entry))
+            alternatives = tuple(self._entry(i, lp) for i, lp in top)
+            self._pending_lp.append((self._text_len, self._entry(token, logprob, alternatives)))
         return self._release(final=False)
 
     def finish(self) -> list[Piece]:
@@ -110,11 +143,39 @@ class ChoiceText:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _close_part(self) -> list[Piece]:
-        """End the current part: flush its decoder (and, for text, every held character)."""
+    def _entry(self, token: int, logprob: float, top: tuple[TokenLogprob, ...] = ()) -> TokenLogprob:
+        raw = self._token_bytes[token] or self._names.get(token, "").encode()
+        return TokenLogprob(raw.decode("utf-8", errors="replace"), list(raw), float(logprob), top)
+
+    def _call_pieces(self, text: str, final: bool = False, complete: bool = False) -> list[Piece]:
+        """Pieces of the open function call: its head once the name is known, then arguments
+        text, holding back the last character (the wrapper's closing brace) until the block ends
+        (`complete`: closed by <|python_end|>, so the held brace is the wrapper's; else cut short)."""
+        c = self._call
+        c.buf += text
+        out = []
+        if c.name is None:
+            head = CALL_HEAD.match(c.buf)
+            if head is None:
+                return []
+            c.name, c.sent = head.group(1), head.end()
+            out.append(Piece("tool_call", "", call=c.index, name=c.name, call_id=f"call_{uuid.uuid4().hex[:24]}"))
+        end = len(c.buf) if final and not complete else len(c.buf) - 1
+        if end > c.sent:
+            out.append(Piece("tool_call", c.buf[c.sent:end], call=c.index))
+            c.sent = end
+        return out
+
+    def _close_part(self, complete: bool = False) -> list[Piece]:
+        """End the current part: flush its decoder (and, for text, every held character);
+        complete: the part's closing token came (not the end of the choice)."""
         tail = self._decoder.decode(b"", final=True)
         self._decoder.reset()
         kind, self.kind = self.kind, "text"
+        if kind == "tool_call":
+            pieces = self._call_pieces(tail, final=True, complete=complete)
+            self._call = None
+            return pieces
         if kind != "text":
             return [Piece(kind, tail)] if tail else []
         self._held += tail
@@ -154,8 +215,10 @@ def merge_pieces(pieces: Sequence[Piece]) -> list[Piece]:
     """Adjacent pieces of the same kind joined (for a whole, non-streamed message)."""
     merged: list[Piece] = []
     for p in pieces:
-        if merged and merged[-1].kind == p.kind:
-            merged[-1] = Piece(p.kind, merged[-1].text + p.text, merged[-1].logprobs + p.logprobs)
+        if merged and merged[-1].kind == p.kind and merged[-1].call == p.call:
+            last = merged[-1]
+            merged[-1] = Piece(p.kind, last.text + p.text, last.logprobs + p.logprobs, p.call,
+                               last.name or p.name, last.call_id or p.call_id)
         else:
-            merged.append(Piece(p.kind, p.text, list(p.logprobs)))
+            merged.append(Piece(p.kind, p.text, list(p.logprobs), p.call, p.name, p.call_id))
     return merged
