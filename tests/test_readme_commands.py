@@ -54,6 +54,18 @@ RULES = [
     Rule(r"RAY_AUTH_MODE=token python -m jobs\.pipeline --preset d20 .*s3://.*", "run",
          "with --plan: the run itself needs 8xH100 nodes and a bucket; --plan checks the preset and arguments",
          ((r"$", " --plan"),)),
+    # Hugging Face export and import: on the newcomer's micro run (run e2e), into the test's directory
+    Rule(r"python -m jobs\.(export|serve) --run demo .*", "run", "on the newcomer's micro run, output in a temp dir",
+         ((r"--run demo", "--run e2e --storage {runs}"), (r"\./nanochat-demo-sft", "{tmp}/nanochat-demo-sft"),
+          (r"> serve\.yaml", "> {tmp}/serve.yaml"))),
+    Rule(r"python -c \"from transformers import .*", "run", "on the export made by the line before",
+         ((r"\./nanochat-demo-sft", "{tmp}/nanochat-demo-sft"),)),
+    Rule(r"(transformers serve|curl -s 127\.0\.0\.1:8001/).*", "skip",
+         "a long-running server: tests/test_hf_export.py starts `transformers serve` on an export and sends this "
+         "chat completion"),
+    Rule(r"python -m jobs\.(sft|evaluate|rl) .*/path/to/nanochat-d32.*", "skip",
+         "needs the published d32, which cannot be downloaded here; tests/test_hf_export.py imports directories "
+         "written by transformers' save_pretrained into the same entry points"),
 ]
 
 
@@ -106,7 +118,8 @@ def test_readme_commands_run(ray_cluster, newcomer_demo, tmp_path_factory):
                 continue
             cmd = command
             for pattern, replacement in rule.substitute:
-                cmd = re.sub(pattern, replacement.format(dashboard=dashboard), cmd)
+                cmd = re.sub(pattern, replacement.format(dashboard=dashboard, runs=newcomer_demo.storage,
+                                                         tmp=root), cmd)
             done = subprocess.run(["bash", "-c", cmd], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                                   timeout=600)
             assert done.returncode == 0, f"README command failed: {command}\n(ran: {cmd})\n" \
@@ -119,6 +132,10 @@ def test_readme_commands_run(ray_cluster, newcomer_demo, tmp_path_factory):
                 assert (home / ".ray" / "auth_token").is_file()
             if "ray job submit" in command:
                 assert (nanochat_home / "runs" / "demo" / "tokenizer" / "meta.json").is_file(), done.stdout[-2000:]
+            if "jobs.export" in cmd:
+                assert (root / "nanochat-demo-sft" / "config.json").is_file(), done.stdout[-2000:]
+            if "--print-serve-config" in cmd:
+                assert "import_path: serve_app.app:build_app" in (root / "serve.yaml").read_text()
             if "--plan" in cmd:
                 assert "parameters" in done.stdout and "GPU-hours" in done.stdout, done.stdout
     finally:
