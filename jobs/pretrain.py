@@ -33,6 +33,8 @@ class PretrainConfig(TrainingConfig):
     depth: int = Field(20, ge=1, description="the one dial: layers; width = 64 x depth, heads = width / head_dim")
     head_dim: int = Field(128, ge=2, description="channels per attention head (128 in the seed; smaller for CPU models)")
     sequence_len: int = Field(2048, ge=1, description="context length in tokens of each training row")
+    norm_eps: float | None = Field(None, gt=0, description="RMSNorm epsilon; None: the activations' dtype's machine "
+                                                         "epsilon (the seed's); chat stages copy an imported model's")
     device_batch_size: int = Field(32, ge=1, description="rows per forward/backward on each worker")
     total_batch_tokens: int = Field(524_288, ge=1, description="tokens per optimizer step over all workers; "
                                                             "gradient accumulation makes up the difference")
