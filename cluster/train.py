@@ -339,6 +339,7 @@ class Prepared:
     init_from: str | None = None  # exported model whose weights start the stage (None: fresh from the seed)
     resume_step: int | None = None  # step of the latest complete checkpoint of this run, if any
     notes: list[str] = field(default_factory=list)  # printed when training starts
+    tasks: dict[str, int] | None = None  # the training conversations per task (chat stages), for the report
 
 
 def resolve_shards(data: str) -> tuple[list[str], list[str]]:
@@ -526,6 +527,7 @@ def train_and_export(spec: TrainSpec, storage: RunStorage, prepared: Prepared,
         writer.metrics.update(summary)
         writer.extra.update({"model": model_uri, "checkpoint": result.checkpoint.path,
                              "tokenizer": prepared.tokenizer, "world_size": spec.num_workers,
-                             "num_steps": plan.loop.num_steps, "init_from": prepared.init_from})
+                             "num_steps": plan.loop.num_steps, "init_from": prepared.init_from,
+                             **({"tasks": prepared.tasks} if prepared.tasks else {})})
         return writer.commit()
 

@@ -109,7 +109,6 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
     """Run the stage on the connected Ray cluster; returns the meta written."""
     import ray
 
-    from cluster.text_data import map_stage_counts, read_budgeted_text
     from nanochat.tokenizer import Tokenizer
     from nanochat.tokenizer_eval import format_report
 
@@ -128,6 +127,8 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
                     raise (e.cause if isinstance(e.cause, ValueError) else e) from None
             counting = {"path": "one task", "tasks": 1, "blocks": 1, "count_tables": 0}
         else:
+            from cluster.text_data import map_stage_counts, read_budgeted_text  # imports Ray Data: seconds
+
             with w.phase("read"):
                 text, n_docs, n_chars = read_budgeted_text(train, doc_cap=cfg.doc_cap, max_chars=cfg.max_chars,
                                                            min_blocks=cfg.min_blocks)

@@ -75,6 +75,8 @@ def _stage_section(stage: str, meta: dict[str, Any] | None, evaluation: dict[str
     if meta is None:
         return f"## {stage}\n\n-\n"
     lines = [f"## {stage}", "", f"- time: {meta.get('duration_s', 0):.1f} s"]
+    if meta.get("tasks"):  # what a chat stage trained on: conversations per task
+        lines.append("- trained on: " + ", ".join(f"{k} {v}" for k, v in sorted(meta["tasks"].items())))
     timings = meta.get("timings") or {}
     if timings:
         lines.append("- phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
