@@ -1,9 +1,11 @@
-"""Tokenizer training through the cluster stage (Ray Data + counting tasks) vs in one process.
+"""Tokenizer training through the cluster stage, both of its paths, vs in one process.
 
 Same text (the `tiny` preset's budget of the embedded pack), same vocab size, same machine, same
-run. The cluster side is the whole stage minus evaluation: read + crop + budget in Ray Data,
-`count_chunks` in N parallel tasks, merge + train in one task. The reference is rustbpe's
-`train_from_iterator` in this process over the same documents. Merges must be identical.
+run. The stage's two paths, each the whole stage minus evaluation: "blocks" (read + crop + budget
+in Ray Data, `count_chunks` in N parallel tasks, merge + train in one task) and "one task" (read,
+count and train in one Ray task: what budgets up to `one_task_max_chars` take). The reference is
+rustbpe's `train_from_iterator` in this process over the same documents. Merges must be identical.
+The blocks path's fixed cost (its seconds minus the reference's) is what sets the threshold.
 
 Run: PYTHONPATH=. python benchmarks/tokenizer_cluster.py [--workers 2] [--vocab-size 4096]
 """
@@ -43,20 +45,27 @@ def main() -> None:
     mb = sum(len(d.encode()) for d in docs) / 1e6
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        meta = run_tokenizer(cfg, RunStorage("bench", d), data)
-        t_cluster = time.perf_counter() - t0
-        same = Tokenizer.load(RunStorage("bench", d).local_path("tokenizer")).core.get_merges() == local.core.get_merges()
+    rows = []
+    for path, limit in (("one task", cfg.max_chars), ("blocks", 0)):
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            meta = run_tokenizer(cfg.model_copy(update={"one_task_max_chars": limit}), RunStorage("bench", d), data)
+            took = time.perf_counter() - t0
+            merges = Tokenizer.load(RunStorage("bench", d).local_path("tokenizer")).core.get_merges()
+            rows.append((path, meta, took, merges == local.core.get_merges()))
     ray.shutdown()
 
-    print(f"\ntext: {mb:.1f} MB, {len(docs)} documents, vocab {cfg.vocab_size}; merges identical: {same}")
-    print("| path | seconds | MB/s | ratio vs one process |")
-    print("|---|---:|---:|---:|")
-    print(f"| one process (train_from_iterator) | {t_local:.2f} | {mb / t_local:.2f} | 1.00x |")
-    print(f"| cluster stage, {meta['counting']['tasks']} counting tasks | {t_cluster:.2f} | {mb / t_cluster:.2f} "
-          f"| {t_local / t_cluster:.2f}x |")
-    print(f"cluster phases (s): {meta['timings']}")
+    print(f"\ntext: {mb:.1f} MB, {len(docs)} documents, vocab {cfg.vocab_size}")
+    print("| path | seconds | MB/s | ratio vs one process | merges identical | phases (s) |")
+    print("|---|---:|---:|---:|---|---|")
+    print(f"| one process (train_from_iterator) | {t_local:.2f} | {mb / t_local:.2f} | 1.00x | - | - |")
+    for path, meta, took, same in rows:
+        c = meta["counting"]
+        print(f"| stage, {path} ({c['tasks']} counting task(s)) | {took:.2f} | {mb / took:.2f} | {t_local / took:.2f}x "
+              f"| {same} | {meta['timings']} |")
+    fixed = rows[1][2] - t_local
+    print(f"blocks path's fixed cost: {fixed:.1f} s = {fixed * mb / t_local:.0f} MB of one-process training "
+          f"at {mb / t_local:.1f} MB/s")
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ def preflight_chat(spec: TrainSpec, storage: RunStorage, data: ChatData, init_fr
     storage.check_writable()
     if not ray.is_initialized():
         ray.init()  # the cluster this job was submitted to (or a local one by hand)
-    prepared = Prepared(tokenizer, ChatSource(data), plan, stage, init_from)
+    prepared = Prepared(tokenizer, ChatSource(data), plan, stage, init_from, tasks=dict(info["tasks"]))
     prepared.notes.append(f"{info['train']} training and {info['validation']} validation conversations: "
                           + ", ".join(f"{k} {v}" for k, v in sorted(info["tasks"].items())))
     return check_resume(prepared, storage, spec)

@@ -458,6 +458,7 @@ class RLRun:
         self.start_step = self.restarts = self.generation = 0
         self.regroup = False
         self.history: list[dict[str, Any]] = []
+        self.eval_rewards: list[list[float]] = []  # per evaluation: the mean reward of each held-out prompt
 
     # ---- setup ---------------------------------------------------------------------------------
 
@@ -654,7 +655,10 @@ class RLRun:
         n = self.spec.eval_samples
         out = self.gather(self.launch("eval", self.items["eval"], self.spec.seed + 7_777_777, n))
         correct = [sum(x.reward > 0 for x in g) for g in out.groups]
-        return {f"pass_at_{k}": rl.pass_at_k(correct, n, k) for k in range(1, n + 1)}
+        rewards = [sum(x.reward for x in g) / len(g) for g in out.groups]  # per held-out prompt
+        self.eval_rewards.append(rewards)
+        return {**{f"pass_at_{k}": rl.pass_at_k(correct, n, k) for k in range(1, n + 1)},
+                "eval_reward_mean": sum(rewards) / len(rewards), "eval_reward_se": rl.standard_error(rewards)}
 
     def checkpoint(self, step: int) -> str:
         """Every learner rank writes its files; rank 0 last, its state.json last of all."""
@@ -740,6 +744,13 @@ class RLRun:
                        verify_s=sum(r["verify_s"] for r in steps) / len(steps))
         if evals:
             out.update({k: v for k, v in evals[-1].items() if k.startswith("pass_at_")})
+            out.update(eval_reward_first=evals[0]["eval_reward_mean"], eval_reward_last=evals[-1]["eval_reward_mean"],
+                       eval_prompts=len(self.eval_rewards[-1]) if self.eval_rewards else 0)
+        if len(self.eval_rewards) >= 2:  # same prompts first and last: the paired change and its standard error
+            first, last = self.eval_rewards[0], self.eval_rewards[-1]
+            diffs = [b - a for a, b in zip(first, last, strict=True)]
+            se = rl.standard_error(diffs)
+            out.update(eval_reward_change=sum(diffs) / len(diffs), eval_reward_change_se=se)
         return out
 
     def export(self, meta: dict[str, Any]) -> str:

@@ -16,6 +16,10 @@ Rules kept here, so no stage has to remember them:
   stage directory; `StageWriter(in_place=True)` first removes a stale `meta.json` so a crashed
   rerun is never taken as complete.
 - Per-step metrics are appended to `{stage}/metrics.jsonl` (`MetricsLog`).
+- Every timed phase is also a span of the stage's timeline (`start-up`, `work` or `writing`, with
+  wall-clock start and end) in meta.json's `timeline`, with the moment the pipeline submitted the
+  stage (`NANOCHAT_SUBMITTED_AT`), so the report can split each stage's wall time
+  (nanochat/timeline.py).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from nanochat.dataset import nanochat_home
 from nanochat.errors import NanochatError
 
 META_FILE = "meta.json"
+SPAN_KINDS = ("start-up", "work", "writing")
 METRICS_FILE = "metrics.jsonl"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STAGE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -123,6 +128,14 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def submitted_at() -> float | None:
+    """When the pipeline submitted this stage (`NANOCHAT_SUBMITTED_AT`, epoch seconds), if it did."""
+    try:
+        return float(os.environ["NANOCHAT_SUBMITTED_AT"])
+    except (KeyError, ValueError):
+        return None
 
 
 def software_versions() -> dict[str, str]:
@@ -247,6 +260,7 @@ class StageWriter:
         self.storage, self.stage, self.config, self.in_place = storage, stage, config, in_place
         self.started = time.time()
         self.timings: dict[str, float] = {}
+        self.spans: list[dict[str, Any]] = []  # the timeline: {"name", "kind", "start", "end"}
         self.metrics: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
         storage.check_writable()
@@ -264,13 +278,22 @@ class StageWriter:
             self.path.mkdir(parents=True)
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Time a named phase; the seconds land in meta.json's `timings`."""
+    def phase(self, name: str, kind: str = "work") -> Iterator[None]:
+        """Time a named phase; the seconds land in meta.json's `timings`, and the phase is a span of
+        the timeline of kind `kind` ("start-up", "work" or "writing")."""
         t0 = time.time()
         try:
             yield
         finally:
             self.timings[name] = round(time.time() - t0, 3)
+            self.span(name, kind, t0, time.time())
+
+    def span(self, name: str, kind: str, start: float, end: float) -> None:
+        """Add a span to the timeline (a phase measured elsewhere, e.g. inside a Ray Train worker);
+        a later span that overlaps an earlier one takes its time from it (see nanochat/timeline.py)."""
+        if kind not in SPAN_KINDS:
+            raise ValueError(f"span kind {kind!r} is not one of {SPAN_KINDS}")
+        self.spans.append({"name": name, "kind": kind, "start": round(start, 3), "end": round(end, 3)})
 
     def commit(self) -> dict[str, Any]:
         """Publish the output; meta.json is written last. Returns the meta written."""
@@ -298,6 +321,7 @@ class StageWriter:
             "finished_at": time.time(),
             "duration_s": round(time.time() - self.started, 3),
             "timings": self.timings,
+            "timeline": {"submitted_at": submitted_at(), "started_at": self.started, "spans": self.spans},
             "metrics": self.metrics,
             **self.extra,
         }

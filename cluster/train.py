@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -96,7 +97,7 @@ class TrainSpec:
     eval_tokens: int = 20 * 524_288  # validation tokens per evaluation
     checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
     log_every: int = 1
-    compile: bool | None = None  # torch.compile; None: on CUDA only
+    compile: bool | None = None  # torch.compile; None: nanochat.train.compile_pays_back decides
     tokenizer_actors: int = 1  # Ray Data tokenizer actors per worker
     tokenizer_actor_cpus: float = 0.25
     prefetch_batches: int = 4
@@ -221,6 +222,7 @@ class _Reporter:
         self.last: dict[str, Any] = {}
         self.ema_step_s: float | None = None
         self.log = self.gauges = None
+        self.loop_started_at: float | None = time.time()  # constructed just before the loop starts
         if dist.is_main:
             self.log = RunStorage(cfg["run"], cfg["storage"]).metrics(cfg["stage"])
             self.gauges = PretrainMetrics(cfg["run"], cfg["stage"])
@@ -233,6 +235,8 @@ class _Reporter:
             self.ema_step_s = dt if self.ema_step_s is None else 0.9 * self.ema_step_s + 0.1 * dt
         record = {**metrics, "tokens": step * self.spec.total_batch_tokens, "train_time_s": self.train_time,
                   "world_size": self.dist.world_size, "start_step": self.start_step, "time": time.time()}
+        if self.loop_started_at is not None:  # the first record of this attempt: where the timeline's work starts
+            record["loop_started_at"], self.loop_started_at = self.loop_started_at, None
         self.last = {k: v for k, v in {**self.last, **record}.items() if isinstance(v, (int, float, type(None)))}
         if not self.dist.is_main:
             return
@@ -337,6 +341,7 @@ class Prepared:
     init_from: str | None = None  # exported model whose weights start the stage (None: fresh from the seed)
     resume_step: int | None = None  # step of the latest complete checkpoint of this run, if any
     notes: list[str] = field(default_factory=list)  # printed when training starts
+    tasks: dict[str, int] | None = None  # the training conversations per task (chat stages), for the report
 
 
 def resolve_shards(data: str) -> tuple[list[str], list[str]]:
@@ -457,6 +462,28 @@ def export_model(checkpoint: Checkpoint, storage: RunStorage, tokenizer: str, me
     return f"{storage.stage_uri(stage)}/model"
 
 
+def add_loop_spans(writer: Any, rows: list[dict[str, Any]], fit_start: float, fit_end: float) -> None:
+    """Split the "train" phase on the timeline with the worker's own records of this fit():
+    start-up until the loop starts (Ray Train's controller and worker group, model, data pipeline),
+    the compile inside the first step (its time beyond a median step), and writing from the last
+    step's record to fit()'s return (the final checkpoint, the worker group's shutdown)."""
+    rows = [r for r in rows if fit_start <= r.get("time", 0.0) <= fit_end]
+    started = [r["loop_started_at"] for r in rows if r.get("loop_started_at")]
+    if not rows or not started:
+        return
+    loop_start = max(started)  # the last attempt's loop, after any restart
+    rows = [r for r in rows if r["time"] >= loop_start]
+    writer.span("worker start", "start-up", fit_start, loop_start)
+    timed = [r for r in rows if r.get("step_time_s")]
+    if timed and timed[0].get("compiled") and len(timed) > 2:
+        first = timed[0]
+        extra = first["step_time_s"] - statistics.median(r["step_time_s"] for r in timed[1:])
+        if extra > 0:
+            begin = first["time"] - first["step_time_s"]
+            writer.span("compile", "start-up", begin, begin + extra)
+    writer.span("final checkpoint", "writing", rows[-1]["time"], fit_end)
+
+
 def clear_stage(storage: RunStorage, stage: str) -> None:
     """Delete everything of a stage (its checkpoints included): `--force` starts it over."""
     if storage.exists(storage.stage_path(stage)):
@@ -489,8 +516,10 @@ def train_and_export(spec: TrainSpec, storage: RunStorage, prepared: Prepared,
         print(f"{stage} {storage.run}: {note}", flush=True)
     writer = storage.writer(stage, config, in_place=True)
     with writer:
+        fit_start = time.time()
         with writer.phase("train"):
             result = build_trainer(spec, storage, prepared).fit()
+        add_loop_spans(writer, storage.read_metrics(stage), fit_start, time.time())
         final = dict(result.metrics or {})
         if result.checkpoint is None or final.get("step") != plan.loop.num_steps:
             raise RuntimeError(f"training ended at step {final.get('step')} of {plan.loop.num_steps} "
@@ -499,11 +528,12 @@ def train_and_export(spec: TrainSpec, storage: RunStorage, prepared: Prepared,
                    "tokens": final["step"] * spec.total_batch_tokens, "train_time_s": final.get("train_time_s"),
                    "num_params": plan.num_params, "tokens_per_param": final["step"] * spec.total_batch_tokens
                    / plan.num_params}
-        with writer.phase("export"):
+        with writer.phase("export", "writing"):
             model_uri = export_model(result.checkpoint, storage, prepared.tokenizer, summary, stage)
         writer.metrics.update(summary)
         writer.extra.update({"model": model_uri, "checkpoint": result.checkpoint.path,
                              "tokenizer": prepared.tokenizer, "world_size": spec.num_workers,
-                             "num_steps": plan.loop.num_steps, "init_from": prepared.init_from})
+                             "num_steps": plan.loop.num_steps, "init_from": prepared.init_from,
+                             **({"tasks": prepared.tasks} if prepared.tasks else {})})
         return writer.commit()
 

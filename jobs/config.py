@@ -45,7 +45,8 @@ class TrainingConfig(StageConfig):
     warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps at the end with linear lr decay")
     final_lr_frac: float = Field(0.0, ge=0, le=1, description="lr multiplier reached at the end of the warmdown")
     log_every: int = Field(1, ge=1, description="steps between metrics records and progress lines")
-    compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA only")
+    compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA, and on CPU when the "
+                                                "run is long enough to pay the compile back (nanochat/train.py)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; on CPU also torch's thread count")
     use_gpu: bool = Field(False, description="give each worker one GPU and train in bf16 on it")

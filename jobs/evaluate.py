@@ -41,7 +41,7 @@ from pydantic import Field
 
 from cluster.eval_pool import EvalPool, EvalPoolError, load_from_storage, plan_pool
 from cluster.sandbox_pool import SandboxPool, SandboxPoolError
-from cluster.storage import RunStorage, StorageError, git_commit, write_text_atomic
+from cluster.storage import RunStorage, StorageError, git_commit, submitted_at, write_text_atomic
 from jobs.config import StageConfig, load_stage_config, stage_argparser
 from nanochat import chat_eval
 from nanochat.core_eval import build_requests, core_results, score_requests
@@ -209,6 +209,7 @@ def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -
             chat.update(chat_eval.format_summary(pool.map(chat_eval.check_format, work.format_requests, label="format")))
         bpb = pool.get(bpb_ref, "computing bpb")
         timings["total_s"] = round(time.time() - t0, 3)
+        t_end = time.time()
         if sandbox is not None:
             doc["sandbox"] = sandbox.ready()
     if chat:
@@ -217,6 +218,10 @@ def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -
         "stage": stage, "run": storage.run, "model": model_uri, "input_metrics": meta.get("metrics"),
         "val_bpb": bpb["bpb"], "val_tokens": bpb["tokens"], "val_shards": val, **doc,
         "pool": {"spec": vars(spec), "actors": actors}, "timings": timings,
+        "timeline": {"submitted_at": submitted_at(), "started_at": t0,
+                     "spans": [{"name": "ray.init + pool + model load", "kind": "start-up", "start": t0,
+                                "end": t1},
+                               {"name": "evaluate", "kind": "work", "start": t1, "end": t_end}]},
         "config": cfg.model_dump(), "git_commit": git_commit(), "finished_at": time.time(),
     }
 

@@ -60,8 +60,9 @@ def ensure_data(preset: dict) -> str:
 
 
 def _job_env() -> dict[str, str]:
-    """What a stage's job needs from the submitting environment (never the Ray auth token)."""
-    env = {"NANOCHAT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1"}
+    """What a stage's job needs from the submitting environment (never the Ray auth token), and
+    the moment it is submitted (the start of the stage's timeline, nanochat/timeline.py)."""
+    env = {"NANOCHAT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1", "NANOCHAT_SUBMITTED_AT": f"{time.time():.3f}"}
     if os.environ.get("NANOCHAT_HOME"):
         env["NANOCHAT_HOME"] = os.environ["NANOCHAT_HOME"]
     return env

@@ -178,15 +178,17 @@ def run_rl(cfg: RLConfig, storage: RunStorage, config: dict[str, Any], force: bo
           f"{spec.sync_method}; from {model_uri}", flush=True)
     with storage.writer(STAGE, config, in_place=True) as writer:
         with RLRun(spec, storage, model_uri=model_uri, tokenizer_uri=tokenizer_uri) as run:  # 3. actors
-            with writer.phase("start"):
+            with writer.phase("start", "start-up"):
                 run.start()
             with writer.phase("train"):
                 summary = run.run()  # 4. the loop
-            with writer.phase("export"):
+            with writer.phase("export", "writing"):
                 model = run.export({"stage": STAGE, "step": summary["final_step"], **summary})
         writer.metrics.update(summary)
         writer.extra.update({"model": model, "init_model": model_uri, "tokenizer": tokenizer_uri,
-                             "num_steps": spec.num_steps, "sync": spec.sync_method})
+                             "num_steps": spec.num_steps, "sync": spec.sync_method,
+                             "task": {"train": make_task(spec.task, "train", spec.offline).describe(),
+                                      "eval": make_task(spec.task, "eval", spec.offline).describe()}})
         return writer.commit()
 
 
@@ -202,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     m = meta["metrics"]
     print(f"rl done: step {m['final_step']}, reward {m.get('reward_mean_first', 0):.3f} -> "
           f"{m.get('reward_mean_last', 0):.3f}, pass@1 {m.get('pass_at_1', float('nan')):.3f}, model at {meta['model']}")
+    if "eval_reward_change" in m:
+        print(f"rl held-out reward ({m['eval_prompts']} prompts): {m['eval_reward_first']:.3f} -> "
+              f"{m['eval_reward_last']:.3f}, change {m['eval_reward_change']:+.3f} +- {m['eval_reward_change_se']:.3f} "
+              "(standard error)")
     return 0
 
 

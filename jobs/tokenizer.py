@@ -4,13 +4,16 @@
         python -m jobs.tokenizer --preset tiny --run demo
     python -m jobs.tokenizer --preset micro --run r1 --set vocab_size=1024   # directly
 
+Sized to the text: a budget of at most `one_task_max_chars` is read, counted and trained in one
+Ray task (Ray Data's start-up alone costs more than counting such a text); a larger one is spread:
 1. Ray Data reads the training shards (all but the last), crops each document to `doc_cap`
    characters and takes documents until `max_chars` (cluster/text_data.py);
 2. every block is counted by rustbpe (`count_chunks`, parallel, GIL released) in its own Ray task;
    the per-block chunk-count tables (Arrow) stay in the object store;
-3. one task on one node merges the tables (in Rust) and trains the merges;
-4. evaluation: bytes per token on the validation shard and on fixed texts, against GPT-2/GPT-4
-   when tiktoken can load them.
+3. one task on one node merges the tables (in Rust) and trains the merges.
+Both paths take the same documents and give identical merges (tests/test_tokenizer_stage.py).
+Then evaluation: bytes per token on the validation shard and on fixed texts, against GPT-2/GPT-4
+when tiktoken can load them.
 Output `{run}/tokenizer/`: the tokenizer files (nanochat/tokenizer.py), `tokenizer.json` for HF
 `tokenizers`, `meta.json` (vocab size, characters seen, seconds per phase, compression).
 """
@@ -29,6 +32,12 @@ from jobs.config import StageConfig, data_location, load_stage_config, stage_arg
 from nanochat import dataset
 from nanochat.errors import entrypoint
 
+# Below this budget one task reads, counts and trains: rustbpe counts ~25 MB/s in one process (its
+# counting is already multi-threaded), so 250M characters take about as long as the block path's fixed
+# cost (Ray Data start-up, reads, one task per block: ~10 s on 2 cores); above it, blocks spread the
+# counting over the cluster's nodes and keep each task's text in bounds (benchmarks/tokenizer_cluster.py).
+ONE_TASK_MAX_CHARS = 250_000_000
+
 
 class TokenizerConfig(StageConfig):
     """What the tokenizer stage reads and trains."""
@@ -38,6 +47,9 @@ class TokenizerConfig(StageConfig):
     max_chars: int = Field(2_000_000_000, gt=0, description="characters of training text to count (whole documents)")
     doc_cap: int = Field(10_000, gt=0, description="each document is cropped to this many characters")
     min_blocks: int = Field(2, ge=1, description="count in at least this many blocks, each in its own Ray task")
+    one_task_max_chars: int = Field(ONE_TASK_MAX_CHARS, ge=0, description="budgets (max_chars) up to this many "
+                                    "characters are read, counted and trained in one Ray task instead of Ray Data "
+                                    "blocks (0: always blocks)")
     count_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each counting task")
     train_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the merge-training task")
     pattern: str | None = Field(None, description="pre-tokenizer split regex; default: GPT-4's with 1-2 digit numbers")
@@ -63,6 +75,23 @@ def _train_merges(count_tables: list, vocab_size: int, pattern: str | None) -> d
         return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
 
 
+def _train_one_task(shards: list[str], doc_cap: int, max_chars: int, vocab_size: int,
+                    pattern: str | None) -> tuple[dict[str, bytes], int, int]:
+    """Runs in one Ray task: the budgeted documents (cluster/text_data.py's definition), trained in
+    this process; returns (the saved tokenizer files, documents, characters)."""
+    from cluster.text_data import budget_documents
+    from nanochat.tokenizer import Tokenizer
+
+    docs = list(budget_documents(shards, doc_cap=doc_cap, max_chars=max_chars))
+    n_chars = sum(map(len, docs))
+    if n_chars == 0:
+        raise ValueError(f"no text to train on: the shards {shards[:3]} hold no non-empty documents")
+    tok = Tokenizer.train_from_iterator(docs, vocab_size, pattern)
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}, len(docs), n_chars
+
+
 def evaluate_tokenizer(tok, val_shards: list[str], eval_chars: int) -> dict:
     """Bytes per token on the validation text and fixed texts, with the references available."""
     from nanochat.tokenizer_eval import SAMPLE_TEXTS, compression_report, load_reference_encodings
@@ -81,7 +110,6 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
     """Run the stage on the connected Ray cluster; returns the meta written."""
     import ray
 
-    from cluster.text_data import map_stage_counts, read_budgeted_text
     from nanochat.tokenizer import Tokenizer
     from nanochat.tokenizer_eval import format_report
 
@@ -90,17 +118,32 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
     if not train:
         raise dataset.ShardError(f"no training shards under {data}: need at least 2 shards (the last is validation)")
     with storage.writer("tokenizer", {**cfg.model_dump(), "data": data}) as w:
-        with w.phase("read"):
-            text, n_docs, n_chars = read_budgeted_text(train, doc_cap=cfg.doc_cap, max_chars=cfg.max_chars,
-                                                       min_blocks=cfg.min_blocks)
-        with w.phase("count"):
-            counted = text.map_batches(_count_block, fn_kwargs={"pattern": cfg.pattern}, batch_format="pyarrow",
-                                       batch_size=None, num_cpus=cfg.count_cpus).materialize()
-            refs = counted.to_arrow_refs()
-            tasks, blocks = map_stage_counts(counted.stats(), "count_block")
-        with w.phase("train"):
-            train_task = ray.remote(num_cpus=cfg.train_cpus)(_train_merges)
-            files = ray.get(train_task.remote(refs, cfg.vocab_size, cfg.pattern))
+        if cfg.max_chars <= cfg.one_task_max_chars:
+            with w.phase("train"):
+                task = ray.remote(num_cpus=cfg.train_cpus)(_train_one_task)
+                try:
+                    files, n_docs, n_chars = ray.get(task.remote(train, cfg.doc_cap, cfg.max_chars,
+                                                                 cfg.vocab_size, cfg.pattern))
+                except ray.exceptions.RayTaskError as e:  # "no text to train on" as the error it is
+                    raise (e.cause if isinstance(e.cause, ValueError) else e) from None
+            counting = {"path": "one task", "tasks": 1, "blocks": 1, "count_tables": 0}
+        else:
+            from cluster.text_data import map_stage_counts, read_budgeted_text  # imports Ray Data: seconds
+
+            with w.phase("read"):
+                text, n_docs, n_chars = read_budgeted_text(train, doc_cap=cfg.doc_cap, max_chars=cfg.max_chars,
+                                                           min_blocks=cfg.min_blocks)
+            with w.phase("count"):
+                counted = text.map_batches(_count_block, fn_kwargs={"pattern": cfg.pattern},
+                                           batch_format="pyarrow", batch_size=None,
+                                           num_cpus=cfg.count_cpus).materialize()
+                refs = counted.to_arrow_refs()
+                tasks, blocks = map_stage_counts(counted.stats(), "count_block")
+            with w.phase("train"):
+                train_task = ray.remote(num_cpus=cfg.train_cpus)(_train_merges)
+                files = ray.get(train_task.remote(refs, cfg.vocab_size, cfg.pattern))
+            counting = {"path": "blocks", "tasks": tasks, "blocks": blocks, "count_tables": len(refs)}
+        with w.phase("write", "writing"):
             for name, blob in files.items():
                 (w.path / name).write_bytes(blob)
             tok = Tokenizer.load(w.path)
@@ -109,7 +152,7 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
             evaluation = evaluate_tokenizer(tok, val, cfg.eval_chars)
         w.metrics.update({"vocab_size": tok.vocab_size, "documents": n_docs, "chars": n_chars,
                           "val_bytes_per_token": evaluation["bytes_per_token"].get("validation", {}).get("ours")})
-        w.extra["counting"] = {"tasks": tasks, "blocks": blocks, "count_tables": len(refs)}
+        w.extra["counting"] = counting
         w.extra["evaluation"] = evaluation
         meta = w.commit()
     print(format_report(evaluation["bytes_per_token"]))
@@ -131,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(log_to_driver=True)
     meta = run_tokenizer(cfg, storage, data)
     print(f"tokenizer: vocab {meta['metrics']['vocab_size']}, {meta['metrics']['chars']:,} chars, "
-          f"{meta['counting']['tasks']} counting tasks over {meta['counting']['blocks']} blocks, "
+          f"counted in {meta['counting']['path']} ({meta['counting']['tasks']} task(s), "
+          f"{meta['counting']['blocks']} block(s)), "
           f"phases {meta['timings']} -> {storage.stage_uri('tokenizer')}")
     return 0
 

@@ -77,6 +77,8 @@ def _stage_section(stage: str, meta: dict[str, Any] | None, evaluation: dict[str
     if meta is None:
         return f"## {stage}\n\n-\n"
     lines = [f"## {stage}", "", f"- time: {meta.get('duration_s', 0):.1f} s"]
+    if meta.get("tasks"):  # what a chat stage trained on: conversations per task
+        lines.append("- trained on: " + ", ".join(f"{k} {v}" for k, v in sorted(meta["tasks"].items())))
     timings = meta.get("timings") or {}
     if timings:
         lines.append("- phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
@@ -153,7 +155,55 @@ def render_report(rec: RunRecord, *, hourly_rate: float, plots: list[str], now: 
 
         sections[0] += "\nBytes per token:\n\n" + format_report(tok) + "\n"
     figs = ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] if plots else []
-    return "\n".join(head + sections + figs) + "\n"
+    return "\n".join(head + rl_summary(rec) + sections + timeline_section(rec) + figs) + "\n"
+
+
+# ----------------------------------------------------------------------------- RL task and timeline
+
+
+def rl_summary(rec: RunRecord) -> list[str]:
+    """Which task RL trained on, and how its mean reward on fixed held-out prompts moved."""
+    meta = rec.metas.get("rl")
+    if not meta:
+        return []
+    task = meta.get("task") or {}
+    m = meta.get("metrics") or {}
+    lines = ["## RL", "", f"- task: {task.get('train', (meta.get('config') or {}).get('task', '?'))}; "
+             f"held-out: {task.get('eval', '-')}; {m.get('final_step', '?')} steps"]
+    if "eval_reward_change" in m:
+        change, se = m["eval_reward_change"], m.get("eval_reward_change_se") or 0.0
+        ratio = f"{change / se:+.1f} standard errors" if se > 0 else "no spread"
+        lines.append(f"- mean reward on {m.get('eval_prompts', '?')} fixed held-out prompts: "
+                     f"{m['eval_reward_first']:.3f} before RL -> {m['eval_reward_last']:.3f} after "
+                     f"(change {change:+.3f} ± {se:.3f}, {ratio})")
+    curve = [(r["step"], r["eval_reward_mean"], r.get("eval_reward_se", 0.0)) for r in rec.metrics.get("rl", [])
+             if r.get("eval_reward_mean") is not None]
+    if curve:
+        lines.append("- held-out reward by step: " + ", ".join(f"{s}: {v:.3f} ± {e:.3f}" for s, v, e in curve))
+    return lines + [""]
+
+
+def timeline_section(rec: RunRecord) -> list[str]:
+    """Per stage and evaluation: wall time from submission to output, split into start-up, work
+    and writing (nanochat/timeline.py), in the order they ran."""
+    from nanochat.timeline import split_wall_time, timeline_table
+
+    docs = [(stage, m) for stage, m in rec.metas.items() if stage != "report"]
+    docs += [(f"evaluate {stage}", e) for stage, e in rec.evaluations.items()]
+    rows = []
+    for name, doc in docs:
+        timeline = doc.get("timeline")
+        split = split_wall_time(timeline, doc["finished_at"]) if timeline and doc.get("finished_at") else None
+        if split is not None:
+            rows.append((timeline.get("submitted_at") or timeline.get("started_at") or 0.0, name, split))
+    if not rows:
+        return []
+    rows.sort(key=lambda r: r[0])
+    return ["## Timeline", "",
+            "Wall time of each stage from its job's submission to its output, split into start-up (job start, "
+            "imports, Ray workers and actors, model loading, compiling), work, and writing (checkpoints at the "
+            "end, export, meta.json, shutdown).", "",
+            timeline_table([(name, split) for _, name, split in rows]), ""]
 
 
 def make_plots(rec: RunRecord, out_dir: Path) -> list[str]:
@@ -164,7 +214,8 @@ def make_plots(rec: RunRecord, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     wanted = (("loss", "training loss"), ("val_bpb", "validation bits per byte"),
-              ("reward_mean", "RL mean reward"), ("tokens_per_sec", "tokens per second"))
+              ("reward_mean", "RL mean reward"), ("eval_reward_mean", "RL mean reward on held-out prompts (± 1 s.e.)"),
+              ("tokens_per_sec", "tokens per second"))
     written = []
     for key, title in wanted:
         series = {stage: [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
@@ -174,6 +225,10 @@ def make_plots(rec: RunRecord, out_dir: Path) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for stage, pts in series.items():
+            if key == "eval_reward_mean":
+                se = [r.get("eval_reward_se", 0.0) for r in rec.metrics[stage] if r.get(key) is not None]
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=se, marker="o", capsize=3, label=stage)
+                continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=stage)
         ax.set_title(title)
         ax.set_xlabel("step")

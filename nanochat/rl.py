@@ -227,6 +227,15 @@ def pass_at_k(num_correct: Sequence[int], n: int, k: int) -> float:
     return total / len(num_correct)
 
 
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of `values` (sample standard deviation / sqrt(n)); 0 for n < 2."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def check_staleness(learner_version: int, rollout_versions: Sequence[int], max_staleness: int) -> int:
     """The largest gap between the learner's weights and those that made a rollout; raises when it
     exceeds `max_staleness` or a rollout claims weights newer than the learner's."""

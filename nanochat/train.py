@@ -48,7 +48,54 @@ class LoopConfig:
     checkpoint_every: int = 0  # call on_checkpoint every N steps (and at the end); <= 0: only at the end
     log_every: int = 1  # call on_metrics every N steps (and at the end)
     peak_flops: float | None = None  # peak FLOP/s of ONE device for MFU (989e12: H100 bf16); None: no MFU
-    compile: bool | None = None  # torch.compile the model's forward; None: only on CUDA
+    compile: bool | None = None  # torch.compile the model's forward; None: `compile_pays_back` decides
+
+
+# torch.compile on CPU pays for itself only over enough steps. Measured on this project's 2-core
+# EPYC box with the tiny preset's model (depth 4, width 256, vocab 4,096, 8 x 256-token micro-batches,
+# 2 threads) by `benchmarks/train_throughput.py --compile-cost` (an eager and a compiled copy trained
+# side by side, steps alternating): with an empty inductor cache (TORCHINDUCTOR_CACHE_DIR pointed at
+# a fresh directory) the first compiled step took 39-59 s more than a median one, measured while four
+# engineers loaded the 2 cores (a quiet machine compiles faster, so the rule errs toward eager; a
+# warm cache took ~5 s); a compiled step then takes 28% less time than an eager one (paired
+# median; the issue's 2,500 vs 3,556 tok/s on a quiet machine: 30%); an eager step runs at ~75 GFLOP/s
+# (the plain loop's 2,654 tok/s x 28.3 MFLOP per token on a quiet machine, README).
+CPU_COMPILE_COLD_S = 40.0
+CPU_COMPILE_SAVED_FRAC = 0.28
+CPU_EAGER_FLOPS = 75e9
+
+
+def compile_pays_back(device_type: str, steps: int, step_flops: float, *, compile_s: float = CPU_COMPILE_COLD_S,
+                      saved_frac: float = CPU_COMPILE_SAVED_FRAC, eager_flops: float = CPU_EAGER_FLOPS) -> bool:
+    """Whether `torch.compile` should be on for a loop of `steps` optimizer steps of `step_flops`
+    training FLOPs each (on one rank): always on CUDA (the seed's choice: minutes of compile next to
+    hours of training), never on other devices (mps...: untested here), and on CPU when the time
+    it saves, steps x (step_flops / eager_flops) x saved_frac seconds, exceeds its cost compile_s."""
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu" or steps <= 0 or step_flops <= 0:
+        return False
+    return steps * step_flops / eager_flops * saved_frac > compile_s
+
+
+class _Forward:
+    """model(x, y) for the loop, compiled or not: decided at the first micro-batch, whose shape gives
+    the FLOPs of a step (cfg.compile, else `compile_pays_back`)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: LoopConfig, steps: int, device_type: str) -> None:
+        self.model, self.cfg, self.steps, self.device_type = model, cfg, steps, device_type
+        self.fn: Callable[..., torch.Tensor] | None = None
+        self.compiled = False
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.fn is None:
+            use = self.cfg.compile
+            if use is None:
+                per_token = self.model.estimate_flops() if hasattr(self.model, "estimate_flops") else 0
+                use = compile_pays_back(self.device_type, self.steps, per_token * x.numel() * self.cfg.grad_accum_steps)
+            self.compiled = bool(use)
+            self.fn = torch.compile(self.model, dynamic=False) if use else self.model
+        return self.fn(x, y)
 
 
 def _set_hyperparams(optimizers: list[ShardedOptimizer], step: int, cfg: LoopConfig) -> float:
@@ -77,7 +124,7 @@ def clip_grad_norm(optimizers: list[ShardedOptimizer], max_norm: float, dist: Di
 
 
 def _micro_batches(
-    forward: Callable[..., torch.Tensor], batches: Iterator[Batch], cfg: LoopConfig, dist: DistInfo, step: int
+    forward: _Forward, batches: Iterator[Batch], cfg: LoopConfig, dist: DistInfo, step: int
 ) -> tuple[torch.Tensor, int, float]:
     """Forward/backward cfg.grad_accum_steps micro-batches; return (mean loss on this rank,
     tokens on this rank, seconds spent waiting for data)."""
@@ -139,8 +186,7 @@ def train_loop(
         raise ValueError(
             f"need 0 <= start_step ({start_step}) <= stop_step ({stop}) <= num_steps ({cfg.num_steps})"
         )
-    use_compile = cfg.compile if cfg.compile is not None else torch.device(dist.device).type == "cuda"
-    forward = torch.compile(model, dynamic=False) if use_compile else model
+    forward = _Forward(model, cfg, stop - start_step, torch.device(dist.device).type)
     flops_per_token = model.estimate_flops() if hasattr(model, "estimate_flops") else None
     metrics: dict[str, Any] = {"step": start_step}
     if evaluate is not None and start_step == 0:
@@ -162,6 +208,7 @@ def train_loop(
         metrics = {"step": done}
         if _due(done, cfg.log_every, stop):
             metrics.update(_step_metrics(loss, grad_norm, lrm, tokens, wait, dt, cfg, dist, flops_per_token))
+            metrics["compiled"] = forward.compiled
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"training loss is {metrics['loss']} at step {done}: lower the lrs")
         if evaluate is not None and _due(done, cfg.eval_every, cfg.num_steps):

@@ -131,17 +131,26 @@ def test_sync_check_catches_corruption_and_a_killed_actor_is_replaced_mid_step(r
 # ---------------------------------------------------------------- learning is real
 
 
-def toy_curve(tmp_path: Path, tokenizer_dir: Path, sign: float, run: str) -> list[float]:
-    spec = replace(TOY, num_steps=24, advantage_sign=sign, seed=7)
+def toy_curve(tmp_path: Path, tokenizer_dir: Path, sign: float, run: str) -> tuple[list[float], dict]:
+    """Training rewards per step, and the summary (held-out reward on 64 fixed prompts before and after)."""
+    spec = replace(TOY, num_steps=24, advantage_sign=sign, seed=7, eval_every=24, eval_examples=64)
     with start_run(tmp_path, tokenizer_dir, spec, run=run) as rl_run:
-        rl_run.run()
-        return [r["reward_mean"] for r in rl_run.history if "reward_mean" in r]
+        summary = rl_run.run()
+        return [r["reward_mean"] for r in rl_run.history if "reward_mean" in r], summary
 
 
 @pytest.mark.cluster  # two runs of 24 steps: ~40 s on the quiet 2-core box (4 min when it is overloaded)
 def test_reward_rises_on_the_toy_task_and_falls_with_the_sign_flipped(ray_cluster, tokenizer_dir, tmp_path):
-    up = toy_curve(tmp_path, tokenizer_dir, 1.0, "up")
-    down = toy_curve(tmp_path, tokenizer_dir, -1.0, "down")
+    up, up_summary = toy_curve(tmp_path, tokenizer_dir, 1.0, "up")
+    down, down_summary = toy_curve(tmp_path, tokenizer_dir, -1.0, "down")
+    for s in (up_summary, down_summary):
+        print(f"held-out reward ({s['eval_prompts']} prompts): {s['eval_reward_first']:.3f} -> "
+              f"{s['eval_reward_last']:.3f}, change {s['eval_reward_change']:+.3f} +- {s['eval_reward_change_se']:.3f}")
+    # on the same 64 held-out prompts, the change from before the first step to after the last is more
+    # than two standard errors (of the paired per-prompt differences), up with the sign, down against it
+    assert up_summary["eval_prompts"] == 64
+    assert up_summary["eval_reward_change"] > 2 * up_summary["eval_reward_change_se"] > 0
+    assert down_summary["eval_reward_change"] < -2 * down_summary["eval_reward_change_se"]
     print("\nreward, advantage sign +1:", " ".join(f"{r:.2f}" for r in up))
     print("reward, advantage sign -1:", " ".join(f"{r:.2f}" for r in down))
     first = lambda c: sum(c[:6]) / 6  # noqa: E731

@@ -79,6 +79,28 @@ def test_stage_is_complete_only_after_commit(tmp_path):
         assert key in on_disk
 
 
+def test_phases_are_spans_of_the_timeline_with_the_submission_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_SUBMITTED_AT", "1000.5")
+    storage = RunStorage("r1", str(tmp_path))
+    with storage.writer("tokenizer", {}) as w:
+        with w.phase("count"):
+            pass
+        with w.phase("write", "writing"):
+            pass
+        w.span("inside", "start-up", 1.0, 2.0)
+        with pytest.raises(ValueError, match="span kind 'idle'"):
+            w.span("x", "idle", 1.0, 2.0)
+        meta = w.commit()
+    timeline = meta["timeline"]
+    assert timeline["submitted_at"] == 1000.5 and timeline["started_at"] == meta["started_at"]
+    assert [(s["name"], s["kind"]) for s in timeline["spans"]] == [("count", "work"), ("write", "writing"),
+                                                                  ("inside", "start-up")]
+    assert all(s["start"] <= s["end"] for s in timeline["spans"])
+    monkeypatch.delenv("NANOCHAT_SUBMITTED_AT")
+    with storage.writer("pretrain", {}) as w:
+        assert w.commit()["timeline"]["submitted_at"] is None  # run by hand
+
+
 def test_interrupted_rewrite_keeps_previous_complete_output(tmp_path):
     storage = RunStorage("r1", str(tmp_path))
     with storage.writer("tokenizer", {"v": 1}) as w:

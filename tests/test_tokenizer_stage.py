@@ -1,4 +1,5 @@
-"""The tokenizer stage on the local cluster: distributed counting equals one process; bad input."""
+"""The tokenizer stage on the local cluster: distributed counting equals one process, the one-task
+path (small budgets) gives the same merges as the blocks path; bad input."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_vocab_below_bytes_plus_specials_is_refused():
 
 @pytest.mark.cluster
 def test_cluster_counts_in_parallel_and_equals_single_process(ray_cluster, embedded_pack, tmp_path):
-    cfg = load_stage_config(TokenizerConfig, "tokenizer", "micro", ["eval_chars=20000"])
+    cfg = load_stage_config(TokenizerConfig, "tokenizer", "micro", ["eval_chars=20000", "one_task_max_chars=0"])
     storage = RunStorage("tok", str(tmp_path))
     meta = run_tokenizer(cfg, storage, str(embedded_pack))
     assert meta["counting"]["tasks"] >= 2 and meta["counting"]["blocks"] >= 2, meta["counting"]
@@ -52,6 +53,23 @@ def test_cluster_counts_in_parallel_and_equals_single_process(ray_cluster, embed
     local_tok = Tokenizer.train_from_iterator(docs, cfg.vocab_size)
     assert cluster_tok.core.get_merges() == local_tok.core.get_merges()
     assert (storage.local_path("tokenizer") / "tokenizer.json").is_file()
+
+
+@pytest.mark.cluster
+def test_a_small_budget_is_trained_in_one_task_with_the_merges_of_the_blocks_path(ray_cluster, embedded_pack,
+                                                                                 tmp_path):
+    metas, merges = {}, {}
+    for path, limit in (("one task", "2000000"), ("blocks", "0")):  # micro's budget: 2M characters
+        cfg = load_stage_config(TokenizerConfig, "tokenizer", "micro", ["eval_chars=0", f"one_task_max_chars={limit}"])
+        storage = RunStorage(path.replace(" ", "-"), str(tmp_path))
+        metas[path] = run_tokenizer(cfg, storage, str(embedded_pack))
+        merges[path] = Tokenizer.load(storage.local_path("tokenizer")).core.get_merges()
+    one, blocks = metas["one task"], metas["blocks"]
+    assert one["counting"]["path"] == "one task" and "read" not in one["timings"]
+    assert blocks["counting"]["path"] == "blocks" and blocks["counting"]["tasks"] >= 2
+    assert len(merges["one task"]) == 512 - 256 - 9 and merges["one task"] == merges["blocks"]
+    for key in ("documents", "chars"):
+        assert one["metrics"][key] == blocks["metrics"][key]
 
 
 @pytest.mark.cluster

@@ -15,7 +15,16 @@ from nanochat.adamw import load_optimizer_shards, optimizer_shard_state
 from nanochat.common import DistInfo
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedule import grad_accum_steps, lr_multiplier, muon_momentum, num_steps_from
-from nanochat.train import LoopConfig, clip_grad_norm, evaluate_bpb, train_loop
+from nanochat.train import (
+    CPU_COMPILE_COLD_S,
+    CPU_COMPILE_SAVED_FRAC,
+    CPU_EAGER_FLOPS,
+    LoopConfig,
+    clip_grad_norm,
+    compile_pays_back,
+    evaluate_bpb,
+    train_loop,
+)
 
 VOCAB, SEQ = 64, 16
 SINGLE = DistInfo()
@@ -73,6 +82,32 @@ def test_horizon_and_accumulation_arithmetic():
     assert grad_accum_steps(524_288, device_batch_size=16, seq_len=2048, world_size=2) == 8
     with pytest.raises(ValueError, match="not a multiple"):
         grad_accum_steps(524_288, device_batch_size=3, seq_len=2048, world_size=1)
+
+
+# ---- when to compile ---------------------------------------------------------------------------
+
+
+def test_compile_pays_back_on_cpu_only_over_enough_steps():
+    step_flops = 2 * CPU_EAGER_FLOPS  # a step of 2 s eager: it saves 2 x saved_frac s once compiled
+    break_even = CPU_COMPILE_COLD_S / (2 * CPU_COMPILE_SAVED_FRAC)
+    assert not compile_pays_back("cpu", int(break_even) - 1, step_flops)
+    assert compile_pays_back("cpu", int(break_even) + 2, step_flops)
+    assert compile_pays_back("cpu", 100, 1e9, compile_s=1.0, saved_frac=0.5, eager_flops=1e9)  # 50 s saved > 1 s
+    assert not compile_pays_back("cpu", 100, 1e9, compile_s=60.0, saved_frac=0.5, eager_flops=1e9)
+    assert compile_pays_back("cuda", 1, 1.0)  # GPUs: always, as the seed
+    assert not compile_pays_back("mps", 10**6, 1e15) and not compile_pays_back("cpu", 0, 1e15)
+    # the tiny preset's pretraining (200 steps of 2,048 tokens) compiles; its 60-step SFT and the
+    # micro preset's 30 steps of 512 tokens do not
+    tiny = GPT(GPTConfig.from_depth(4, vocab_size=4096, sequence_len=256, head_dim=64)).estimate_flops() * 2048
+    micro = GPT(GPTConfig.from_depth(2, vocab_size=512, sequence_len=64, head_dim=64)).estimate_flops() * 512
+    assert compile_pays_back("cpu", 200, tiny) and not compile_pays_back("cpu", 60, tiny)
+    assert not compile_pays_back("cpu", 30, micro)
+
+
+def test_the_loop_reports_whether_it_compiled():
+    model = make_model()
+    final = train_loop(model, model.setup_optimizers(), as_batches(blocks(2, 2)), LoopConfig(2), SINGLE)
+    assert final["compiled"] is False  # 2 tiny steps on CPU: the rule says no
 
 
 # ---- the loop ---------------------------------------------------------------------------------
