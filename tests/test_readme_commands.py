@@ -53,7 +53,7 @@ RULES = [
          "needs AWS credentials; cluster.yaml is checked against Ray's schema in tests/test_cluster_config.py"),
     Rule(r"RAY_AUTH_MODE=token python -m jobs\.pipeline --preset d20 .*s3://.*", "run",
          "with --plan: the run itself needs 8xH100 nodes and a bucket; --plan checks the preset and arguments",
-         ((r"$", " --plan"),)),
+         ((r"<your-bucket>", "example-bucket"), (r"$", " --plan"))),
     # Hugging Face export and import: on the newcomer's micro run (run e2e), into the test's directory
     Rule(r"python -m jobs\.(export|serve) --run demo .*", "run", "on the newcomer's micro run, output in a temp dir",
          ((r"--run demo", "--run e2e --storage {runs}"), (r"\./nanochat-demo-sft", "{tmp}/nanochat-demo-sft"),
