@@ -257,20 +257,28 @@ def test_client_disconnect_frees_the_slot(service) -> None:
 # ---- metrics and the web page ------------------------------------------------------------------
 
 
-def test_metrics_reach_prometheus(ray_cluster, client) -> None:
+def _counted_statuses(text: str) -> set[str]:
+    return {line.split('status="')[1].split('"')[0] for line in text.splitlines()
+            if line.startswith("ray_nanochat_serve_requests_total") and 'status="' in line}
+
+
+def test_metrics_reach_prometheus(ray_cluster, service, client) -> None:
+    # one answer of each status, sent here: the replicas that answered earlier tests may be gone
     client.chat.completions.create(model=CHAT, messages=hi(), max_tokens=4)
+    assert post(service, {"model": CHAT, "messages": []}).status_code == 400
+    assert requests.get(f"{service}/v1/models", timeout=30).status_code == 401
+    assert post(service, {"model": "gpt-9", "messages": hi()}).status_code == 404
     wanted = ["ray_nanochat_serve_requests_total", "ray_nanochat_serve_ttft_seconds_bucket",
               "ray_nanochat_serve_inter_token_seconds_bucket", "ray_nanochat_serve_tokens_per_second",
               "ray_nanochat_serve_batch_size", "ray_nanochat_serve_queue_depth"]
-    deadline, missing = time.time() + 60, wanted
-    while missing and time.time() < deadline:
+    statuses = {"200", "400", "401", "404"}
+    deadline, missing, counted = time.time() + 60, wanted, set()
+    while (missing or not statuses <= counted) and time.time() < deadline:
         text = requests.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).text
-        missing = [w for w in wanted if w not in text]
+        missing, counted = [w for w in wanted if w not in text], _counted_statuses(text)
         time.sleep(2)
     assert not missing, f"not exported: {missing}"
-    statuses = {line.split('status="')[1].split('"')[0] for line in text.splitlines()
-                if line.startswith("ray_nanochat_serve_requests_total") and 'status="' in line}
-    assert {"200", "400", "401", "404"} <= statuses
+    assert statuses <= counted, f"statuses counted: {sorted(counted)}"
 
 
 @pytest.fixture(scope="module")
