@@ -1,7 +1,7 @@
 """Tokenizer benchmark: rustbpe against the references, same text, vocab size, machine and run.
 
 1. training throughput (MB of text per second over the whole training, counting included):
-   rustbpe `train_from_iterator` vs HF `tokenizers` (BPE + BpeTrainer, pre-tokenizer = Split with
+   rustbpe `Tokenizer.from_iterator` vs HF `tokenizers` (BPE + BpeTrainer, pre-tokenizer = Split with
    the same pattern + ByteLevel, i.e. the layout of `Tokenizer.export_hf`);
 2. batch encode throughput on the validation text: rustbpe `encode_batch` vs a `tiktoken.Encoding`
    built from rustbpe's mergeable ranks and pattern (`encode_ordinary_batch`), both with the same
@@ -120,7 +120,7 @@ def main() -> None:
     t_count, counts = best_time(lambda: rustbpe.count_chunks(train), 1)
     t_merge, _ = best_time(lambda: rustbpe.Tokenizer.from_counts(counts, args.vocab_size), 1)
     rows.append(("train", "HF tokenizers BpeTrainer (reference)", t_hf, mb(train) / t_hf, 1.0))
-    rows.append(("train", "rustbpe train_from_iterator", t_rs, mb(train) / t_rs, t_hf / t_rs))
+    rows.append(("train", "rustbpe from_iterator", t_rs, mb(train) / t_rs, t_hf / t_rs))
     print(f"rustbpe training split: count_chunks {t_count:.2f} s ({len(counts)} distinct chunks), "
           f"merges {t_merge:.2f} s; HF vocab {hf.get_vocab_size()}, rustbpe vocab {tok.vocab_size}")
 
