@@ -88,15 +88,16 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
 )
 
-_OURS_TO_HF = (
-    (r"transformer\.wte\.weight", "model.embed_tokens.weight"),
-    (r"transformer\.h\.(\d+)\.attn\.c_q\.weight", r"model.layers.\1.self_attn.q_proj.weight"),
-    (r"transformer\.h\.(\d+)\.attn\.c_k\.weight", r"model.layers.\1.self_attn.k_proj.weight"),
-    (r"transformer\.h\.(\d+)\.attn\.c_v\.weight", r"model.layers.\1.self_attn.v_proj.weight"),
-    (r"transformer\.h\.(\d+)\.attn\.c_proj\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"transformer\.h\.(\d+)\.mlp\.c_fc\.weight", r"model.layers.\1.mlp.fc1.weight"),
-    (r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight", r"model.layers.\1.mlp.fc2.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
+# (our state_dict key, transformers' weight name); {i} is the layer index. Both directions use it.
+_WEIGHT_NAMES = (
+    ("transformer.wte.weight", "model.embed_tokens.weight"),
+    ("transformer.h.{i}.attn.c_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("transformer.h.{i}.attn.c_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("transformer.h.{i}.attn.c_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("transformer.h.{i}.attn.c_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("transformer.h.{i}.mlp.c_fc.weight", "model.layers.{i}.mlp.fc1.weight"),
+    ("transformer.h.{i}.mlp.c_proj.weight", "model.layers.{i}.mlp.fc2.weight"),
+    ("lm_head.weight", "lm_head.weight"),
 )
 
 
@@ -104,33 +105,24 @@ class HFFormatError(NanochatError, ValueError):
     """A directory that is not a usable NanoChat model in the transformers format (the message says why)."""
 
 
-def _rename(name: str, table: tuple[tuple[str, str], ...], what: str) -> str:
-    for pattern, repl in table:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
+def _rename(name: str, source: int, what: str) -> str:
+    """`name` in column `source` of _WEIGHT_NAMES, written in the other column's layout."""
+    for names in _WEIGHT_NAMES:
+        pattern = re.escape(names[source]).replace(r"\{i\}", r"(\d+)")
+        found = re.fullmatch(pattern, name)
+        if found:
+            return names[1 - source].format(i=found.group(1) if found.groups() else "")
     raise HFFormatError(f"weight {name!r} has no counterpart in the {what} layout")
 
 
 def hf_name(ours: str) -> str:
     """transformers' name of one of our state_dict keys."""
-    return _rename(ours, _OURS_TO_HF, "transformers NanoChat")
-
-
-_HF_TO_OURS = (
-    (r"model\.embed_tokens\.weight", "transformer.wte.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"transformer.h.\1.attn.c_q.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"transformer.h.\1.attn.c_k.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"transformer.h.\1.attn.c_v.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"transformer.h.\1.attn.c_proj.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.fc1\.weight", r"transformer.h.\1.mlp.c_fc.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.fc2\.weight", r"transformer.h.\1.mlp.c_proj.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-)
+    return _rename(ours, 0, "transformers NanoChat")
 
 
 def our_name(hf: str) -> str:
     """Our state_dict key of one of transformers' weight names."""
-    return _rename(hf, _HF_TO_OURS, "nanochat GPT")
+    return _rename(hf, 1, "nanochat GPT")
 
 
 # -- config -----------------------------------------------------------------------------------------
