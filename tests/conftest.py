@@ -75,6 +75,18 @@ def newcomer_demo():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (small models are faster so, and results do not depend on
+    the machine's core count); the previous setting is restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def home(tmp_path, monkeypatch):
     """An empty NANOCHAT_HOME for the test."""
     monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path / "home"))

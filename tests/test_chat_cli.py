@@ -29,20 +29,12 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import dense_mask
 from nanochat.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = "chatrun"
 SEQ_LEN = 48  # a turn adds 25 tokens to the conversation (8 user + 17 assistant): the third does not fit
 ANSWER = "Hié [python] 6*7\n[output] 42\n!"
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -35,15 +35,7 @@ GSM_ROWS = [{"question": "Tom has 6 boxes of 3 apples. How many apples?", "solut
             {"question": "Ann has 2 cats and 5 dogs. How many pets?", "solution": "2+5=<<2+5=7>>7\n#### 7"}]
 
 # the chat tasks read their offline rows (ARC, MMLU, GSM8K, word list) from the embedded pack
-pytestmark = pytest.mark.usefixtures("embedded_pack")
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("embedded_pack", "one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ CONFIG = GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=SEQ, head_dim=64
 LOOP = LoopConfig(num_steps=6, grad_accum_steps=1, muon_momentum_warmup_steps=3)
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fresh(seed: int = 0) -> tuple[GPT, list]:

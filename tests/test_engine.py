@@ -24,12 +24,7 @@ BOS, PY_START, PY_END, OUT_START, OUT_END, END = range(256, 262)
 VOCAB = 262
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def encode(text: str) -> list[int]:

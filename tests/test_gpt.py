@@ -17,12 +17,7 @@ from nanochat.kv_cache import KVCache
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(n_kv_head: int | None = None, sequence_len: int = 24) -> GPTConfig:

@@ -23,12 +23,7 @@ STEPS = 4  # whole run; checkpoints are taken after HALF steps
 HALF = 2
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_newton_schulz_output_is_nearly_orthogonal():

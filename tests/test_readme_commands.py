@@ -14,13 +14,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from cluster.local import free_port, port_open
-from tests.newcomer import clean_up, describe, newcomer_env
+from tests.newcomer import NewcomerRun, clean_up, describe, newcomer_env
 
 pytestmark = pytest.mark.cluster
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -96,8 +97,8 @@ def test_every_readme_command_has_exactly_one_rule():
     assert "python -m cluster.local start" in commands
 
 
-def test_readme_commands_run(ray_cluster, newcomer_demo, tmp_path_factory):
-    root = Path(__import__("tempfile").mkdtemp(prefix="ncrdm-", dir="/tmp"))  # short: Ray socket paths
+def test_readme_commands_run(ray_cluster, newcomer_demo):
+    root = Path(tempfile.mkdtemp(prefix="ncrdm-", dir="/tmp"))  # short: Ray socket paths
     home, nanochat_home = root / "home", root / "nanochat"
     home.mkdir()
     ports = {"NANOCHAT_RAY_PORT": free_port(), "NANOCHAT_DASHBOARD_PORT": free_port(),
@@ -141,8 +142,6 @@ def test_readme_commands_run(ray_cluster, newcomer_demo, tmp_path_factory):
     finally:
         subprocess.run([sys.executable, "-m", "cluster.local", "stop"], cwd=REPO_ROOT, env=env,
                        capture_output=True, timeout=120)
-        from tests.newcomer import NewcomerRun
-
         clean_up(NewcomerRun(root=root, home=home, nanochat_home=nanochat_home, ports={}))
     assert not any(port_open(p) for p in ports.values()), "the README's `cluster.local stop` left ports open"
     assert ray_cluster.is_running()

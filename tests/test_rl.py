@@ -19,10 +19,7 @@ from nanochat.common import DistInfo
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.rl_toy import EndLetter, last_letter
 
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sample(prompt, tokens, mask=None, logprobs=None, reward=0.0, version=0) -> rl.Sample:

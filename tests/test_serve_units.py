@@ -23,12 +23,7 @@ TOKEN_BYTES = [bytes([i]) for i in range(256)] + [b""] * 5
 TOOLS = ToolTokens(PY_START, PY_END, OUT_START, OUT_END)
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def feed(ct: ChoiceText, data: bytes | list[int], logprob: float | None = None) -> list:
