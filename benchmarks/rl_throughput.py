@@ -21,14 +21,16 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import ray
 import torch
 
-from cluster.rl import RLRun, RLSpec
+from cluster.rl import RLRun
+from cluster.specs import RLSpec
 from cluster.storage import RunStorage
+from jobs.config import load_stage_config
+from jobs.rl import RLConfig
 from nanochat.checkpoint import save_model
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -83,12 +85,15 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(tempfile.mkdtemp(prefix="rl-bench-"))
     try:
         model = stand_in_model(root, args.depth, args.vocab, sequence_len=256)
-        base = RLSpec(num_steps=1, task="toy", examples_per_step=args.prompts, group_size=args.group,
-                      max_new_tokens=args.max_new_tokens, top_k=0, rollout_cpus=1.0, learner_cpus=1.0,
-                      sandbox_actors=0, rollout_slots=args.prompts * args.group)
-        runs = {k: measure(replace(base, num_rollout_actors=k), root, model, args.rounds) for k in (1, 2)}
-        runs["broadcast"] = measure(replace(base, num_rollout_actors=2, weight_sync="broadcast"), root, model,
-                                    args.rounds)
+        def spec(*more: str) -> RLSpec:  # the micro preset's RL, as a user would override it
+            overrides = ["task=toy", "num_steps=1", f"examples_per_step={args.prompts}", f"group_size={args.group}",
+                         f"max_new_tokens={args.max_new_tokens}", "top_k=0", "rollout_cpus=1.0", "learner_cpus=1.0",
+                         "sandbox_actors=0", f"rollout_slots={args.prompts * args.group}", "max_seq_len=null",
+                         "eval_every=0", "checkpoint_every=0", *more]
+            return load_stage_config(RLConfig, "rl", "micro", overrides).to_spec(cluster_gpus=0)
+
+        runs = {k: measure(spec(f"num_rollout_actors={k}"), root, model, args.rounds) for k in (1, 2)}
+        runs["broadcast"] = measure(spec("num_rollout_actors=2", "weight_sync=broadcast"), root, model, args.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         ray.shutdown()

@@ -46,8 +46,11 @@ from typing import Any
 import ray
 import torch
 
+from cluster.specs import PretrainSpec
 from cluster.storage import RunStorage
-from cluster.train import TrainSpec, build_model, build_optimizers, make_plan, resolve_shards, run_pretrain
+from cluster.train import build_model, make_plan, resolve_shards, run_pretrain
+from jobs.config import load_stage_config
+from jobs.pretrain import PretrainConfig
 from nanochat.common import DistInfo
 from nanochat.dataloader import (
     DataPosition,
@@ -65,25 +68,29 @@ from nanochat.train import evaluate_bpb, train_loop
 THREADS = 2
 
 
-def spec_for(steps: int, compile: bool | None) -> TrainSpec:
-    return TrainSpec(depth=4, head_dim=64, sequence_len=256, device_batch_size=8, total_batch_tokens=2048,
-                     num_iterations=steps, eval_every=0, eval_tokens=65536, checkpoint_every=0,
-                     num_workers=1, cpus_per_worker=THREADS, max_failures=0, compile=compile)
+def spec_for(steps: int, compile: bool | None, data: str | None = None) -> PretrainSpec:
+    """The tiny preset's pretraining (depth 4, 8 x 256-token rows per step, 2 CPUs), as a user would set it:
+    the preset plus overrides for the horizon, no intermediate evaluations or checkpoints, no retries."""
+    overrides = [f"num_iterations={steps}", "eval_every=0", "checkpoint_every=0", "max_failures=0",
+                 f"cpus_per_worker={THREADS}", f"compile={'null' if compile is None else str(compile).lower()}"]
+    return load_stage_config(PretrainConfig, "pretrain", "tiny", overrides + ([f"data={data}"] if data else [])
+                             ).to_spec("tiny")
 
 
-def plain_loop(spec: TrainSpec, tokenizer_dir: str, data: str) -> list[dict[str, Any]]:
+def plain_loop(pretrain: PretrainSpec, tokenizer_dir: str, data: str) -> list[dict[str, Any]]:
     """The single-process loop: per-step metrics dicts (final validation bpb in the last one)."""
+    spec = pretrain.train
     torch.set_num_threads(THREADS)
     tok = Tokenizer.load(tokenizer_dir)
     train, val = resolve_shards(data)
     plan = make_plan(spec, tok.vocab_size, 1)
     model = build_model(plan.model, "cpu", spec.seed)
-    optimizers = build_optimizers(model, spec, DistInfo())
+    optimizers = model.setup_optimizers(spec.lrs, DistInfo())
     start = DataPosition(0)
     batches = RowBatcher(local_row_chunks(plan_row_groups(train), tok, spec.sequence_len + 1, start, 1),
                          spec.device_batch_size, start)
     batches.prime()
-    val_rows = validation_rows(val, tok, spec.sequence_len + 1, plan.eval_rows)
+    val_rows = validation_rows(val, tok, spec.sequence_len + 1, max(1, pretrain.reading.eval_tokens // spec.sequence_len))
     val_batches = rank_batches(val_rows, spec.device_batch_size, 0, 1)
     token_bytes = tok.token_bytes()
 
@@ -95,14 +102,14 @@ def plain_loop(spec: TrainSpec, tokenizer_dir: str, data: str) -> list[dict[str,
     return [s for s in steps if s["step"] > 0]
 
 
-def stage_path(spec: TrainSpec, tokenizer_dir: str, data: str, tmp: str, run: str) -> tuple[list[dict], float]:
+def stage_path(spec: PretrainSpec, tokenizer_dir: str, tmp: str, run: str) -> tuple[list[dict], float]:
     """run_pretrain on a fresh run: (per-step metrics from metrics.jsonl, seconds of the whole call)."""
     storage = RunStorage(run, tmp)
     with storage.writer("tokenizer", {}) as w:
         Tokenizer.load(tokenizer_dir).save(w.path)
         w.commit()
     t0 = time.perf_counter()
-    run_pretrain(spec, storage, data=data, tokenizer=None, config={})
+    run_pretrain(spec, storage, config={})
     took = time.perf_counter() - t0
     return [r for r in storage.read_metrics("pretrain") if r.get("tokens_per_sec")], took
 
@@ -121,7 +128,7 @@ def paired_steps(steps: int, tokenizer_dir: str, data: str) -> dict[str, list[fl
     from nanochat.train import _micro_batches, _set_hyperparams, clip_grad_norm
 
     torch.set_num_threads(THREADS)
-    spec = spec_for(steps, None)
+    spec = spec_for(steps, None).train
     tok = Tokenizer.load(tokenizer_dir)
     plan = make_plan(spec, tok.vocab_size, 1)
     items = plan_row_groups(resolve_shards(data)[0])
@@ -133,7 +140,7 @@ def paired_steps(steps: int, tokenizer_dir: str, data: str) -> dict[str, list[fl
                              start)
         batches.prime()
         forward = torch.compile(model, dynamic=False) if name == "compiled" else model
-        sides[name] = (model, forward, build_optimizers(model, spec, DistInfo()), batches)
+        sides[name] = (model, forward, model.setup_optimizers(spec.lrs, DistInfo()), batches)
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     for step in range(steps):
         for name, (model, forward, optimizers, batches) in sides.items():
@@ -171,7 +178,7 @@ def compile_cost(args: argparse.Namespace, tokenizer_dir: str, data: str, tmp: s
         ratio = statistics.median(c / e for c, e in zip(compiled, eager, strict=True))
         compile_s = t["compiled"][0] - statistics.median(compiled)
         print(f"| {label} | {compile_s:.1f} | {statistics.median(eager):.3f} | {ratio:.3f} | {1 - ratio:.1%} |")
-    flops = GPT(make_plan(spec_for(1, None), args.vocab_size, 1).model).estimate_flops() * 2048
+    flops = GPT(make_plan(spec_for(1, None).train, args.vocab_size, 1).model).estimate_flops() * 2048
     print(f"training FLOPs per step: {flops:.3e}; eager FLOP/s = FLOPs / median eager step")
 
 
@@ -207,8 +214,8 @@ def main() -> None:
     starts: list[float] = []
     compiled_stage: list[bool] = []
     for i in range(args.repeats):
-        add("plain, compiled", plain_loop(spec_for(args.steps, True), tokenizer_dir, data))
-        add("plain, eager", plain_loop(spec_for(args.steps, False), tokenizer_dir, data))
+        add("plain, compiled", plain_loop(spec_for(args.steps, True, data), tokenizer_dir, data))
+        add("plain, eager", plain_loop(spec_for(args.steps, False, data), tokenizer_dir, data))
         t0 = time.perf_counter()
         # a fresh local instance with its dashboard and metrics agent, as `python -m cluster.local start`
         # runs (2 logical CPUs per core), never a cluster that may already run on this machine
@@ -218,8 +225,8 @@ def main() -> None:
         starts.append(time.perf_counter() - t0)
         try:
             if args.diagnose:
-                add("plain, compiled, Ray idle", plain_loop(spec_for(args.steps, True), tokenizer_dir, data))
-            steps, took = stage_path(spec_for(args.steps, stage_compile), tokenizer_dir, data, f"{tmp}/runs",
+                add("plain, compiled, Ray idle", plain_loop(spec_for(args.steps, True, data), tokenizer_dir, data))
+            steps, took = stage_path(spec_for(args.steps, stage_compile, data), tokenizer_dir, f"{tmp}/runs",
                                      f"bench{i}")
             compiled_stage.append(bool(steps and steps[-1].get("compiled")))
             add("Train + Ray Data (the stage)", steps, took)

@@ -1,7 +1,6 @@
 """Midtraining and SFT on the cluster: the chat stages' batch source, inputs, horizon and driver.
 
-    settings = settings_from("sft", "midtrain", "pad", cfg.model_dump())     # jobs/sft.py
-    meta = run_chat_stage(storage, settings, config={...}, force=False)
+    meta = run_chat_stage(storage, cfg.to_spec(), config={...}, force=False)   # cfg: jobs/sft.py's SftConfig
 
 Built on cluster/train.py's machinery (the same TorchTrainer, checkpoints, retries, resume and
 export), with what is particular to the chat stages:
@@ -23,35 +22,29 @@ rows for one step take milliseconds to render next to the step itself.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 
-from cluster.pretrain_data import load_tokenizer
+from cluster.artifacts import clear_stage, find_model, load_tokenizer, read_model_config
+from cluster.specs import ChatStageSpec, TrainSpec
 from cluster.storage import RunStorage
 from cluster.train import (
     Batcher,
     Plan,
     Prepared,
-    TrainSpec,
     check_resume,
-    clear_stage,
     make_plan,
     train_and_export,
 )
 from nanochat import checkpoint as ckpt
-from nanochat import hf_format
-from nanochat.chat_data import ChatData, Layout
+from nanochat.chat_data import ChatData
 from nanochat.common import DistInfo
 from nanochat.dataloader import DataPosition
-from nanochat.errors import ConfigError, NotFoundError
+from nanochat.errors import ConfigError
 from nanochat.train import Batch
-
-LR_FIELDS = ("embedding_lr", "unembedding_lr", "matrix_lr")  # scaled by init_lr_frac
 
 
 @dataclass(frozen=True)
@@ -72,98 +65,36 @@ class ChatSource:
                                             dist.world_size)
 
 
-@dataclass(frozen=True)
-class ChatStageSettings:
-    """Plain values of one chat stage (jobs/midtrain.py and jobs/sft.py document each field)."""
-
-    stage: str  # "midtrain" or "sft": the mixture, the run directory, the Ray Train run name
-    previous: str  # the stage whose exported model starts this one
-    layout: Layout  # "pack" (midtrain) or "pad" (SFT)
-    init_from: str | None = None
-    source: str = "auto"  # the mixture's data: "auto", "hub" or "pack"
-    tasks: tuple[str, ...] | None = None  # task specs replacing the stage's own mixture
-    mixture_seed: int = 42
-    val_conversations: int = 0
-    num_epochs: float = 1.0
-    num_iterations: int = -1
-    rows_per_step: int = 32
-    init_lr_frac: float = 1.0
-    train: dict[str, Any] = field(default_factory=dict)  # TrainSpec fields, as configured
-
-    @property
-    def offline(self) -> bool | None:
-        return {"auto": None, "hub": False, "pack": True}[self.source]
+# The TrainSpec fields a chat stage does not configure, and where they come from.
+CHAT_DERIVED = {
+    "depth": "the initial model's n_layer", "head_dim": "its n_embd / n_head", "sequence_len": "its sequence_len",
+    "norm_eps": "its norm_eps", "total_batch_tokens": "rows_per_step x sequence_len",
+    "num_iterations": "chat_horizon: num_iterations, else num_epochs over the training rows",
+    "flops_budget": "unused (-1): the horizon is in num_iterations",
+    "target_param_data_ratio": "unused (0): the horizon is in num_iterations",
+    "seed": "mixture_seed (the weights come from the initial model, not from a seeded initialisation)",
+}
 
 
-def settings_from(stage: str, previous: str, layout: Layout, values: dict[str, Any]) -> ChatStageSettings:
-    """Split a stage config's values into the chat settings and the TrainSpec fields."""
-    own = {f.name for f in fields(ChatStageSettings)} - {"stage", "previous", "layout", "train"}
-    spec_fields = {f.name for f in fields(TrainSpec)}
-    unknown = sorted(set(values) - own - spec_fields)
-    if unknown:
-        raise ValueError(f"{stage} config fields {unknown} are neither chat-stage settings nor TrainSpec fields")
-    chat = {k: v for k, v in values.items() if k in own}
-    if chat.get("tasks") is not None:
-        chat["tasks"] = tuple(chat["tasks"])
-    return ChatStageSettings(stage, previous, layout, **chat,
-                             train={k: v for k, v in values.items() if k in spec_fields})
-
-
-def _exists(uri: str) -> bool:
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def read_model_config(model_uri: str) -> dict[str, Any]:
-    """config.json of an exported model (local path or URI); FileNotFoundError naming it when absent.
-    A transformers NanoChat config.json is translated to {"model_config": GPTConfig fields, "hf_config"}."""
-    fs, path = pafs.FileSystem.from_uri(model_uri) if "://" in model_uri else (pafs.LocalFileSystem(), model_uri)
-    if fs.get_file_info(f"{path}/{ckpt.CONFIG_FILE}").type != pafs.FileType.File:
-        raise NotFoundError(f"no exported model at {model_uri}: its {ckpt.CONFIG_FILE} is missing")
-    with fs.open_input_stream(f"{path}/{ckpt.CONFIG_FILE}") as f:
-        config = json.loads(f.read().decode())
-    if "model_type" in config and "model_config" not in config:  # transformers' NanoChat format
-        return {"model_config": asdict(hf_format.gpt_config_from_hf(config, model_uri)), "hf_config": config}
-    return config
-
-
-def stage_inputs(storage: RunStorage, settings: ChatStageSettings) -> tuple[str, str]:
-    """(URI of the model that starts the stage, URI of its tokenizer); errors name what to run first."""
-    if settings.init_from:
-        init = settings.init_from
-    else:
-        storage.read_meta(settings.previous)  # "... (run the <previous> stage first)" when incomplete
-        init = f"{storage.stage_uri(settings.previous)}/model"
-    if not _exists(f"{init}/{ckpt.CONFIG_FILE}"):
-        raise NotFoundError(f"the {settings.stage} stage starts from the model at {init}, which has no "
-                                f"{ckpt.CONFIG_FILE}: rerun the {settings.previous} stage (with --force) to export it")
-    if _exists(f"{init}/{ckpt.TOKENIZER_DIR}"):
-        return init, f"{init}/{ckpt.TOKENIZER_DIR}"
-    if _exists(f"{init}/{hf_format.TOKENIZER_FILE}"):  # a transformers directory holds its tokenizer.json
-        return init, init
-    storage.read_meta("tokenizer")
-    return init, storage.stage_uri("tokenizer")
-
-
-def chat_train_spec(settings: ChatStageSettings, model_config: dict[str, Any], num_steps: int) -> TrainSpec:
+def chat_train_spec(chat: ChatStageSpec, model_config: dict[str, Any], num_steps: int) -> TrainSpec:
     """The TrainSpec of a chat stage: the model's shape, the batch in rows, lrs x init_lr_frac."""
     depth, width, heads = model_config["n_layer"], model_config["n_embd"], model_config["n_head"]
     if width != 64 * depth or width % heads:
         raise ConfigError(f"the initial model has {depth} layers of width {width} in {heads} heads, not the "
                          "depth-derived shape (width 64 x depth) the training stages build")
-    spec = TrainSpec(**settings.train)
-    per_pass = spec.device_batch_size * spec.num_workers
-    if settings.rows_per_step % per_pass:
-        raise ConfigError(f"rows_per_step {settings.rows_per_step} is not a multiple of device_batch_size "
-                         f"{spec.device_batch_size} x num_workers {spec.num_workers}: change one of them")
-    lrs = {k: getattr(spec, k) * settings.init_lr_frac for k in LR_FIELDS}
-    return replace(spec, depth=depth, head_dim=width // heads, sequence_len=model_config["sequence_len"],
-                   norm_eps=model_config.get("norm_eps"),
-                   total_batch_tokens=settings.rows_per_step * model_config["sequence_len"],
-                   num_iterations=num_steps, **lrs)
+    per_pass = chat.device_batch_size * chat.group.num_workers
+    if chat.rows_per_step % per_pass:
+        raise ConfigError(f"rows_per_step {chat.rows_per_step} is not a multiple of device_batch_size "
+                         f"{chat.device_batch_size} x num_workers {chat.group.num_workers}: change one of them")
+    return TrainSpec(depth=depth, head_dim=width // heads, sequence_len=model_config["sequence_len"],
+                     norm_eps=model_config.get("norm_eps"), device_batch_size=chat.device_batch_size,
+                     total_batch_tokens=chat.rows_per_step * model_config["sequence_len"],
+                     num_iterations=num_steps, flops_budget=-1.0, target_param_data_ratio=0.0,
+                     seed=chat.mixture_seed, lrs=chat.lrs.scaled(chat.init_lr_frac), schedule=chat.schedule,
+                     group=chat.group)
 
 
-def chat_horizon(settings: ChatStageSettings, data: ChatData, tokenizer: Any, row_len: int) -> int:
+def chat_horizon(settings: ChatStageSpec, data: ChatData, tokenizer: Any, row_len: int) -> int:
     """Optimizer steps: num_iterations when > 0, else num_epochs passes over the training rows."""
     if settings.num_iterations > 0:
         return settings.num_iterations
@@ -177,7 +108,7 @@ def preflight_chat(spec: TrainSpec, storage: RunStorage, data: ChatData, init_fr
     mixture is not empty and holds no evaluation item, the storage is writable; then joins Ray
     (check_resume looks at the cluster's nodes)."""
     saved = read_model_config(init_from)["model_config"]
-    plan = make_plan(spec, load_tokenizer(tokenizer).vocab_size, spec.num_workers)
+    plan = make_plan(spec, load_tokenizer(tokenizer).vocab_size, spec.group.num_workers)
     ckpt.check_model_config(saved, plan.model, f"at {init_from} (the {stage} stage's initial model)")
     info = data.check()
     storage.check_writable()
@@ -189,13 +120,14 @@ def preflight_chat(spec: TrainSpec, storage: RunStorage, data: ChatData, init_fr
     return check_resume(prepared, storage, spec)
 
 
-def run_chat_stage(storage: RunStorage, settings: ChatStageSettings, *, config: dict[str, Any],
+def run_chat_stage(storage: RunStorage, settings: ChatStageSpec, *, config: dict[str, Any],
                    force: bool = False) -> dict[str, Any]:
     """Check, train from the previous stage's weights (resuming this stage's last checkpoint unless
     `force`), export {run}/<stage>/model/, write meta.json."""
     if force:
         clear_stage(storage, settings.stage)
-    init_from, tokenizer_uri = stage_inputs(storage, settings)
+    init = find_model(storage, settings.previous, settings.init_from)
+    init_from, tokenizer_uri = init.model, init.tokenizer
     model_config = read_model_config(init_from)["model_config"]
     data = ChatData(settings.stage, settings.layout, offline=settings.offline, tasks=settings.tasks,
                     seed=settings.mixture_seed, val_conversations=settings.val_conversations)

@@ -24,16 +24,15 @@ Notable:
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 from ray.util import ActorPool
 
+from cluster.artifacts import localize
 from nanochat.errors import ConfigError
 from nanochat.evaluation import EvalState, load_eval_state, shard_items
 
@@ -71,19 +70,6 @@ def plan_pool(num_actors: int, cpus_per_actor: float, resources: dict[str, float
         num_actors = min(num_actors, int(total_gpus // gpus))
     cpus = min(cpus_per_actor, total_cpus / num_actors)
     return PoolSpec(num_actors, cpus, gpus, max(1, int(cpus)))
-
-
-def localize(uri: str) -> str:
-    """A local directory with the files of `uri`: local paths as they are; s3:// and gs:// copied
-    into a fresh temporary directory (evaluation actors may run on nodes without the run's disk)."""
-    if "://" not in uri:
-        return uri
-    if uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    fs, path = pafs.FileSystem.from_uri(uri)
-    dest = tempfile.mkdtemp(prefix="nanochat-eval-")
-    pafs.copy_files(path, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return dest
 
 
 def load_from_storage(model_uri: str, tokenizer_uri: str | None, device: str) -> EvalState:

@@ -24,29 +24,13 @@ on a small machine (the local cluster advertises 2 logical CPUs per core for thi
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import pyarrow.fs as pafs
 import ray
 
+from cluster.artifacts import load_tokenizer
 from nanochat.dataloader import DataPosition, Item, RowChunk, item_source, read_texts, tokenize_and_pack
-from nanochat.tokenizer import Tokenizer
-
-
-def local_tokenizer_dir(uri: str) -> str:
-    """A local directory holding the tokenizer at `uri` (local path as is; s3:// / gs:// downloaded)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    fs, path = pafs.FileSystem.from_uri(uri)
-    dest = tempfile.mkdtemp(prefix="nanochat-tokenizer-")
-    pafs.copy_files(path, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return dest
-
-
-def load_tokenizer(uri: str) -> Tokenizer:
-    return Tokenizer.load(local_tokenizer_dir(uri))
 
 
 class ReadTokenizePack:

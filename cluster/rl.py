@@ -37,7 +37,6 @@ Tests: `python -m pytest tests/test_rl_cluster.py` (local cluster); benchmark: b
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import random
 import shutil
@@ -49,14 +48,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow.fs as pafs
 import ray
 import torch
 import torch.distributed as torch_dist
 from ray.util.metrics import Counter, Gauge
 
-from cluster.eval_pool import localize
+from cluster import artifacts
+from cluster.artifacts import localize
 from cluster.sandbox_pool import SandboxPool
+from cluster.specs import RLSpec
 from cluster.storage import RunStorage
 from nanochat import checkpoint as ckpt
 from nanochat import rl
@@ -76,57 +76,9 @@ class WeightSyncError(RuntimeError):
     """A rollout actor's weights differ from the learner's after a sync: the run must stop."""
 
 
-@dataclass(frozen=True)
-class RLSpec:
-    """Plain settings of an RL run (jobs/rl.py fills them from RLConfig; see its field descriptions)."""
-
-    num_steps: int
-    task: str = "gsm8k"  # "gsm8k" (training_mixture("rl") / held-out GSM8K) or "toy" (nanochat/rl_toy.py)
-    offline: bool | None = None
-    examples_per_step: int = 16
-    group_size: int = 16
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 50
-    max_seq_len: int | None = None  # engine context; None: the model's sequence_len
-    device_batch_size: int = 8
-    unembedding_lr: float = 0.004
-    embedding_lr: float = 0.2
-    matrix_lr: float = 0.02
-    weight_decay: float = 0.0
-    init_lr_frac: float = 0.05
-    normalize_std: bool = False
-    max_staleness: int = 0
-    clip_eps: float = 0.2
-    advantage_sign: float = 1.0
-    num_rollout_actors: int = 2
-    rollout_cpus: float = 0.5
-    rollout_gpus: float = 0.0
-    rollout_slots: int = 0  # engine KV-cache rows per actor; 0: 2 x group_size
-    num_learners: int = 1
-    learner_cpus: float = 1.0
-    learner_gpus: float = 0.0
-    sandbox_actors: int = 1  # 0: no Python tool
-    sandbox_cpus: float = 0.25
-    weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
-    probe_atol: float = 1e-3
-    max_actor_restarts: int = 3
-    eval_every: int = 0
-    eval_examples: int = 16
-    eval_samples: int = 4
-    checkpoint_every: int = 0
-    checkpoints_to_keep: int = 2
-    seed: int = 42
-
-    @property
-    def sync_method(self) -> str:
-        if self.weight_sync != "auto":
-            return self.weight_sync
-        return "broadcast" if self.learner_gpus > 0 and self.rollout_gpus > 0 else "object_store"
-
-    def loss_config(self) -> rl.GRPOConfig:
-        return rl.GRPOConfig(self.normalize_std, self.clip_eps if self.max_staleness > 0 else None,
-                             self.advantage_sign)
+def loss_config(spec: RLSpec) -> rl.GRPOConfig:
+    """The GRPO loss of a run: the clipped importance ratio only when rollouts may be one version old."""
+    return rl.GRPOConfig(spec.normalize_std, spec.clip_eps if spec.max_staleness > 0 else None, spec.advantage_sign)
 
 
 def make_task(kind: str, split: Literal["train", "eval"], offline: bool | None) -> Task:
@@ -292,8 +244,7 @@ class LearnerWorker(_WeightsHolder):
         self.model, _ = ckpt.load_model(localize(model_uri), self.device)
         self.model.train()
         s = self.spec
-        self.optimizers = self.model.setup_optimizers(unembedding_lr=s.unembedding_lr, embedding_lr=s.embedding_lr,
-                                                      matrix_lr=s.matrix_lr, weight_decay=s.weight_decay, dist=self.dist)
+        self.optimizers = self.model.setup_optimizers(s.lrs, self.dist)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] = group["initial_lr"] * s.init_lr_frac
@@ -309,7 +260,7 @@ class LearnerWorker(_WeightsHolder):
         """One optimizer step on this rank's shard of the step's batch; the weights become version + 1."""
         t0 = time.perf_counter()
         stats = rl.policy_gradient_step(
-            self.model, self.optimizers, batch.shard(self.rank, self.world), self.spec.loss_config(), self.dist,
+            self.model, self.optimizers, batch.shard(self.rank, self.world), loss_config(self.spec), self.dist,
             total_tokens=batch.num_tokens, micro_batch_size=self.spec.device_batch_size,
             lr_multiplier=rl.rl_lr_multiplier(step, self.spec.num_steps))
         self.version += 1
@@ -333,55 +284,14 @@ class LearnerWorker(_WeightsHolder):
         with tempfile.TemporaryDirectory(prefix="nanochat-rl-ckpt-") as tmp:
             ckpt.save_training_checkpoint(tmp, self.model, self.optimizers, self.dist, step=step,
                                           data={"step": step}, loop={**loop, "version": self.version})
-            _upload_dir(tmp, dest_uri, last=ckpt.STATE_FILE)
+            artifacts.upload_dir(tmp, dest_uri, last=(ckpt.STATE_FILE,))
 
     def export(self, dest_uri: str, tokenizer_uri: str, meta: dict[str, Any]) -> None:
         """The final model with its tokenizer at dest_uri, config.json last."""
         with tempfile.TemporaryDirectory(prefix="nanochat-rl-model-") as tmp:
             ckpt.save_model(tmp, self.model, meta)
             shutil.copytree(localize(tokenizer_uri), Path(tmp) / ckpt.TOKENIZER_DIR)
-            _upload_dir(tmp, dest_uri, last=ckpt.CONFIG_FILE)
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri and not uri.startswith("file://"):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), uri.removeprefix("file://")
-
-
-def _upload_dir(local: str, dest_uri: str, last: str) -> None:
-    """Copy a local directory's files to dest_uri, the file named `last` after all others."""
-    fs, dest = _filesystem(dest_uri)
-    fs.create_dir(dest, recursive=True)
-    local_fs = pafs.LocalFileSystem()
-    for entry in sorted(Path(local).iterdir(), key=lambda p: p.name == last):
-        if entry.is_dir():
-            fs.create_dir(f"{dest}/{entry.name}", recursive=True)
-            pafs.copy_files(str(entry), f"{dest}/{entry.name}", source_filesystem=local_fs, destination_filesystem=fs)
-        else:
-            tmp = f"{dest}/.{entry.name}.tmp" if isinstance(fs, pafs.LocalFileSystem) else f"{dest}/{entry.name}"
-            pafs.copy_files(str(entry), tmp, source_filesystem=local_fs, destination_filesystem=fs)
-            if tmp != f"{dest}/{entry.name}":
-                fs.move(tmp, f"{dest}/{entry.name}")
-
-
-def latest_checkpoint(storage: RunStorage) -> tuple[int, str] | None:
-    """(step, URI) of the newest complete RL checkpoint of the run, if any."""
-    root = f"{storage.stage_path(STAGE)}/checkpoints"
-    if not storage.exists(root):
-        return None
-    infos = storage.fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    for d in sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
-                     and i.base_name.startswith("step_")), reverse=True):
-        path = f"{root}/{d}"
-        if not storage.exists(f"{path}/{ckpt.STATE_FILE}"):
-            continue
-        with storage.fs.open_input_stream(f"{path}/{ckpt.STATE_FILE}") as f:
-            state = json.loads(f.read().decode())
-        files = [ckpt.MODEL_FILE] + [fn(r) for r in range(int(state["world_size"])) for fn in (ckpt.optim_file, ckpt.data_file)]
-        if all(storage.exists(f"{path}/{name}") for name in files):
-            return int(state["step"]), f"{storage.stage_uri(STAGE)}/checkpoints/{d}"
-    return None
+            artifacts.upload_dir(tmp, dest_uri, last=(ckpt.CONFIG_FILE,))
 
 
 class RLMetrics:
@@ -473,9 +383,9 @@ class RLRun:
         master = ray.get(self.learners[0].address.remote())
         info = ray.get([w.setup.remote(self.model_uri, master) for w in self.learners])[0]
         self.model_config = info["model_config"]
-        found = latest_checkpoint(self.storage)
+        found = artifacts.latest_checkpoint(self.storage, STAGE)
         if found is not None:
-            restored = ray.get([w.restore.remote(found[1]) for w in self.learners])[0]
+            restored = ray.get([w.restore.remote(found.uri) for w in self.learners])[0]
             self.start_step, self.learner_version = restored["step"], restored["version"]
             self.restarts = int(restored["loop"].get("actor_restarts", 0))
             print(f"rl: resuming from step {self.start_step} (weights version {self.learner_version})", flush=True)
@@ -641,7 +551,7 @@ class RLRun:
         """Start one learner step on the rollouts (returns the refs of every rank) and batch stats."""
         versions = [x.version for g in rollouts.groups for x in g]
         staleness = rl.check_staleness(self.learner_version, versions, self.spec.max_staleness)
-        batch = rl.pack_batch(rollouts.groups, self.spec.loss_config())
+        batch = rl.pack_batch(rollouts.groups, loss_config(self.spec))
         batch_ref = ray.put(batch)
         refs = [w.train_step.remote(batch_ref, step) for w in self.learners]
         rewards = [x.reward for g in rollouts.groups for x in g]
@@ -662,15 +572,12 @@ class RLRun:
 
     def checkpoint(self, step: int) -> str:
         """Every learner rank writes its files; rank 0 last, its state.json last of all."""
-        dest = f"{self.storage.stage_uri(STAGE)}/checkpoints/step_{step:06d}"
+        dest = f"{self.storage.stage_uri(STAGE)}/{artifacts.checkpoint_name(step)}"
         loop = {"actor_restarts": self.restarts}
         ray.get([w.save_checkpoint.remote(dest, step, loop) for w in self.learners[1:]])
         ray.get(self.learners[0].save_checkpoint.remote(dest, step, loop))
-        root = f"{self.storage.stage_path(STAGE)}/checkpoints"
-        infos = self.storage.fs.get_file_info(pafs.FileSelector(root, recursive=False))
-        names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("step_"))
-        for old in names[: -self.spec.checkpoints_to_keep]:
-            self.storage.fs.delete_dir(f"{root}/{old}")
+        for old in artifacts.checkpoints(self.storage, STAGE)[: -self.spec.checkpoints_to_keep]:
+            artifacts.delete_dir(old)
         return dest
 
     # ---- the loop --------------------------------------------------------------------------------

@@ -299,9 +299,9 @@ class StageWriter:
         """Publish the output; meta.json is written last. Returns the meta written."""
         fs, final = self.storage.fs, self.storage.stage_path(self.stage)
         if self.storage.remote:
-            # object stores: upload everything, then the marker
-            pafs.copy_files(str(self.path), final, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=fs)
+            from cluster.artifacts import upload_dir  # (it imports this module)
+
+            upload_dir(self.path, self.storage.stage_uri(self.stage))  # everything; then the marker, below
             shutil.rmtree(self.path, ignore_errors=True)
         elif not self.in_place:
             old = None

@@ -1,6 +1,6 @@
 """Training on Ray Train: the TorchTrainer builder, the per-worker function, and the driver.
 
-    meta = run_pretrain(spec, storage, data="embedded", tokenizer=None, config={...})
+    meta = run_pretrain(cfg.to_spec(preset), storage, config={...})   # cfg: jobs/pretrain.py's PretrainConfig
     meta = train_and_export(spec, storage, prepared, config)   # any stage (cluster/chat_train.py)
 
 The machinery is shared by the three training stages; what differs is a `Prepared`: the stage
@@ -31,12 +31,11 @@ storage_is_shared): a plain local path is refused there, since each node would s
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import pyarrow.fs as pafs
@@ -46,9 +45,11 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.eval_pool import localize
+from cluster import artifacts
+from cluster.artifacts import clear_stage, load_tokenizer, localize
 from cluster.metrics import PretrainMetrics
-from cluster.pretrain_data import load_tokenizer, ray_row_chunks
+from cluster.pretrain_data import ray_row_chunks
+from cluster.specs import PretrainSpec, Schedule, ShardReading, TrainSpec
 from cluster.storage import RunStorage, StorageError, write_text_atomic
 from nanochat import checkpoint as ckpt
 from nanochat.common import DistInfo, peak_bf16_flops, set_seed
@@ -72,45 +73,6 @@ STAGE = "pretrain"
 
 
 @dataclass(frozen=True)
-class TrainSpec:
-    """Plain values of a pretraining run (jobs/pretrain.py's PretrainConfig documents each)."""
-
-    depth: int = 20  # the one dial: width 64 * depth, heads of head_dim
-    head_dim: int = 128
-    norm_eps: float | None = None  # RMSNorm epsilon (None: the dtype's; set from an imported model)
-    sequence_len: int = 2048  # tokens per row (a row holds sequence_len + 1 for the shifted targets)
-    device_batch_size: int = 32  # rows per micro-batch per worker
-    total_batch_tokens: int = 524_288  # tokens per optimizer step over all workers
-    num_iterations: int = -1  # horizon: explicit steps (> 0) ...
-    flops_budget: float = -1.0  # ... or a FLOPs budget (> 0) ...
-    target_param_data_ratio: float = 20.0  # ... or tokens per parameter
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.2
-    final_lr_frac: float = 0.0
-    seed: int = 42
-    eval_every: int = 250  # steps between validation bpb evaluations
-    eval_tokens: int = 20 * 524_288  # validation tokens per evaluation
-    checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
-    log_every: int = 1
-    compile: bool | None = None  # torch.compile; None: nanochat.train.compile_pays_back decides
-    tokenizer_actors: int = 1  # Ray Data tokenizer actors per worker
-    tokenizer_actor_cpus: float = 0.25
-    prefetch_batches: int = 4
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    max_failures: int = 3
-    checkpoints_to_keep: int = 2
-    storage_is_shared: bool = False  # a local storage path is an NFS-like mount on every node
-    metrics_interval_s: float = 10.0  # how often workers push metrics to the node's exporter (Ray: 10 s)
-
-
-@dataclass(frozen=True)
 class Plan:
     """What a spec means for a given vocabulary and world size."""
 
@@ -119,7 +81,6 @@ class Plan:
     world_size: int
     num_params: int
     flops_per_token: int
-    eval_rows: int  # validation rows per evaluation (over all ranks)
 
 
 def make_plan(spec: TrainSpec, vocab_size: int, world_size: int) -> Plan:
@@ -134,11 +95,16 @@ def make_plan(spec: TrainSpec, vocab_size: int, world_size: int) -> Plan:
     steps = num_steps_from(total_batch_tokens=spec.total_batch_tokens, num_params=num_params,
                            flops_per_token=flops, num_iterations=spec.num_iterations,
                            flops_budget=spec.flops_budget, target_param_data_ratio=spec.target_param_data_ratio)
-    loop = LoopConfig(num_steps=steps, grad_accum_steps=accum, warmup_ratio=spec.warmup_ratio,
-                      warmdown_ratio=spec.warmdown_ratio, final_lr_frac=spec.final_lr_frac,
-                      grad_clip=spec.grad_clip, eval_every=spec.eval_every,
-                      checkpoint_every=spec.checkpoint_every, log_every=spec.log_every, compile=spec.compile)
-    return Plan(model, loop, world_size, num_params, flops, max(1, spec.eval_tokens // spec.sequence_len))
+    return Plan(model, loop_config(spec.schedule, steps, accum), world_size, num_params, flops)
+
+
+def loop_config(schedule: Schedule, num_steps: int, grad_accum_steps: int) -> LoopConfig:
+    """The core's LoopConfig for a run of `num_steps` optimizer steps."""
+    s = schedule
+    return LoopConfig(num_steps=num_steps, grad_accum_steps=grad_accum_steps, warmup_ratio=s.warmup_ratio,
+                      warmdown_ratio=s.warmdown_ratio, final_lr_frac=s.final_lr_frac, grad_clip=s.grad_clip,
+                      eval_every=s.eval_every, checkpoint_every=s.checkpoint_every, log_every=s.log_every,
+                      compile=s.compile)
 
 
 def build_model(config: GPTConfig, device: str | torch.device, seed: int) -> GPT:
@@ -149,11 +115,6 @@ def build_model(config: GPTConfig, device: str | torch.device, seed: int) -> GPT
     model.to_empty(device=device)
     model.init_weights()
     return model
-
-
-def build_optimizers(model: GPT, spec: TrainSpec, dist: DistInfo) -> list:
-    return model.setup_optimizers(unembedding_lr=spec.unembedding_lr, embedding_lr=spec.embedding_lr,
-                                  matrix_lr=spec.matrix_lr, weight_decay=spec.weight_decay, dist=dist)
 
 
 # ----------------------------------------------------------------------------- batch sources
@@ -188,17 +149,20 @@ class ShardSource:
 
     items: list[Item]  # every training row group, in order
     val_shards: list[str]
+    reading: ShardReading
 
     def train_batches(self, spec: TrainSpec, dist: DistInfo, tokenizer_uri: str, tokenizer: Any,
                       start: DataPosition) -> RowBatcher:
+        r = self.reading
         chunks = ray_row_chunks(
             [tuple(i) for i in self.items], tokenizer_uri, spec.sequence_len + 1, start, dist.world_size,
-            batch_size=spec.device_batch_size, prefetch_batches=spec.prefetch_batches,
-            actors=spec.tokenizer_actors, actor_cpus=spec.tokenizer_actor_cpus)
+            batch_size=spec.device_batch_size, prefetch_batches=r.prefetch_batches,
+            actors=r.tokenizer_actors, actor_cpus=r.tokenizer_actor_cpus)
         return RowBatcher(chunks, spec.device_batch_size, start)
 
     def val_batches(self, spec: TrainSpec, dist: DistInfo, tokenizer: Any, plan: Plan) -> list[Batch]:
-        rows = validation_rows(self.val_shards, tokenizer, spec.sequence_len + 1, plan.eval_rows)
+        eval_rows = max(1, self.reading.eval_tokens // spec.sequence_len)  # over all ranks
+        rows = validation_rows(self.val_shards, tokenizer, spec.sequence_len + 1, eval_rows)
         return rank_batches(rows, spec.device_batch_size, dist.rank, dist.world_size)
 
 
@@ -231,7 +195,7 @@ class _Reporter:
         step = metrics["step"]
         dt = metrics.get("step_time_s")
         if dt is not None:
-            self.train_time += dt * self.spec.log_every
+            self.train_time += dt * self.spec.schedule.log_every
             self.ema_step_s = dt if self.ema_step_s is None else 0.9 * self.ema_step_s + 0.1 * dt
         record = {**metrics, "tokens": step * self.spec.total_batch_tokens, "train_time_s": self.train_time,
                   "world_size": self.dist.world_size, "start_step": self.start_step, "time": time.time()}
@@ -241,7 +205,7 @@ class _Reporter:
         if not self.dist.is_main:
             return
         self.log.append(record)
-        self.gauges.record(record, tokens=self.spec.total_batch_tokens * self.spec.log_every if dt else 0)
+        self.gauges.record(record, tokens=self.spec.total_batch_tokens * self.spec.schedule.log_every if dt else 0)
         _say(self._progress(record))
 
     def _progress(self, m: dict[str, Any]) -> str:
@@ -292,12 +256,12 @@ def _load_initial_weights(model: GPT, init_from: str, device: torch.device) -> N
 
 def train_worker(cfg: dict[str, Any]) -> None:
     """The per-worker function of the TorchTrainer (Ray Train set up the process group)."""
-    spec = TrainSpec(**cfg["spec"])
+    spec: TrainSpec = cfg["spec"]
     ctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if spec.group.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(spec.group.cpus_per_worker)))
     dist = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), str(device))
     tokenizer = load_tokenizer(cfg["tokenizer"])
     plan = make_plan(spec, tokenizer.vocab_size, dist.world_size)
@@ -305,7 +269,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     model = build_model(plan.model, device, spec.seed)
     if cfg["init_from"]:
         _load_initial_weights(model, cfg["init_from"], device)  # a checkpoint of this stage overrides them
-    optimizers = build_optimizers(model, spec, dist)
+    optimizers = model.setup_optimizers(spec.lrs, dist)
     start_step, positions, loop_state = _restore(model, optimizers, dist, loop.num_steps)
     source: BatchSource = cfg["source"]
     batches = source.train_batches(spec, dist, cfg["tokenizer"], tokenizer, positions[dist.rank])
@@ -363,42 +327,27 @@ def check_storage_for_cluster(storage_uri: str, num_nodes: int, shared: bool) ->
         )
 
 
-def latest_checkpoint(storage: RunStorage, stage: str = STAGE) -> tuple[int, dict[str, Any]] | None:
-    """(step, state.json) of the newest checkpoint under {run}/<stage> with a state.json."""
-    fs, root = storage.fs, storage.stage_path(stage)
-    if not storage.exists(root):
-        return None
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith("checkpoint_")), reverse=True)
-    for d in dirs:
-        if storage.exists(f"{d}/{ckpt.STATE_FILE}"):
-            with fs.open_input_stream(f"{d}/{ckpt.STATE_FILE}") as f:
-                state = json.loads(f.read().decode())
-            return int(state["step"]), state
-    return None
-
-
-def preflight(spec: TrainSpec, storage: RunStorage, data: str, tokenizer: str | None) -> Prepared:
+def preflight(pretrain: PretrainSpec, storage: RunStorage) -> Prepared:
     """Every check that needs no worker: raises with a message that says what to change."""
-    tok_uri = tokenizer or storage.stage_uri("tokenizer")
-    if tokenizer is None:
+    spec = pretrain.train
+    tok_uri = pretrain.tokenizer or storage.stage_uri("tokenizer")
+    if pretrain.tokenizer is None:
         storage.read_meta("tokenizer")  # raises "run the tokenizer stage first" when missing
     vocab = load_tokenizer(tok_uri).vocab_size
-    plan = make_plan(spec, vocab, spec.num_workers)
-    train, val = resolve_shards(data)
+    plan = make_plan(spec, vocab, spec.group.num_workers)
+    train, val = resolve_shards(pretrain.data)
     items = plan_row_groups(train)
     storage.check_writable()
-    return check_resume(Prepared(tok_uri, ShardSource(items, val), plan), storage, spec)
+    return check_resume(Prepared(tok_uri, ShardSource(items, val, pretrain.reading), plan), storage, spec)
 
 
 def check_resume(prepared: Prepared, storage: RunStorage, spec: TrainSpec) -> Prepared:
     """The stage's latest checkpoint must fit the model and the horizon (it sets resume_step); a
     node-local storage path is refused on a multi-node cluster. Needs a connected Ray."""
     plan = prepared.plan
-    found = latest_checkpoint(storage, prepared.stage)
+    found = artifacts.latest_checkpoint(storage, prepared.stage)
     if found is not None:
-        step, state = found
+        step, state = found.step, found.state
         ckpt.check_model_config(state["model_config"], plan.model,
                                 f"of run {storage.run!r} ({prepared.stage}) at step {step}")
         if step > plan.loop.num_steps:
@@ -407,7 +356,7 @@ def check_resume(prepared: Prepared, storage: RunStorage, spec: TrainSpec) -> Pr
                 f"{plan.loop.num_steps} steps: raise num_iterations or start another run")
         prepared.resume_step = step
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    check_storage_for_cluster(storage.uri or "", len(alive), spec.storage_is_shared)
+    check_storage_for_cluster(storage.uri or "", len(alive), spec.group.storage_is_shared)
     return prepared
 
 
@@ -421,20 +370,20 @@ def _metrics_env(interval_s: float) -> dict[str, Any] | None:
 
 def build_trainer(spec: TrainSpec, storage: RunStorage, prepared: Prepared) -> TorchTrainer:
     """The TorchTrainer of a run: scaling, storage, failure and checkpoint config from the spec."""
-    resources = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
+    resources = {"CPU": spec.group.cpus_per_worker, **({"GPU": 1} if spec.group.use_gpu else {})}
     run_root = storage.stage_uri(prepared.stage).rsplit("/", 1)[0]
-    config = {"spec": asdict(spec), "tokenizer": prepared.tokenizer, "source": prepared.source,
+    config = {"spec": spec, "tokenizer": prepared.tokenizer, "source": prepared.source,
               "init_from": prepared.init_from, "stage": prepared.stage, "run": storage.run, "storage": storage.uri}
     return TorchTrainer(
         train_worker,  # (1) the per-worker function
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,  # (2) workers
+        scaling_config=ScalingConfig(num_workers=spec.group.num_workers, use_gpu=spec.group.use_gpu,  # (2) workers
                                      resources_per_worker=resources),
         run_config=RunConfig(  # (3) storage, retries, retention
             name=prepared.stage, storage_path=run_root,
-            failure_config=FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
-            worker_runtime_env=_metrics_env(spec.metrics_interval_s),
+            failure_config=FailureConfig(max_failures=spec.group.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.group.checkpoints_to_keep),
+            worker_runtime_env=_metrics_env(spec.group.metrics_interval_s),
         ),
     )
 
@@ -484,21 +433,12 @@ def add_loop_spans(writer: Any, rows: list[dict[str, Any]], fit_start: float, fi
     writer.span("final checkpoint", "writing", rows[-1]["time"], fit_end)
 
 
-def clear_stage(storage: RunStorage, stage: str) -> None:
-    """Delete everything of a stage (its checkpoints included): `--force` starts it over."""
-    if storage.exists(storage.stage_path(stage)):
-        if storage.remote:
-            storage.fs.delete_dir(storage.stage_path(stage))
-        else:
-            shutil.rmtree(storage.stage_path(stage))
-
-
-def run_pretrain(spec: TrainSpec, storage: RunStorage, *, data: str, tokenizer: str | None,
-                 config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+def run_pretrain(spec: PretrainSpec, storage: RunStorage, *, config: dict[str, Any],
+                 force: bool = False) -> dict[str, Any]:
     """Check, train (resuming the run's last checkpoint unless `force`), export, write meta.json."""
     if force:
         clear_stage(storage, STAGE)
-    return train_and_export(spec, storage, preflight(spec, storage, data, tokenizer), config)
+    return train_and_export(spec.train, storage, preflight(spec, storage), config)
 
 
 def train_and_export(spec: TrainSpec, storage: RunStorage, prepared: Prepared,
@@ -509,7 +449,7 @@ def train_and_export(spec: TrainSpec, storage: RunStorage, prepared: Prepared,
     start = f"resuming from step {prepared.resume_step}" if prepared.resume_step else "starting"
     init = f" from {prepared.init_from}" if prepared.init_from else ""
     print(f"{stage} {storage.run}: {start}{init}; depth {spec.depth}, {plan.num_params:,} parameters, "
-          f"{plan.loop.num_steps} steps of {spec.total_batch_tokens:,} tokens, {spec.num_workers} workers "
+          f"{plan.loop.num_steps} steps of {spec.total_batch_tokens:,} tokens, {spec.group.num_workers} workers "
           f"x {plan.loop.grad_accum_steps} micro-batches of {spec.device_batch_size}x{spec.sequence_len}",
           flush=True)
     for note in prepared.notes:
@@ -532,7 +472,7 @@ def train_and_export(spec: TrainSpec, storage: RunStorage, prepared: Prepared,
             model_uri = export_model(result.checkpoint, storage, prepared.tokenizer, summary, stage)
         writer.metrics.update(summary)
         writer.extra.update({"model": model_uri, "checkpoint": result.checkpoint.path,
-                             "tokenizer": prepared.tokenizer, "world_size": spec.num_workers,
+                             "tokenizer": prepared.tokenizer, "world_size": spec.group.num_workers,
                              "num_steps": plan.loop.num_steps, "init_from": prepared.init_from,
                              **({"tasks": prepared.tasks} if prepared.tasks else {})})
         return writer.commit()

@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, TextIO
 
-import pyarrow.fs as pafs
 import torch
 
-from cluster.storage import RunStorage
-from nanochat.checkpoint import load_model
+from cluster.artifacts import exists, find_model, load_tokenizer, localize, stage_model_uri
+from cluster.storage import RunStorage, StorageError
+from nanochat.checkpoint import CONFIG_FILE, load_model
 from nanochat.engine import Engine, IncrementalDecoder, SamplingParams, ToolUse
 from nanochat.errors import NanochatError, entrypoint
 from nanochat.sandbox import Sandbox, format_tool_output
@@ -154,37 +152,26 @@ def pick_device(device: str) -> str:
     return "cpu"
 
 
-def _local_dir(storage: RunStorage, stage: str, sub: str) -> Path | None:
-    """`{run}/{stage}/{sub}` as a local directory (downloaded from object storage), None if absent."""
-    path = f"{storage.stage_path(stage)}/{sub}" if sub else storage.stage_path(stage)
-    if not storage.exists(path):
-        return None
-    if not storage.remote:
-        return Path(path)
-    dest = tempfile.mkdtemp(prefix=f"nanochat-chat-{stage}-")
-    pafs.copy_files(path, dest, source_filesystem=storage.fs, destination_filesystem=pafs.LocalFileSystem())
-    return Path(dest)
-
-
 def load_chat_model(run: str, stage: str, storage_uri: str | None, device: str) -> tuple[Any, Tokenizer]:
     """The stage's exported model on `device` and its tokenizer; ChatError names what to run when
     either is missing."""
     storage = RunStorage(run, storage_uri)
-    model_dir = _local_dir(storage, stage, "model")
-    if model_dir is None:
+    model_uri = stage_model_uri(storage, stage)
+    if not storage.is_complete(stage) or not exists(f"{model_uri}/{CONFIG_FILE}"):
         raise ChatError(
-            f"run {run!r} has no {stage} model at {storage.stage_uri(stage)}/model: run the {stage} stage "
+            f"run {run!r} has no {stage} model at {model_uri}: run the {stage} stage "
             f"first (python -m jobs.{stage} --run {run}, or python -m jobs.pipeline --run {run}), "
             f"or chat with a stage that has finished (--stage {'/'.join(CHAT_STAGES)})"
         )
-    model, meta = load_model(model_dir, device)
-    tokenizer_dir = meta.get("tokenizer_dir") or _local_dir(storage, "tokenizer", "")
-    if tokenizer_dir is None:
+    try:
+        ref = find_model(storage, stage)
+    except StorageError:  # the model is there: only the run's tokenizer can be missing
         raise ChatError(f"run {run!r} has no tokenizer at {storage.stage_uri('tokenizer')}: run the "
-                        f"tokenizer stage first (python -m jobs.tokenizer --run {run})")
-    tokenizer = Tokenizer.load(tokenizer_dir)
+                        f"tokenizer stage first (python -m jobs.tokenizer --run {run})") from None
+    model, _ = load_model(localize(ref.model), device)
+    tokenizer = load_tokenizer(ref.tokenizer)
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise ChatError(f"the tokenizer at {tokenizer_dir} has {tokenizer.vocab_size} tokens but the {stage} "
+        raise ChatError(f"the tokenizer at {ref.tokenizer} has {tokenizer.vocab_size} tokens but the {stage} "
                         f"model expects {model.config.vocab_size}: they come from different runs")
     return model, tokenizer
 

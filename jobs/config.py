@@ -22,7 +22,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cluster.specs import Schedule, WorkerGroup
 from nanochat.errors import ConfigError  # re-exported: jobs import it from here
+from nanochat.schedule import FINAL_LR_FRAC, GRAD_CLIP, WARMDOWN_RATIO, WARMUP_RATIO, LearningRates
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -35,16 +37,39 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-class TrainingConfig(StageConfig):
-    """The settings every training stage (pretrain, midtrain, sft) shares: optimizer and schedule
-    details, and the Ray Train worker group (cluster/train.py's TrainSpec takes them as they are)."""
+_SEED_LRS = LearningRates()  # the seed's optimizer settings; the only place their numbers are written
 
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, description="max global gradient norm; <= 0 disables clipping")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear lr warmup")
-    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps at the end with linear lr decay")
-    final_lr_frac: float = Field(0.0, ge=0, le=1, description="lr multiplier reached at the end of the warmdown")
+
+class OptimizerSettings(StageConfig):
+    """The optimizer settings every stage that trains shares (pretrain, midtrain, sft, rl)."""
+
+    embedding_lr: float = Field(_SEED_LRS.embedding_lr, gt=0, description="AdamW lr of the token embedding (scaled "
+                                                                          "by (width/768)^-0.5)")
+    unembedding_lr: float = Field(_SEED_LRS.unembedding_lr, gt=0, description="AdamW lr of the lm_head (scaled by "
+                                                                              "(width/768)^-0.5)")
+    matrix_lr: float = Field(_SEED_LRS.matrix_lr, gt=0, description="Muon lr of the transformer matrices")
+    weight_decay: float = Field(_SEED_LRS.weight_decay, ge=0, description="AdamW weight decay")
+
+    def learning_rates(self) -> LearningRates:
+        return LearningRates(self.embedding_lr, self.unembedding_lr, self.matrix_lr, self.weight_decay)
+
+
+class TrainingConfig(OptimizerSettings):
+    """The settings every Ray Train stage (pretrain, midtrain, sft) shares: optimizer, schedule, the
+    worker group. `schedule()` and `worker_group()` are their only conversions to cluster/train.py's specs."""
+
+    device_batch_size: int = Field(32, ge=1, description="rows per forward/backward on each worker")
+    num_iterations: int = Field(-1, description="horizon in optimizer steps if > 0 (else the stage's own rule)")
+    grad_clip: float = Field(GRAD_CLIP, description="max global gradient norm; <= 0 disables clipping")
+    warmup_ratio: float = Field(WARMUP_RATIO, ge=0, le=1, description="fraction of steps with linear lr warmup")
+    warmdown_ratio: float = Field(WARMDOWN_RATIO, ge=0, le=1, description="fraction of steps at the end with linear lr "
+                                                                       "decay")
+    final_lr_frac: float = Field(FINAL_LR_FRAC, ge=0, le=1, description="lr multiplier reached at the end of the "
+                                                                       "warmdown")
     log_every: int = Field(1, ge=1, description="steps between metrics records and progress lines")
+    eval_every: int = Field(250, description="steps between validation evaluations (<= 0: end only)")
+    checkpoint_every: int = Field(1000, description="steps between checkpoints (<= 0: end only); a failure loses "
+                                                    "at most this many steps")
     compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA, and on CPU when the "
                                                 "run is long enough to pay the compile back (nanochat/train.py)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
@@ -56,6 +81,19 @@ class TrainingConfig(StageConfig):
     storage_is_shared: bool = Field(False, description="the local storage path is a shared filesystem (NFS) mounted "
                                                     "at the same path on every node; required for a local path "
                                                     "on a multi-node cluster")
+    metrics_interval_s: float = Field(10.0, ge=1, description="seconds between the workers' pushes of loss, "
+                                                               "tokens/s, MFU... to the Prometheus exporter "
+                                                               "(Ray's default: 10)")
+
+    def schedule(self) -> Schedule:
+        return Schedule(grad_clip=self.grad_clip, warmup_ratio=self.warmup_ratio, warmdown_ratio=self.warmdown_ratio,
+                        final_lr_frac=self.final_lr_frac, log_every=self.log_every, eval_every=self.eval_every,
+                        checkpoint_every=self.checkpoint_every, compile=self.compile)
+
+    def worker_group(self) -> WorkerGroup:
+        return WorkerGroup(num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu,
+                           max_failures=self.max_failures, checkpoints_to_keep=self.checkpoints_to_keep,
+                           storage_is_shared=self.storage_is_shared, metrics_interval_s=self.metrics_interval_s)
 
 
 def available_presets() -> list[str]:

@@ -22,7 +22,8 @@ On the cluster (numbered as the Ray calls happen):
   2. EvalPool: evaluation actors sized to the cluster (a GPU each when there are GPUs), each loading
      the model once; for chat stages a SandboxPool too (GSM8K's tool, HumanEval's checks), its
      CPUs set aside before the evaluation actors are sized;
-  3. bpb on the validation shard (and the base samples) run as single actor calls, while
+  3. bpb on the validation shard (`eval_bpb`: its documents as one stream; not the training stages'
+     `val_bpb`, which packs rows) and the base samples run as single actor calls, while
   4. the CORE or chat items and the format items are sharded over all actors; results come back in
      item order and are summed; generated answers are checked in the driver and the sandbox pool.
 """
@@ -39,9 +40,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from cluster.artifacts import find_model
 from cluster.eval_pool import EvalPool, EvalPoolError, load_from_storage, plan_pool
 from cluster.sandbox_pool import SandboxPool, SandboxPoolError
-from cluster.storage import RunStorage, StorageError, git_commit, submitted_at, write_text_atomic
+from cluster.storage import RunStorage, git_commit, submitted_at, write_text_atomic
 from jobs.config import StageConfig, load_stage_config, stage_argparser
 from nanochat import chat_eval
 from nanochat.core_eval import build_requests, core_results, score_requests
@@ -49,6 +51,7 @@ from nanochat.core_tasks import CoreSelection, select_core_tasks
 from nanochat.dataset import get_source, list_shards, train_val_split
 from nanochat.errors import entrypoint
 from nanochat.evaluation import SAMPLE_PROMPTS, aggregate, sample_completions, val_bpb
+from nanochat.report import EVAL_BPB
 from nanochat.tasks import Task, eval_tasks
 
 EVALUATED_STAGES = ("pretrain", "midtrain", "sft", "rl")
@@ -114,19 +117,9 @@ class Work:
 def stage_inputs(storage: RunStorage, stage: str, cfg: EvaluateConfig) -> tuple[str, str | None, dict[str, Any]]:
     """(model URI, tokenizer URI or None when it is exported beside the model, the stage's meta);
     errors name the stage to run first."""
-    if cfg.model_dir is not None:  # e.g. an imported transformers directory: the run need not hold the stage
-        return cfg.model_dir, None, storage.read_meta(stage) if storage.is_complete(stage) else {}
-    meta = storage.read_meta(stage)  # StorageError "... (run the pretrain stage first)" when incomplete
-    model_path = f"{storage.stage_path(stage)}/model"
-    model_uri = f"{storage.stage_uri(stage)}/model"
-    if not storage.exists(f"{model_path}/config.json"):
-        raise StorageError(f"stage {stage!r} of run {storage.run!r} has no exported model at {model_uri}; "
-                           f"rerun the {stage} stage (with --force) to export its final model")
-    if storage.exists(f"{model_path}/tokenizer"):
-        return model_uri, None, meta
-    if not storage.is_complete("tokenizer"):
-        raise StorageError(f"run {storage.run!r} has no complete tokenizer; run the tokenizer stage first")
-    return model_uri, storage.stage_uri("tokenizer"), meta
+    ref = find_model(storage, stage, cfg.model_dir)  # errors say which stage to run first
+    meta = storage.read_meta(stage) if storage.is_complete(stage) else {}  # an explicit model_dir needs no stage
+    return ref.model, None if ref.tokenizer_beside else ref.tokenizer, meta
 
 
 def validation_shards(cfg: EvaluateConfig) -> list[str]:
@@ -216,7 +209,7 @@ def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -
         doc["chat"] = chat
     return {
         "stage": stage, "run": storage.run, "model": model_uri, "input_metrics": meta.get("metrics"),
-        "val_bpb": bpb["bpb"], "val_tokens": bpb["tokens"], "val_shards": val, **doc,
+        EVAL_BPB: bpb["bpb"], "eval_bpb_tokens": bpb["tokens"], "val_shards": val, **doc,
         "pool": {"spec": vars(spec), "actors": actors}, "timings": timings,
         "timeline": {"submitted_at": submitted_at(), "started_at": t0,
                      "spans": [{"name": "ray.init + pool + model load", "kind": "start-up", "start": t0,
@@ -227,7 +220,8 @@ def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -
 
 
 def print_summary(doc: dict[str, Any]) -> None:
-    print(f"[evaluate] {doc['stage']}: val bpb {doc['val_bpb']:.4f} over {doc['val_tokens']} tokens")
+    print(f"[evaluate] {doc['stage']}: evaluation bpb {doc[EVAL_BPB]:.4f} over {doc['eval_bpb_tokens']} tokens "
+          "(validation documents as one stream)")
     for s in doc.get("samples", []):
         print(f"[evaluate] sample: {s['prompt']!r} -> {s['completion']!r}")
     if "core" in doc:

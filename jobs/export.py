@@ -24,16 +24,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow.fs as pafs
 from pydantic import Field
 
-from cluster.eval_pool import localize
-from cluster.storage import RunStorage, is_remote, resolve_storage
+from cluster.artifacts import find_model, load_tokenizer, localize, upload_dir
+from cluster.storage import RunStorage, is_remote
 from jobs.config import StageConfig, load_stage_config, stage_argparser
 from nanochat import hf_format
-from nanochat.checkpoint import TOKENIZER_DIR, load_model
+from nanochat.checkpoint import load_model
 from nanochat.errors import NanochatError, entrypoint
-from nanochat.tokenizer import Tokenizer
+from nanochat.report import evaluation_bpb
 
 STAGE = "export"
 FINAL_ORDER = ("rl", "sft", "midtrain", "pretrain")
@@ -69,8 +68,8 @@ def card_numbers(storage: RunStorage, stage: str) -> list[tuple[str, str]]:
     if storage.exists(path):
         with storage.fs.open_input_stream(path) as f:
             ev = json.loads(f.read().decode())
-        if ev.get("val_bpb") is not None:
-            rows.append(("validation bits per byte", f"{ev['val_bpb']:.4f}"))
+        if evaluation_bpb(ev) is not None:
+            rows.append(("bits per byte on the validation documents", f"{evaluation_bpb(ev):.4f}"))
         core = ev.get("core") or {}
         if core.get("metric") is not None:
             rows.append((core.get("label", "CORE"), f"{core['metric']:.4f}"))
@@ -94,28 +93,15 @@ def card_numbers(storage: RunStorage, stage: str) -> list[tuple[str, str]]:
 def export_run(storage: RunStorage, cfg: ExportConfig, out: Path) -> dict[str, Any]:
     """Write the export of `cfg.stage` into the local directory `out`; returns what meta.json records."""
     stage = source_stage(storage, cfg.stage)
-    model_uri = f"{storage.stage_uri(stage)}/model"
-    model_dir = Path(localize(model_uri))
-    model, meta = load_model(model_dir, "cpu")
-    tok_dir = meta.get("tokenizer_dir") or (str(model_dir / TOKENIZER_DIR) if (model_dir / TOKENIZER_DIR).is_dir()
-                                            else None)
-    if tok_dir is None:
-        storage.read_meta("tokenizer")  # "... (run the tokenizer stage first)" when missing
-        tok_dir = localize(storage.stage_uri("tokenizer"))
-    tokenizer = Tokenizer.load(tok_dir)
+    ref = find_model(storage, stage)  # errors say which stage to run first
+    model_uri = ref.model
+    model, meta = load_model(localize(model_uri), "cpu")
+    tokenizer = load_tokenizer(ref.tokenizer)
     info = {"stage": stage, "step": meta.get("step"), "run": storage.run, "source": model_uri}
     files = hf_format.save_hf(out, model, tokenizer, chat=stage != "pretrain", meta=info,
                               numbers=card_numbers(storage, stage), dtype=cfg.dtype,
                               max_shard_bytes=cfg.max_shard_mb * 1000**2)
     return {**info, "files": files, "num_params": model.num_params()}
-
-
-def _publish(local: Path, out: str) -> str:
-    """Copy the finished local directory to `out` (a URI); returns where it is."""
-    fs, path = resolve_storage(out)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return out
 
 
 @entrypoint
@@ -132,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             local = Path(tempfile.mkdtemp(prefix="nanochat-export-"))
             try:
                 info = export_run(storage, cfg, local)
-                where = _publish(local, args.out)
+                upload_dir(local, args.out)
+                where = args.out
             finally:
                 shutil.rmtree(local, ignore_errors=True)
         else:

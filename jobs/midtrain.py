@@ -22,16 +22,16 @@ import sys
 from jobs.chat_stage import ChatStageConfig, run_main
 from nanochat.errors import entrypoint
 
-STAGE, PREVIOUS = "midtrain", "pretrain"
-
 
 class MidtrainConfig(ChatStageConfig):
     """Midtraining: the seed's defaults (256 packed rows per step, full lr, warmdown over the last 20%)."""
 
+    STAGE, PREVIOUS, LAYOUT = "midtrain", "pretrain", "pack"
+
 
 @entrypoint
 def main(argv: list[str] | None = None) -> int:
-    return run_main(MidtrainConfig, STAGE, PREVIOUS, "pack", __doc__.splitlines()[0], argv)
+    return run_main(MidtrainConfig, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -230,36 +230,36 @@ H100_BF16_PEAK = 989e12  # FLOP/s, dense bf16
 
 def plan_text(preset: str, *, hourly_rate: float, mfu: float, overrides: list[str] | None = None) -> str:
     """What a preset implies before anything runs: model, batch, steps, tokens, time and cost."""
-    from dataclasses import fields
+    from cluster.train import make_plan
+    from jobs.config import load_stage_config
+    from jobs.pretrain import PretrainConfig
+    from jobs.tokenizer import TokenizerConfig
 
-    from cluster.train import TrainSpec, make_plan
-    from jobs.config import merge_sections
+    def own(stage: str) -> list[str]:  # the pipeline's `stage.key=value` overrides of one stage
+        return [o.split(".", 1)[1] for o in overrides or [] if o.startswith(f"{stage}.")]
 
-    data = load_preset(preset)
-    section = merge_sections(data.get("pretrain") or {}, parse_overrides(overrides).get("pretrain", {}))
-    known = {f.name for f in fields(TrainSpec)}
-    spec = TrainSpec(**{k: v for k, v in section.items() if k in known})
-    vocab = (data.get("tokenizer") or {}).get("vocab_size", 65536)
-    plan = make_plan(spec, vocab, spec.num_workers)
+    spec = load_stage_config(PretrainConfig, "pretrain", preset, own("pretrain")).to_spec(preset).train
+    vocab = load_stage_config(TokenizerConfig, "tokenizer", preset, own("tokenizer")).vocab_size
+    plan = make_plan(spec, vocab, spec.group.num_workers)
     m, steps = plan.model, plan.loop.num_steps
     tokens = steps * spec.total_batch_tokens
     flops = plan.flops_per_token * tokens
     lines = [
         f"preset {preset}: depth {m.n_layer}, width {m.n_embd}, {m.n_head} heads, {plan.num_params:,} parameters, "
         f"vocab {m.vocab_size:,}, context {m.sequence_len}",
-        f"batch {spec.total_batch_tokens:,} tokens/step = {spec.num_workers} workers x {spec.device_batch_size} rows "
+        f"batch {spec.total_batch_tokens:,} tokens/step = {spec.group.num_workers} workers x {spec.device_batch_size} rows "
         f"x {spec.sequence_len} tokens x {plan.loop.grad_accum_steps} accumulation",
         f"horizon {steps:,} steps = {tokens:,} tokens ({tokens / plan.num_params:.1f} per parameter), "
         f"{flops:.3g} training FLOPs",
     ]
-    if spec.use_gpu:
-        hours = flops / (spec.num_workers * H100_BF16_PEAK * mfu) / 3600
-        gpu_hours = hours * spec.num_workers
-        lines.append(f"pretraining at {mfu:.0%} MFU on {spec.num_workers} x H100 (989 TFLOP/s bf16): {hours:.2f} h "
+    if spec.group.use_gpu:
+        hours = flops / (spec.group.num_workers * H100_BF16_PEAK * mfu) / 3600
+        gpu_hours = hours * spec.group.num_workers
+        lines.append(f"pretraining at {mfu:.0%} MFU on {spec.group.num_workers} x H100 (989 TFLOP/s bf16): {hours:.2f} h "
                      f"wall, {gpu_hours:.1f} GPU-hours, ${gpu_hours * hourly_rate:,.2f} at ${hourly_rate:.2f}/GPU-hour "
                      "(later stages add roughly 10-20%)")
     else:
-        lines.append(f"CPU preset: {spec.num_workers} worker(s) x {spec.cpus_per_worker:g} CPUs, no GPU-hours")
+        lines.append(f"CPU preset: {spec.group.num_workers} worker(s) x {spec.group.cpus_per_worker:g} CPUs, no GPU-hours")
     return "\n".join(lines)
 
 

@@ -13,13 +13,13 @@ a complete run is skipped unless --force (which starts over). See cluster/train.
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
 
 import ray
 from pydantic import Field, model_validator
 
+from cluster.specs import PretrainSpec, ShardReading, TrainSpec
 from cluster.storage import RunStorage
-from cluster.train import TrainSpec, run_pretrain
+from cluster.train import run_pretrain
 from jobs.config import TrainingConfig, data_location, load_stage_config, stage_argparser
 from nanochat.errors import entrypoint
 
@@ -35,27 +35,16 @@ class PretrainConfig(TrainingConfig):
     sequence_len: int = Field(2048, ge=1, description="context length in tokens of each training row")
     norm_eps: float | None = Field(None, gt=0, description="RMSNorm epsilon; None: the activations' dtype's machine "
                                                          "epsilon (the seed's); chat stages copy an imported model's")
-    device_batch_size: int = Field(32, ge=1, description="rows per forward/backward on each worker")
     total_batch_tokens: int = Field(524_288, ge=1, description="tokens per optimizer step over all workers; "
                                                             "gradient accumulation makes up the difference")
-    num_iterations: int = Field(-1, description="horizon in optimizer steps if > 0 (first rule that is set wins)")
     flops_budget: float = Field(-1.0, description="horizon from a training FLOPs budget if > 0")
     target_param_data_ratio: float = Field(20.0, description="horizon: tokens per parameter (20 = Chinchilla, as the seed)")
-    embedding_lr: float = Field(0.2, gt=0, description="AdamW lr of the token embedding (scaled by (width/768)^-0.5)")
-    unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr of the lm_head (scaled by (width/768)^-0.5)")
-    matrix_lr: float = Field(0.02, gt=0, description="Muon lr of the transformer matrices")
     seed: int = Field(42, description="seed of the model initialisation (identical on every worker)")
-    eval_every: int = Field(250, description="steps between validation bits-per-byte evaluations (<= 0: end only)")
     eval_tokens: int = Field(20 * 524_288, ge=1, description="validation tokens per evaluation")
-    checkpoint_every: int = Field(1000, description="steps between checkpoints (<= 0: end only); a failure loses "
-                                                "at most this many steps")
     tokenizer_actors: int = Field(1, ge=1, description="Ray Data tokenizer actors per worker")
     tokenizer_actor_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each tokenizer actor (fractional "
                                                              "so they fit beside the Train workers)")
     prefetch_batches: int = Field(4, ge=0, description="micro-batches Ray Data prepares ahead of each worker")
-    metrics_interval_s: float = Field(10.0, ge=1, description="seconds between the workers' pushes of loss, "
-                                                               "tokens/s, MFU... to the Prometheus exporter "
-                                                               "(Ray's default: 10)")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> PretrainConfig:
@@ -66,6 +55,19 @@ class PretrainConfig(TrainingConfig):
                              "another (even) head_dim")
         return self
 
+    def to_spec(self, preset: str) -> PretrainSpec:
+        """The run's spec; `data` defaults to the preset's data section (jobs/config.py's data_location)."""
+        train = TrainSpec(depth=self.depth, head_dim=self.head_dim, sequence_len=self.sequence_len,
+                          norm_eps=self.norm_eps, device_batch_size=self.device_batch_size,
+                          total_batch_tokens=self.total_batch_tokens, num_iterations=self.num_iterations,
+                          flops_budget=self.flops_budget, target_param_data_ratio=self.target_param_data_ratio,
+                          seed=self.seed, lrs=self.learning_rates(), schedule=self.schedule(),
+                          group=self.worker_group())
+        reading = ShardReading(eval_tokens=self.eval_tokens, tokenizer_actors=self.tokenizer_actors,
+                               tokenizer_actor_cpus=self.tokenizer_actor_cpus, prefetch_batches=self.prefetch_batches)
+        return PretrainSpec(train=train, reading=reading, data=data_location(preset, self.data),
+                            tokenizer=self.tokenizer)
+
 
 @entrypoint
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     if storage.is_complete("pretrain") and not args.force:
         print(f"pretrain of run {args.run} is complete ({storage.stage_uri('pretrain')}); --force to redo it")
         return 0
-    spec = TrainSpec(**cfg.model_dump(include={f.name for f in fields(TrainSpec)}))
+    spec = cfg.to_spec(args.preset)
     if not ray.is_initialized():
         ray.init()
-    meta = run_pretrain(spec, storage, data=data_location(args.preset, cfg.data), tokenizer=cfg.tokenizer,
-                        config={"preset": args.preset, **cfg.model_dump()}, force=args.force)
+    meta = run_pretrain(spec, storage, config={"preset": args.preset, **cfg.model_dump()}, force=args.force)
     m = meta["metrics"]
     print(f"pretrain done: step {m['final_step']}, val bpb {m['val_bpb']:.4f}, {m['tokens']:,} tokens, "
           f"model at {meta['model']}")

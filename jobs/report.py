@@ -47,7 +47,7 @@ def measure_final_model(storage: RunStorage, cfg: ReportConfig) -> dict | None:
 
     import torch
 
-    from cluster.eval_pool import localize
+    from cluster.artifacts import localize, stage_model_uri
     from nanochat.checkpoint import load_model
     from nanochat.inference_metrics import measure_inference
     from nanochat.tokenizer import SPECIAL_TOKENS
@@ -58,7 +58,7 @@ def measure_final_model(storage: RunStorage, cfg: ReportConfig) -> dict | None:
         return None
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_model(localize(f"{storage.stage_uri(stage)}/model"), device)
+    model, _ = load_model(localize(stage_model_uri(storage, stage)), device)
     figures = measure_inference(model, batch_sizes=tuple(cfg.inference_batch_sizes),
                                 prompt_tokens=cfg.inference_prompt_tokens, new_tokens=cfg.inference_new_tokens,
                                 special_from=model.config.vocab_size - len(SPECIAL_TOKENS))

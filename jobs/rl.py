@@ -5,9 +5,10 @@
         -- python -m jobs.rl --preset tiny --run demo
 
 Reads the exported SFT model `{run}/sft/model/` (or `model_dir=`) with the tokenizer beside it (else
-`{run}/tokenizer/`). Writes checkpoints `{run}/rl/checkpoints/step_N/`, `{run}/rl/metrics.jsonl`
-(reward, pass@k, rollout tokens/s, sync and check times, staleness), the exported model
-`{run}/rl/model/` and `meta.json` last. Relaunching an incomplete run resumes from its latest
+`{run}/tokenizer/`). Writes checkpoints `{run}/rl/checkpoint_NNNNNNN/` (runs from before this name
+kept them in `{run}/rl/checkpoints/step_N/`; those still resume), `{run}/rl/metrics.jsonl` (reward,
+pass@k, rollout tokens/s, sync and check times, staleness), the exported model `{run}/rl/model/`
+and `meta.json` last. Relaunching an incomplete run resumes from its latest
 checkpoint; a complete run is skipped unless --force (which starts over).
 
 Refused before any work, with a message that says what to change: a group size of 1 (every
@@ -18,26 +19,23 @@ The algorithm and its defaults are the seed's (nanochat/rl.py); the cluster side
 
 from __future__ import annotations
 
-import shutil
 import sys
-from dataclasses import fields
 from typing import Any, Literal
 
-import pyarrow.fs as pafs
 import ray
 from pydantic import Field, model_validator
 
+from cluster.artifacts import clear_stage, find_model
 from cluster.resources import ClusterDescription, Demand, check_placeable, describe_cluster
-from cluster.rl import STAGE, RLRun, RLSpec, make_task
-from cluster.storage import RunStorage, StorageError, resolve_storage
-from jobs.config import StageConfig, load_stage_config, stage_argparser
-from nanochat.checkpoint import CONFIG_FILE, TOKENIZER_DIR
+from cluster.rl import STAGE, RLRun, make_task
+from cluster.specs import RLSpec
+from cluster.storage import RunStorage
+from jobs.config import OptimizerSettings, load_stage_config, stage_argparser
 from nanochat.errors import entrypoint
-from nanochat.hf_format import TOKENIZER_FILE as HF_TOKENIZER_FILE
 from nanochat.tasks.sources import hub_reachable
 
 
-class RLConfig(StageConfig):
+class RLConfig(OptimizerSettings):
     """The `rl:` section of a preset (defaults: the seed's chat_rl)."""
 
     model_dir: str | None = Field(None, description="exported model to start from (dir or URI); default {run}/sft/model")
@@ -56,10 +54,6 @@ class RLConfig(StageConfig):
     max_seq_len: int | None = Field(None, ge=2, description="engine context (prompt + completion); null: the model's "
                                                            "training sequence length; prompts that do not fit are skipped")
     device_batch_size: int = Field(8, ge=1, description="sequences per learner forward/backward")
-    unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr of the lm_head (scaled by (width/768)^-0.5)")
-    embedding_lr: float = Field(0.2, gt=0, description="AdamW lr of the embedding (scaled by (width/768)^-0.5)")
-    matrix_lr: float = Field(0.02, gt=0, description="Muon lr of the transformer matrices")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     init_lr_frac: float = Field(0.05, gt=0, description="every lr is multiplied by this, then decays linearly to 0")
     normalize_std: bool = Field(False, description="divide advantages by the group's reward std (the seed: no)")
     max_staleness: int = Field(0, ge=0, le=1, description="0: on-policy; 1: one-step-off-policy overlap (actors "
@@ -100,6 +94,31 @@ class RLConfig(StageConfig):
                              "in one batch; raise rollout_slots or set it to 0")
         return self
 
+    def to_spec(self, cluster_gpus: float) -> RLSpec:
+        """The run's spec, its "auto" values resolved: num_steps from the task's size when not set, offline
+        GSM8K when the hub is unreachable (probed once here, not in every actor), a GPU per learner and
+        rollout actor when the cluster has GPUs."""
+        num_steps = self.num_steps
+        if num_steps <= 0:
+            prompts = len(make_task(self.task, "train", self.offline))
+            num_steps = max(1, self.num_epochs * prompts // self.examples_per_step)
+        offline = (not hub_reachable()) if self.task == "gsm8k" and self.offline is None else self.offline
+        gpu = 1.0 if cluster_gpus >= 1 else 0.0
+        return RLSpec(
+            num_steps=num_steps, task=self.task, offline=offline, examples_per_step=self.examples_per_step,
+            group_size=self.group_size, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            top_k=self.top_k, max_seq_len=self.max_seq_len, device_batch_size=self.device_batch_size,
+            lrs=self.learning_rates(), init_lr_frac=self.init_lr_frac, normalize_std=self.normalize_std,
+            max_staleness=self.max_staleness, clip_eps=self.clip_eps, advantage_sign=1.0,
+            num_rollout_actors=self.num_rollout_actors, rollout_cpus=self.rollout_cpus,
+            rollout_gpus=gpu if self.rollout_gpus is None else self.rollout_gpus,
+            rollout_slots=self.rollout_slots, num_learners=self.num_learners, learner_cpus=self.learner_cpus,
+            learner_gpus=gpu if self.learner_gpus is None else self.learner_gpus,
+            sandbox_actors=self.sandbox_actors, sandbox_cpus=self.sandbox_cpus, weight_sync=self.weight_sync,
+            probe_atol=self.probe_atol, max_actor_restarts=self.max_actor_restarts, eval_every=self.eval_every,
+            eval_examples=self.eval_examples, eval_samples=self.eval_samples,
+            checkpoint_every=self.checkpoint_every, checkpoints_to_keep=self.checkpoints_to_keep, seed=self.seed)
+
 
 def cluster_description() -> ClusterDescription:
     """The live nodes of the connected cluster (ray.nodes()) plus the autoscaler's node types, if known."""
@@ -117,20 +136,6 @@ def cluster_description() -> ClusterDescription:
     return desc
 
 
-def resolve_spec(cfg: RLConfig, cluster_gpus: float) -> RLSpec:
-    """RLSpec from the config: num_steps from the task size when not set, GPUs when the cluster has them."""
-    values = cfg.model_dump(include={f.name for f in fields(RLSpec)})
-    if cfg.num_steps <= 0:
-        prompts = len(make_task(cfg.task, "train", cfg.offline))
-        values["num_steps"] = max(1, cfg.num_epochs * prompts // cfg.examples_per_step)
-    if cfg.task == "gsm8k" and cfg.offline is None:
-        values["offline"] = not hub_reachable()  # probed once here, not in every actor
-    gpu = 1.0 if cluster_gpus >= 1 else 0.0
-    values["rollout_gpus"] = gpu if cfg.rollout_gpus is None else cfg.rollout_gpus
-    values["learner_gpus"] = gpu if cfg.learner_gpus is None else cfg.learner_gpus
-    return RLSpec(**values)
-
-
 def demand(spec: RLSpec) -> Demand:
     """Every actor the stage starts, as resource bundles."""
     def bundle(cpus: float, gpus: float) -> dict[str, float]:
@@ -143,22 +148,9 @@ def demand(spec: RLSpec) -> Demand:
 
 
 def model_inputs(storage: RunStorage, cfg: RLConfig) -> tuple[str, str]:
-    """(model URI, tokenizer URI); errors name the stage to run first."""
-    model_uri = cfg.model_dir or f"{storage.stage_uri('sft')}/model"
-    fs, path = resolve_storage(model_uri)
-
-    def exists(name: str) -> bool:
-        return fs.get_file_info(f"{path}/{name}").type != pafs.FileType.NotFound
-
-    if not exists(CONFIG_FILE):
-        raise StorageError(f"no SFT model at {model_uri} ({CONFIG_FILE} is missing): run the sft stage of run "
-                           f"{storage.run!r} first, or point model_dir at an exported model")
-    if exists(TOKENIZER_DIR):
-        return model_uri, f"{model_uri}/{TOKENIZER_DIR}"
-    if exists(HF_TOKENIZER_FILE):  # a transformers NanoChat directory (nanochat/hf_format.py)
-        return model_uri, model_uri
-    storage.read_meta("tokenizer")  # "... (run the tokenizer stage first)" when missing
-    return model_uri, storage.stage_uri("tokenizer")
+    """(model URI, tokenizer URI): the run's SFT model or `model_dir`; errors name the stage to run first."""
+    ref = find_model(storage, "sft", cfg.model_dir)
+    return ref.model, ref.tokenizer
 
 
 def run_rl(cfg: RLConfig, storage: RunStorage, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -166,13 +158,10 @@ def run_rl(cfg: RLConfig, storage: RunStorage, config: dict[str, Any], force: bo
     model_uri, tokenizer_uri = model_inputs(storage, cfg)  # 1. a missing SFT model fails before Ray starts
     if not ray.is_initialized():
         ray.init()
-    spec = resolve_spec(cfg, ray.cluster_resources().get("GPU", 0.0))
+    spec = cfg.to_spec(ray.cluster_resources().get("GPU", 0.0))
     check_placeable(demand(spec), cluster_description())  # 2. before any actor exists
-    if force and storage.exists(storage.stage_path(STAGE)):
-        if storage.remote:
-            storage.fs.delete_dir(storage.stage_path(STAGE))
-        else:
-            shutil.rmtree(storage.stage_path(STAGE))
+    if force:
+        clear_stage(storage, STAGE)
     print(f"rl {storage.run}: {spec.num_steps} steps of {spec.examples_per_step} prompts x {spec.group_size} samples "
           f"on {spec.num_rollout_actors} rollout actors and {spec.num_learners} learner(s); sync "
           f"{spec.sync_method}; from {model_uri}", flush=True)

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from cluster.artifacts import find_model
 from cluster.storage import RunStorage
 from jobs.config import ConfigError, load_preset, parse_overrides, stage_argparser
 from nanochat.errors import entrypoint
@@ -51,10 +52,9 @@ def model_specs(storage: RunStorage, stages: list[str]) -> list[dict[str, Any]]:
         if not storage.is_complete(stage):
             raise ConfigError(f"stage {stage!r} of run {storage.run!r} is not complete at {storage.stage_uri(stage)}: "
                               f"run `python -m jobs.{stage} --run {storage.run}` first")
-        model_uri = f"{storage.stage_uri(stage)}/model"
-        own_tokenizer = storage.exists(f"{storage.stage_path(stage)}/model/tokenizer")
-        specs.append({"name": f"nanochat-{stage}", "model_uri": model_uri,
-                      "tokenizer_uri": None if own_tokenizer else storage.stage_uri("tokenizer"),
+        ref = find_model(storage, stage)
+        specs.append({"name": f"nanochat-{stage}", "model_uri": ref.model,
+                      "tokenizer_uri": None if ref.tokenizer_beside else ref.tokenizer,
                       "kind": "base" if stage == "pretrain" else "chat"})
     return specs
 

@@ -24,11 +24,11 @@ from pydantic import Field
 from jobs.chat_stage import ChatStageConfig, run_main
 from nanochat.errors import entrypoint
 
-STAGE, PREVIOUS = "sft", "midtrain"
-
 
 class SftConfig(ChatStageConfig):
     """SFT: the seed's defaults (32 conversations per step, lrs x 0.02 decaying linearly to 0)."""
+
+    STAGE, PREVIOUS, LAYOUT = "sft", "midtrain", "pad"
 
     val_conversations: int = Field(500, ge=0, description="conversations held out of the mixture for "
                                                          "validation loss (the mixture's last ones)")
@@ -43,7 +43,7 @@ class SftConfig(ChatStageConfig):
 
 @entrypoint
 def main(argv: list[str] | None = None) -> int:
-    return run_main(SftConfig, STAGE, PREVIOUS, "pad", __doc__.splitlines()[0], argv)
+    return run_main(SftConfig, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

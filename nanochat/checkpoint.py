@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from nanochat.adamw import ShardedOptimizer, load_optimizer_shards, optimizer_shard_state
-from nanochat.common import DistInfo
+from nanochat.common import DistInfo, atomic_write
 from nanochat.errors import NanochatError, NotFoundError
 from nanochat.gpt import GPT, GPTConfig
 
@@ -66,15 +65,11 @@ class TrainingState:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def save_training_checkpoint(
@@ -109,6 +104,12 @@ def read_state(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def required_files(world_size: int) -> list[str]:
+    """The completeness marker's rule: the files a checkpoint saved by `world_size` ranks must hold
+    besides state.json (which names the world size). Storage-side checks (cluster/artifacts.py) use it."""
+    return [MODEL_FILE] + [f(r) for r in range(world_size) for f in (optim_file, data_file)]
+
+
 def is_complete(directory: str | os.PathLike) -> bool:
     """True when state.json, the model and every rank's files are present."""
     d = Path(directory)
@@ -116,8 +117,7 @@ def is_complete(directory: str | os.PathLike) -> bool:
         world = int(read_state(d)["world_size"])
     except (CheckpointError, json.JSONDecodeError, KeyError, ValueError):
         return False
-    names = [MODEL_FILE] + [f(r) for r in range(world) for f in (optim_file, data_file)]
-    return all((d / n).is_file() for n in names)
+    return all((d / n).is_file() for n in required_files(world))
 
 
 def check_model_config(saved: dict[str, Any], config: GPTConfig, where: str) -> None:

@@ -12,8 +12,12 @@ Nothing here runs at import time.
 
 from __future__ import annotations
 
+import os
 import random
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -55,6 +59,21 @@ class DistInfo:
         if torch_dist.is_available() and torch_dist.is_initialized():
             return cls(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, str(device))
         return cls(0, 1, local_rank, str(device))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Write a file so readers see the old content or the new, never half of it: `write(tmp)` fills a
+    temporary sibling, which is then renamed over `path` (removed if `write` fails). Every file the
+    core writes goes through here; cluster/storage.py and cluster/artifacts.py do the same for storage."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def autodetect_device() -> str:

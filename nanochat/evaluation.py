@@ -186,6 +186,7 @@ def centred_mean(accuracies: dict[str, float], baselines: dict[str, float]) -> t
 # ----------------------------------------------------------------------------- bpb and samples
 
 
+
 def _encoded(docs: Iterable[str], tokenizer: Any, bos: int, group: int) -> Iterator[list[int]]:
     """Token ids of each document with BOS first, encoded `group` documents at a time."""
     pending: list[str] = []
@@ -229,7 +230,10 @@ def val_batches(docs: Iterable[str], tokenizer: Any, batch_size: int, seq_len: i
 
 
 def val_bpb(state: EvalState, shards: Sequence[str], max_tokens: int, batch_size: int) -> dict[str, float]:
-    """Bits per byte of the model on the documents of `shards` (at most max_tokens targets)."""
+    """Bits per byte of the model on the documents of `shards` (at most max_tokens targets), the
+    documents concatenated into one BOS-separated stream at the model's context. Stored as
+    `eval_bpb` in evaluate/<stage>.json (nanochat/report.py's `evaluation_bpb` reads it); training's `val_bpb` is another
+    number: rows packed from BOS-led documents, eval_tokens of them (nanochat/dataloader.py)."""
     from nanochat.train import evaluate_bpb
 
     seq_len = state.max_seq_len or state.model.config.sequence_len

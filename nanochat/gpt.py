@@ -31,6 +31,7 @@ from nanochat.adamw import AdamW
 from nanochat.common import DistInfo
 from nanochat.kv_cache import KVCache
 from nanochat.muon import Muon
+from nanochat.schedule import LearningRates
 
 LOGIT_SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15): bounded logits, steadier early training
 ROTARY_BASE = 10000.0
@@ -314,26 +315,20 @@ class GPT(nn.Module):
         head_dim = cfg.n_embd // cfg.n_head
         return 6 * nparams + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
 
-    def setup_optimizers(
-        self,
-        unembedding_lr: float = 0.004,
-        embedding_lr: float = 0.2,
-        matrix_lr: float = 0.02,
-        weight_decay: float = 0.0,
-        dist: DistInfo | None = None,
-    ) -> list[AdamW | Muon]:
+    def setup_optimizers(self, lrs: LearningRates | None = None, dist: DistInfo | None = None) -> list[AdamW | Muon]:
         """[AdamW for lm_head + embedding, Muon for the block matrices], sharded over `dist`.
 
-        AdamW lrs were tuned at width 768 and scale by (n_embd / 768)^-0.5; every group records
-        its "initial_lr" for the schedule. Without `dist`: one process on the model's device."""
+        `lrs` default to the seed's (LearningRates()); AdamW lrs scale by (n_embd / 768)^-0.5 and every
+        group records its "initial_lr" for the schedule. Without `dist`: one process on the model's device."""
+        lrs = lrs or LearningRates()
         dist = dist or DistInfo(device=str(self.lm_head.weight.device))
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
-            dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),
-            dict(params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale),
+            dict(params=list(self.lm_head.parameters()), lr=lrs.unembedding_lr * scale),
+            dict(params=list(self.transformer.wte.parameters()), lr=lrs.embedding_lr * scale),
         ]
-        adamw = AdamW(adam_groups, dist=dist, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-        muon = Muon(list(self.transformer.h.parameters()), dist=dist, lr=matrix_lr, momentum=0.95)
+        adamw = AdamW(adam_groups, dist=dist, betas=(0.8, 0.95), eps=1e-10, weight_decay=lrs.weight_decay)
+        muon = Muon(list(self.transformer.h.parameters()), dist=dist, lr=lrs.matrix_lr, momentum=0.95)
         optimizers: list[AdamW | Muon] = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

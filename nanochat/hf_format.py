@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanochat.common import atomic_write
 from nanochat.errors import NanochatError
 from nanochat.gpt import GPT, LOGIT_SOFTCAP, ROTARY_BASE, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -227,17 +227,8 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
 # -- weights ----------------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
 def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -264,13 +255,13 @@ def save_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_by
     groups = _shards(tensors, max_shard_bytes)
     meta = {"format": "pt"}
     if len(groups) == 1:
-        _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
+        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
         return [WEIGHTS_FILE]
     names, weight_map = [], {}
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         part = {k: tensors[k] for k in group}
-        _atomic(directory / fname, lambda p, part=part: save_file(part, str(p), metadata=meta))
+        atomic_write(directory / fname, lambda p, part=part: save_file(part, str(p), metadata=meta))
         weight_map.update(dict.fromkeys(group, fname))
         names.append(fname)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -373,9 +364,9 @@ def save_hf(directory: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, c
     _write_json(d / GENERATION_FILE, generation_config(tokenizer, chat=chat))
     tokenizer.export_hf(d / TOKENIZER_FILE)
     _write_json(d / TOKENIZER_CONFIG_FILE, tokenizer_config(tokenizer))
-    _atomic(d / CHAT_TEMPLATE_FILE, lambda p: p.write_text(CHAT_TEMPLATE))
+    atomic_write(d / CHAT_TEMPLATE_FILE, lambda p: p.write_text(CHAT_TEMPLATE))
     card = model_card(model.config, model.num_params(), meta or {}, numbers or [])
-    _atomic(d / CARD_FILE, lambda p: p.write_text(card))
+    atomic_write(d / CARD_FILE, lambda p: p.write_text(card))
     written = [*files, CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE,
                CARD_FILE]
     for name in written:  # temporary files are created owner-only; a shared model is world-readable

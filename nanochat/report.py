@@ -73,6 +73,18 @@ def gpu_hours(rec: RunRecord) -> float:
     return total
 
 
+EVAL_BPB = "eval_bpb"  # key of the evaluation stage's bpb in evaluate/<stage>.json (nanochat/evaluation.py's val_bpb)
+# Training's own validation bpb (metrics.jsonl and meta.json: `val_bpb`) packs BOS-led documents into
+# rows; the evaluation's takes the validation documents as one stream. Both are shown, named apart.
+METRIC_LABELS = {"val_bpb": "val_bpb (training validation: packed rows)"}
+
+
+def evaluation_bpb(doc: dict[str, Any]) -> float | None:
+    """The evaluation bpb of an evaluate/<stage>.json; runs written before the rename stored it as val_bpb."""
+    value = doc.get(EVAL_BPB)
+    return value if value is not None else doc.get("val_bpb")
+
+
 def _stage_section(stage: str, meta: dict[str, Any] | None, evaluation: dict[str, Any] | None) -> str:
     if meta is None:
         return f"## {stage}\n\n-\n"
@@ -84,13 +96,14 @@ def _stage_section(stage: str, meta: dict[str, Any] | None, evaluation: dict[str
         lines.append("- phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     for k, v in (meta.get("metrics") or {}).items():
         if not isinstance(v, dict | list):
-            lines.append(f"- {k}: {_fmt(v)}")
+            lines.append(f"- {METRIC_LABELS.get(k, k)}: {_fmt(v)}")
     config = meta.get("config") or {}
     if config:
         lines.append("- config: " + ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, dict)))
     if evaluation:
-        if "val_bpb" in evaluation:
-            lines.append(f"- validation bpb: {_fmt(evaluation['val_bpb'])}")
+        if evaluation_bpb(evaluation) is not None:
+            lines.append(f"- evaluation bpb (the validation documents as one stream): "
+                         f"{_fmt(evaluation_bpb(evaluation))}")
         core = evaluation.get("core")
         if core:
             lines.append(f"- {core.get('label', 'CORE')}: {_fmt(core.get('metric'))}")

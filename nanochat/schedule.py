@@ -5,19 +5,47 @@ Notable:
   default is no warmup and the last 20% of steps decaying to 0). Optimizers multiply it into each
   group's "initial_lr".
 - Muon momentum: 0.85 -> 0.95 linearly over the first 300 steps, then constant.
+- Learning rates: `LearningRates`, the seed's per-group lrs and weight decay (GPT.setup_optimizers
+  builds the optimizers from them; every stage config takes its defaults from here).
 - Horizon: steps from an explicit count, a FLOPs budget, or a tokens-per-parameter ratio (20 is
   Chinchilla's); gradient accumulation from the total batch in tokens.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+# The seed's schedule, written once: the core's LoopConfig and lr_multiplier and the stage configs in
+# jobs/config.py take their defaults from here.
+WARMUP_RATIO = 0.0  # no warmup
+WARMDOWN_RATIO = 0.2  # the last 20% of the steps decay linearly ...
+FINAL_LR_FRAC = 0.0  # ... to 0
+GRAD_CLIP = 1.0  # max global gradient norm (<= 0: no clipping)
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """The optimizer settings of `GPT.setup_optimizers`; the defaults are the seed's (the stage
+    configs in jobs/ take theirs from here). AdamW lrs were tuned at width 768 and are scaled by
+    (n_embd / 768)^-0.5 when the optimizers are built; Muon's is used as it is."""
+
+    embedding_lr: float = 0.2  # AdamW, token embedding
+    unembedding_lr: float = 0.004  # AdamW, lm_head
+    matrix_lr: float = 0.02  # Muon, the transformer blocks' matrices
+    weight_decay: float = 0.0  # AdamW
+
+    def scaled(self, frac: float) -> LearningRates:
+        """All three lrs times `frac` (weight decay unchanged): the chat stages' and RL's init_lr_frac."""
+        return LearningRates(self.embedding_lr * frac, self.unembedding_lr * frac, self.matrix_lr * frac,
+                             self.weight_decay)
+
 
 def lr_multiplier(
     step: int,
     num_steps: int,
-    warmup_ratio: float = 0.0,
-    warmdown_ratio: float = 0.2,
-    final_lr_frac: float = 0.0,
+    warmup_ratio: float = WARMUP_RATIO,
+    warmdown_ratio: float = WARMDOWN_RATIO,
+    final_lr_frac: float = FINAL_LR_FRAC,
 ) -> float:
     """Multiplier of the initial lr at `step` (0-based) of a run of `num_steps` steps."""
     warmup = round(warmup_ratio * num_steps)

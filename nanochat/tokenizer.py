@@ -30,15 +30,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import torch
 
 import rustbpe
+from nanochat.common import atomic_write
 from nanochat.errors import ConfigError, NanochatError, NotFoundError
 
 SPECIAL_TOKENS = (
@@ -61,20 +60,6 @@ HF_TOKENIZER_FILE = "tokenizer.json"
 
 TextsLike = Sequence[str] | pa.Array | pa.ChunkedArray
 CountsLike = pa.Table | pa.RecordBatch | rustbpe.ChunkCounts
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write `path` through a temporary file in the same directory, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _as_text_array(texts: TextsLike) -> Sequence[str] | pa.Array:
@@ -200,16 +185,11 @@ class Tokenizer:
         """Write the tokenizer files into `directory` (created if needed), each atomically."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        tmp_rbpe = d / f".{MERGES_FILE}.{os.getpid()}.tmp"
-        try:
-            self.core.save(str(tmp_rbpe))  # rustbpe itself writes atomically; rename to the real name
-            os.replace(tmp_rbpe, d / MERGES_FILE)
-        finally:
-            tmp_rbpe.unlink(missing_ok=True)
+        atomic_write(d / MERGES_FILE, lambda tmp: self.core.save(str(tmp)))
         specials = json.dumps(self._special_ids, indent=1).encode()
-        _atomic_write(d / SPECIALS_FILE, lambda f: f.write(specials))
+        atomic_write(d / SPECIALS_FILE, lambda tmp: tmp.write_bytes(specials))
         token_bytes = self.token_bytes()
-        _atomic_write(d / TOKEN_BYTES_FILE, lambda f: torch.save(token_bytes, f))
+        atomic_write(d / TOKEN_BYTES_FILE, lambda tmp: torch.save(token_bytes, tmp))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
@@ -489,4 +469,4 @@ class Tokenizer:
         raw text, which `encode` never does: set `hf.encode_special_tokens = True` after loading for
         identical ids on such text (the flag is not stored in tokenizer.json)."""
         data = json.dumps(self.hf_json(), ensure_ascii=False).encode()
-        _atomic_write(Path(path), lambda f: f.write(data))
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))

@@ -30,7 +30,14 @@ import torch.distributed as torch_dist
 from nanochat.adamw import ShardedOptimizer
 from nanochat.common import DistInfo, autocast_context
 from nanochat.muon import Muon
-from nanochat.schedule import lr_multiplier, muon_momentum
+from nanochat.schedule import (
+    FINAL_LR_FRAC,
+    GRAD_CLIP,
+    WARMDOWN_RATIO,
+    WARMUP_RATIO,
+    lr_multiplier,
+    muon_momentum,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T) long, targets (B, T) long (-1 = ignore)
 
@@ -39,11 +46,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T) long, targets (B, T) 
 class LoopConfig:
     num_steps: int  # optimizer steps in the whole run (the schedule's horizon)
     grad_accum_steps: int = 1  # micro-batches per optimizer step on each rank
-    warmup_ratio: float = 0.0  # fraction of num_steps with linear lr warmup
-    warmdown_ratio: float = 0.2  # fraction of num_steps at the end with linear lr decay
-    final_lr_frac: float = 0.0  # lr multiplier reached at the end of the warmdown
+    warmup_ratio: float = WARMUP_RATIO  # fraction of num_steps with linear lr warmup
+    warmdown_ratio: float = WARMDOWN_RATIO  # fraction of num_steps at the end with linear lr decay
+    final_lr_frac: float = FINAL_LR_FRAC  # lr multiplier reached at the end of the warmdown
     muon_momentum_warmup_steps: int = 300  # Muon momentum 0.85 -> 0.95 over these steps
-    grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
+    grad_clip: float = GRAD_CLIP  # max global gradient norm; <= 0 disables clipping
     eval_every: int = 0  # call evaluate every N steps (and at the end); <= 0: only at the end
     checkpoint_every: int = 0  # call on_checkpoint every N steps (and at the end); <= 0: only at the end
     log_every: int = 1  # call on_metrics every N steps (and at the end)

@@ -1,7 +1,7 @@
 """A served model inside a replica: checkpoint + tokenizer + Engine + Scheduler, and its text tables.
 
 `ServedModel.load(spec, config)` reads an exported model (`nanochat.checkpoint.load_model`) from a
-local path, or first copies it from `s3://`/`gs://` into a local cache; builds the Engine (slots
+local path, or first copies it from `s3://`/`gs://` (cluster/artifacts.py); builds the Engine (slots
 = `max_batch_size`, optional Python tool through nanochat/sandbox.py) and starts its Scheduler.
 `ServedModel.from_objects(...)` does the same for a model and tokenizer already in memory (unit
 tests, benchmarks). `close()` (also called by Serve when the multiplexer unloads the model) stops
@@ -10,8 +10,6 @@ the scheduler thread.
 
 from __future__ import annotations
 
-import hashlib
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,27 +23,16 @@ from serve_app.grammar import GrammarCompiler
 from serve_app.scheduler import Scheduler
 from serve_app.textstream import ToolTokens
 
-_CACHE = Path(tempfile.gettempdir()) / "nanochat-serve-models"  # copies of remote checkpoints
-
 
 def local_dir(uri: str) -> Path:
-    """A local directory holding `uri`'s files (copied once per URI when it is remote)."""
-    if "://" not in uri or uri.startswith("file://"):
-        path = Path(uri.removeprefix("file://")).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path} is not a directory; check model_uri/tokenizer_uri in the serve config")
-        return path
-    import pyarrow.fs as pafs
+    """A local directory holding `uri`'s files (copied once per process when it is remote:
+    cluster/artifacts.py's localize)."""
+    from cluster.artifacts import localize
 
-    from cluster.storage import resolve_storage
-
-    fs, path = resolve_storage(uri)
-    target = _CACHE / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (target / ".complete").exists():
-        target.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        (target / ".complete").touch()
-    return target
+    path = Path(localize(uri))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory; check model_uri/tokenizer_uri in the serve config")
+    return path
 
 
 @dataclass

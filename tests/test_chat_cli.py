@@ -13,6 +13,7 @@ special tokens only (vocab 265), saved as a run in a temporary storage.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def storage(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> P
     root = tmp_path_factory.mktemp("runs")
     tokenizer.save(root / RUN / "tokenizer")
     save_model(root / RUN / "sft" / "model", scripted_gpt(tokenizer), {"step": 0})
+    for stage in ("tokenizer", "sft"):  # stand-ins of complete stages: meta.json is their completion marker
+        (root / RUN / stage / "meta.json").write_text(json.dumps({"stage": stage, "stand_in": True}))
     return root
 
 

@@ -344,7 +344,7 @@ def test_the_job_evaluates_a_chat_stage_end_to_end(ray_cluster, random_model_dir
         assert 0.0 <= t["accuracy"] <= 1.0 and t["num_items"] == 4, name
     assert chat["tasks"]["arc_easy"]["random_baseline"] == 0.25 and chat["tasks"]["gsm8k"]["random_baseline"] == 0
     assert isinstance(chat["chatcore"], float) and 0.0 <= chat["format_rate"] <= 1.0
-    assert chat["format"]["num_items"] == 12 and doc["val_bpb"] > 0 and "core" not in doc
+    assert chat["format"]["num_items"] == 12 and doc["eval_bpb"] > 0 and "core" not in doc
     assert doc["sandbox"] and doc["input_metrics"] == {"loss": 1.0}
     out = capsys.readouterr().out
     assert "ChatCORE:" in out and "format:" in out

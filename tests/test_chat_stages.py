@@ -235,7 +235,7 @@ def test_a_chat_stage_without_its_input_model_names_the_stage_to_run(tmp_path, c
     assert sft.main(base) == 2
     assert "run the midtrain stage first" in capsys.readouterr().err
     assert sft.main(base + ["--set", f"init_from={tmp_path}/nowhere"]) == 2
-    assert f"{tmp_path}/nowhere, which has no config.json" in capsys.readouterr().err
+    assert f"no exported model at {tmp_path}/nowhere: its config.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "r").exists(), "nothing may be written for a stage that cannot start"
 
 
@@ -255,13 +255,14 @@ def test_bad_chat_stage_settings_are_refused_before_any_worker(tmp_path, tok, ca
 
 
 def test_the_chat_spec_takes_the_model_shape_and_scales_the_lrs():
-    from cluster.chat_train import chat_train_spec, settings_from
+    from cluster.chat_train import chat_train_spec
+    from jobs.config import load_stage_config
     from jobs.sft import SftConfig
 
-    settings = settings_from("sft", "midtrain", "pad", SftConfig(rows_per_step=32, device_batch_size=4).model_dump())
+    settings = load_stage_config(SftConfig, "sft", "micro", ["rows_per_step=32", "device_batch_size=4"]).to_spec()
     spec = chat_train_spec(settings, {"n_layer": 4, "n_embd": 256, "n_head": 4, "sequence_len": 256}, 120)
     assert (spec.depth, spec.head_dim, spec.sequence_len, spec.num_iterations) == (4, 64, 256, 120)
     assert spec.total_batch_tokens == 32 * 256
-    assert spec.matrix_lr == pytest.approx(0.02 * 0.02) and spec.embedding_lr == pytest.approx(0.2 * 0.02)
+    assert spec.lrs.matrix_lr == pytest.approx(0.02 * 0.02) and spec.lrs.embedding_lr == pytest.approx(0.2 * 0.02)
     with pytest.raises(ValueError, match="not the depth-derived shape"):
         chat_train_spec(settings, {"n_layer": 4, "n_embd": 200, "n_head": 4, "sequence_len": 256}, 1)

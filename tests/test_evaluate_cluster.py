@@ -165,7 +165,7 @@ def test_the_job_evaluates_a_model_that_knows_nothing_at_chance(ray_cluster, pac
     # zero lm_head: uniform logits, so every choice ties and each task scores exactly its chance
     assert core["metric"] == pytest.approx(0.0, abs=1e-9)
     # uniform over V tokens: log2(V) bits per token, spread over the bytes of those tokens
-    assert 0 < doc["val_bpb"] < math.log2(VOCAB) and doc["val_tokens"] >= 4096
+    assert 0 < doc["eval_bpb"] < math.log2(VOCAB) and doc["eval_bpb_tokens"] >= 4096
     assert [s["prompt"] for s in doc["samples"]] == list(evaluation.SAMPLE_PROMPTS)
     assert doc["pool"]["spec"]["num_actors"] == 2 and doc["input_metrics"] == {"val_bpb": 9.0}
     assert "CORE-14 (our config): 0.0000" in capsys.readouterr().out

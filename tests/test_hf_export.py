@@ -388,14 +388,17 @@ def test_export_and_import_run_without_transformers(exported, tmp_path):
 
 
 def test_chat_rl_and_evaluation_stages_start_from_a_transformers_directory(exported, run_storage):
-    from cluster.chat_train import ChatStageSettings, read_model_config, stage_inputs
+    from cluster.artifacts import find_model, read_model_config
     from jobs import evaluate
+    from jobs.config import load_stage_config
     from jobs.rl import RLConfig, model_inputs
+    from jobs.sft import SftConfig
 
     saved = read_model_config(str(exported))["model_config"]
     assert saved["n_kv_head"] == 2 and saved["norm_eps"] is None and saved["sequence_len"] == 128
-    settings = ChatStageSettings("sft", "midtrain", "pad", init_from=str(exported))
-    assert stage_inputs(run_storage, settings) == (str(exported), str(exported))
+    settings = load_stage_config(SftConfig, "sft", "micro", [f"init_from={exported}"]).to_spec()
+    ref = find_model(run_storage, settings.previous, settings.init_from)
+    assert (ref.model, ref.tokenizer) == (str(exported), str(exported))
     assert model_inputs(run_storage, RLConfig(model_dir=str(exported))) == (str(exported), str(exported))
     cfg = evaluate.EvaluateConfig(model_dir=str(exported))  # the run has no midtrain stage: not needed
     assert evaluate.stage_inputs(run_storage, "midtrain", cfg) == (str(exported), None, {})
@@ -416,12 +419,14 @@ def test_serving_loads_a_transformers_directory(exported, tokenizer):
 
 
 def test_a_gqa_import_cannot_be_trained_and_says_why(exported, tokenizer):
-    from cluster.chat_train import chat_train_spec, read_model_config, settings_from
+    from cluster.artifacts import read_model_config
+    from cluster.chat_train import chat_train_spec
     from cluster.train import make_plan
+    from jobs.config import load_stage_config
     from jobs.sft import SftConfig
 
     saved = read_model_config(str(exported))["model_config"]
-    settings = settings_from("sft", "midtrain", "pad", SftConfig(rows_per_step=8, device_batch_size=4).model_dump())
+    settings = load_stage_config(SftConfig, "sft", "micro", ["rows_per_step=8", "device_batch_size=4"]).to_spec()
     with pytest.raises(ValueError, match="not the depth-derived shape"):  # width 64 is not 64 x 2 layers
         chat_train_spec(settings, saved, 2)
     saved = {**saved, "n_layer": 1}  # width 64 = 64 x 1 layer: the shape fits, the key/value heads do not
@@ -456,7 +461,7 @@ def test_sft_and_evaluation_start_from_a_directory_saved_by_transformers(ray_clu
     assert evaluate.main(["--stage", "sft", *base, "--set", f"model_dir={hf_dir}", "--set", "num_actors=1",
                           "--set", "chat_max_per_task=1", "--set", "format_items=0"]) == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "runs" / "imp" / "evaluate" / "sft.json").read_text())
-    assert result["model"] == str(hf_dir) and result["val_bpb"] > 0
+    assert result["model"] == str(hf_dir) and result["eval_bpb"] > 0
 
 
 def test_report_has_the_inference_section(run_storage):

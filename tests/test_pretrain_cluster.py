@@ -17,17 +17,15 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from cluster.specs import PretrainSpec
 from cluster.storage import RunStorage, StorageError
 from cluster.train import (
-    TrainSpec,
     build_model,
-    build_optimizers,
     check_storage_for_cluster,
     make_plan,
     preflight,
@@ -53,10 +51,9 @@ from nanochat.train import evaluate_bpb, train_loop
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def micro_spec(**changes) -> TrainSpec:
-    cfg = load_stage_config(PretrainConfig, "pretrain", "micro")
-    spec = TrainSpec(**cfg.model_dump(include={f.name for f in fields(TrainSpec)}))
-    return replace(spec, **changes)
+def micro_spec(*overrides: str) -> PretrainSpec:
+    """The micro preset's pretraining spec, built as a user's run builds it: preset + `key=value` overrides."""
+    return load_stage_config(PretrainConfig, "pretrain", "micro", list(overrides)).to_spec("micro")
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +86,16 @@ def attempts(storage: RunStorage) -> list[list[dict]]:
     return out
 
 
-def reference_losses(spec: TrainSpec, tokenizer_dir: str, data: str, world: int) -> tuple[dict[int, dict], float]:
+def reference_losses(pretrain: PretrainSpec, tokenizer_dir: str, data: str,
+                     world: int) -> tuple[dict[int, dict], float]:
     """The single-process core loop fed the same global batches as `world` workers would get
     (micro-batches of rank 0, then rank 1, ...): per-step metrics and final validation bpb."""
+    spec = pretrain.train
     tok = Tokenizer.load(tokenizer_dir)
     train, val = resolve_shards(data)
     plan = make_plan(spec, tok.vocab_size, 1)
     model = build_model(plan.model, "cpu", spec.seed)
-    optimizers = build_optimizers(model, spec, DistInfo())
+    optimizers = model.setup_optimizers(spec.lrs, DistInfo())
     row_len = spec.sequence_len + 1
     items = plan_row_groups(train)
     ranks = [RowBatcher(local_row_chunks(items, tok, row_len, DataPosition(r), world), spec.device_batch_size,
@@ -109,7 +108,7 @@ def reference_losses(spec: TrainSpec, tokenizer_dir: str, data: str, world: int)
                 for _ in range(per_rank):
                     yield next(stream)
 
-    val_rows = validation_rows(val, tok, row_len, plan.eval_rows)
+    val_rows = validation_rows(val, tok, row_len, max(1, pretrain.reading.eval_tokens // spec.sequence_len))
     token_bytes = tok.token_bytes()
     losses: dict[int, dict] = {}
     final = train_loop(
@@ -198,14 +197,15 @@ def test_two_workers_match_one_process_survive_a_failure_and_resume_on_one(ray_c
     import ray.train
 
     storage = new_run(tmp_path, "run", tokenizer_dir)
-    spec = micro_spec(num_workers=2, num_iterations=30, checkpoint_every=5, eval_every=10, max_failures=1,
-                      metrics_interval_s=1)
+    settings = ("num_iterations=30", "checkpoint_every=5", "eval_every=10", "max_failures=1", "metrics_interval_s=1",
+                f"data={embedded_pack}")
+    spec = micro_spec(*settings, "num_workers=2")
     watch = PrometheusWatch(ray_cluster.metrics_port, "ray_nanochat_pretrain_tokens_per_sec", "run")
     killer = Killer(storage, at=[(7, 5), (17, 15)], dashboard_url=ray_cluster.dashboard_url)
     watch.start()
     killer.start()
     with pytest.raises(ray.train.TrainingFailedError):  # the second failure is one too many
-        run_pretrain(spec, storage, data=str(embedded_pack), tokenizer=None, config={})
+        run_pretrain(spec, storage, config={})
     killer.stop.set()
     killer.join()
     assert len(killer.killed) == 2 and not storage.is_complete("pretrain")
@@ -226,7 +226,7 @@ def test_two_workers_match_one_process_survive_a_failure_and_resume_on_one(ray_c
             assert rec["loss"] == pytest.approx(before[rec["step"]], rel=1e-5)
 
     # relaunch of the same run on ONE worker: resumes the 2-worker checkpoint, re-sharded
-    meta = run_pretrain(replace(spec, num_workers=1), storage, data=str(embedded_pack), tokenizer=None, config={})
+    meta = run_pretrain(micro_spec(*settings, "num_workers=1"), storage, config={})
     watch.stop.set()
     watch.join()
     last = attempts(storage)[-1]
@@ -242,7 +242,7 @@ def test_two_workers_match_one_process_survive_a_failure_and_resume_on_one(ray_c
 
     model, info = ckpt.load_model(storage.local_path("pretrain") / "model", "cpu")
     assert info["final_step"] == 30 and Tokenizer.load(info["tokenizer_dir"]).vocab_size == 512
-    fresh = build_model(make_plan(spec, 512, 1).model, "cpu", spec.seed)
+    fresh = build_model(make_plan(spec.train, 512, 1).model, "cpu", spec.train.seed)
     assert not torch.equal(model.lm_head.weight, fresh.lm_head.weight)  # trained weights were exported
 
 
@@ -264,8 +264,9 @@ def two_node_run(workdir: Path, data: str, tokenizer_dir: str) -> dict:
     holder = Placeholder.remote()
     ray.get(holder.ready.remote())
     storage = new_run(workdir, "nodes", tokenizer_dir)
-    spec = micro_spec(num_workers=2, num_iterations=24, checkpoint_every=5, eval_every=0, max_failures=2,
-                      storage_is_shared=True)  # one machine: the "local" path is shared by both nodes
+    spec = micro_spec("num_workers=2", "num_iterations=24", "checkpoint_every=5", "eval_every=0", "max_failures=2",
+                      "storage_is_shared=true",  # one machine: the "local" path is shared by both nodes
+                      f"data={data}")
     removed: list[int] = []
 
     def remove_worker_node() -> None:
@@ -278,7 +279,7 @@ def two_node_run(workdir: Path, data: str, tokenizer_dir: str) -> dict:
             time.sleep(0.1)
 
     threading.Thread(target=remove_worker_node, daemon=True).start()
-    meta = run_pretrain(spec, storage, data=data, tokenizer=None, config={})
+    meta = run_pretrain(spec, storage, config={})
     result = {"final_step": meta["metrics"]["final_step"], "removed_at": removed,
               "attempts": [[r["step"] for r in run] for run in attempts(storage)]}
     ray.shutdown()
@@ -311,38 +312,38 @@ def test_depth_that_does_not_split_into_heads_is_refused():
 
 def test_batch_that_does_not_divide_is_refused():
     with pytest.raises(ValueError, match="not a multiple"):
-        make_plan(micro_spec(total_batch_tokens=1000), 512, 2)
+        make_plan(micro_spec("total_batch_tokens=1000").train, 512, 2)
 
 
 def test_tokenizer_vocab_differing_from_the_checkpoint_is_refused(embedded_pack, tokenizer_dir, tmp_path):
     storage = new_run(tmp_path, "vocab", tokenizer_dir)
-    spec = micro_spec()
-    other = build_model(make_plan(spec, 1024, 1).model, "cpu", 0)  # trained with a 1,024-token tokenizer
+    spec = micro_spec(f"data={embedded_pack}")
+    other = build_model(make_plan(spec.train, 1024, 1).model, "cpu", 0)  # trained with a 1,024-token tokenizer
     ckpt.save_training_checkpoint(storage.local_path("pretrain") / "checkpoint_0000010", other,
                                   other.setup_optimizers(), DistInfo(), step=10, data={"item": 0, "row": 0})
     with pytest.raises(ckpt.CheckpointError, match="vocab_size: saved 1024, now 512"):
-        preflight(spec, storage, str(embedded_pack), None)
+        preflight(spec, storage)
 
 
 def test_storage_without_write_access_is_refused(embedded_pack, tokenizer_dir, tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
     storage = RunStorage("r", str(tmp_path / "a_file" / "runs"))
     with pytest.raises(StorageError, match="not writable"):
-        preflight(micro_spec(), storage, str(embedded_pack), tokenizer_dir)
+        preflight(micro_spec(f"data={embedded_pack}", f"tokenizer={tokenizer_dir}"), storage)
 
 
 def test_missing_or_empty_shards_are_refused(tmp_path, tokenizer_dir):
     storage = RunStorage("r", str(tmp_path / "runs"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no \\*.parquet shards"):
-        preflight(micro_spec(), storage, str(tmp_path / "empty"), tokenizer_dir)
+        preflight(micro_spec(f"data={tmp_path / 'empty'}", f"tokenizer={tokenizer_dir}"), storage)
     with pytest.raises(FileNotFoundError, match="no shard directory"):
-        preflight(micro_spec(), storage, str(tmp_path / "nowhere"), tokenizer_dir)
+        preflight(micro_spec(f"data={tmp_path / 'nowhere'}", f"tokenizer={tokenizer_dir}"), storage)
 
 
 def test_missing_tokenizer_stage_is_refused(tmp_path, embedded_pack):
     with pytest.raises(StorageError, match="run the tokenizer stage first"):
-        preflight(micro_spec(), RunStorage("r", str(tmp_path)), str(embedded_pack), None)
+        preflight(micro_spec(f"data={embedded_pack}"), RunStorage("r", str(tmp_path)))
 
 
 def test_local_storage_on_several_nodes_is_refused_unless_shared():
@@ -353,15 +354,12 @@ def test_local_storage_on_several_nodes_is_refused_unless_shared():
     check_storage_for_cluster("/data/runs", 1, shared=False)
 
 
-def test_presets_and_spec_agree():
-    names = {f.name for f in fields(TrainSpec)}
-    assert names <= set(PretrainConfig.model_fields)  # every plain value is a documented config field
-    assert all(f.description for f in PretrainConfig.model_fields.values())
+def test_presets_give_the_seed_horizons():
     for preset, steps in (("d20", 21_400), ("d26", 41_275), ("d32", 71_680)):
         cfg = load_stage_config(PretrainConfig, "pretrain", preset)
-        plan = make_plan(TrainSpec(**cfg.model_dump(include=names)), 65_536, cfg.num_workers)
+        plan = make_plan(cfg.to_spec(preset).train, 65_536, cfg.num_workers)
         assert plan.loop.num_steps == steps and cfg.use_gpu
-    assert make_plan(micro_spec(), 512, 2).loop.grad_accum_steps == 1
+    assert make_plan(micro_spec().train, 512, 2).loop.grad_accum_steps == 1
     tiny = load_stage_config(PretrainConfig, "pretrain", "tiny")
     assert tiny.depth == 4 and tiny.sequence_len == 256
 

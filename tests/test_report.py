@@ -16,7 +16,7 @@ def _record() -> RunRecord:
         run="r1",
         metas={"pretrain": {"duration_s": 7200.0, "resources": {"gpus": 8}, "metrics": {"val_bpb": 0.81}},
                "sft": {"duration_s": 3600.0, "resources": {"gpus": 8}}},
-        evaluations={"pretrain": {"val_bpb": 0.81, "core": {"label": "CORE-14 (our config)", "metric": 0.2219}},
+        evaluations={"pretrain": {"eval_bpb": 0.83, "core": {"label": "CORE-14 (our config)", "metric": 0.2219}},
                      "sft": {"chat": {"tasks": {"arc_easy": {"accuracy": 0.3876}, "gsm8k": {"accuracy": 0.0455}},
                                       "chatcore": 0.0884}}},
         metrics={"pretrain": [{"step": i, "loss": 5.0 - i * 0.1, "tokens_per_sec": 1000.0} for i in range(10)]},
@@ -32,6 +32,12 @@ def test_summary_table_fills_known_cells_and_dashes_the_rest():
     assert rows["GSM8K"] == ["-", "-", "0.0455", "-"]
     assert rows["MMLU"] == ["-", "-", "-", "-"]
     assert rows["ChatCORE"] == ["-", "-", "0.0884", "-"]
+
+
+def test_the_two_bpb_numbers_are_named_apart():
+    text = render_report(_record(), hourly_rate=2.5, plots=[], git_commit="abc")
+    assert "- val_bpb (training validation: packed rows): 0.8100" in text
+    assert "- evaluation bpb (the validation documents as one stream): 0.8300" in text
 
 
 def test_cost_is_gpu_hours_times_rate():
@@ -56,6 +62,8 @@ def test_report_job_on_a_partial_run(tmp_path):
     out = tmp_path / "r1" / "report"
     text = (out / "report.md").read_text()
     assert "| CORE-2 (our config) | 0.0100 | - | - | - |" in text
+    # an evaluation written before the rename (its bpb stored as val_bpb) is still shown, under the new name
+    assert "- evaluation bpb (the validation documents as one stream): 2.4000" in text
     assert (out / "loss.png").stat().st_size > 1000 and "![loss](loss.png)" in text
     assert storage.is_complete("report")
 

@@ -18,6 +18,7 @@ from nanochat import rl
 from nanochat.common import DistInfo
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.rl_toy import EndLetter, last_letter
+from nanochat.schedule import LearningRates
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -141,7 +142,7 @@ def test_config_and_staleness_errors():
 
 def test_learner_step_moves_probability_toward_positive_advantage():
     model = tiny_gpt()
-    optimizers = model.setup_optimizers(unembedding_lr=0.05, embedding_lr=0.05, matrix_lr=0.02)
+    optimizers = model.setup_optimizers(LearningRates(embedding_lr=0.05, unembedding_lr=0.05, matrix_lr=0.02))
     good, bad = [7, 8, 9], [10, 11, 12]
     groups = [[sample([1, 2], good, reward=1.0), sample([1, 2], bad, reward=0.0)]]
     batch = rl.pack_batch(groups, rl.GRPOConfig())

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.artifacts import latest_checkpoint
 from cluster.resources import ClusterDescription, UnplaceableError, check_placeable
-from cluster.rl import RLRun, RLSpec, WeightSyncError, latest_checkpoint
+from cluster.rl import RLRun, WeightSyncError
+from cluster.specs import RLSpec
 from cluster.storage import RunStorage
 from jobs import rl as job
 from jobs.config import ConfigError, load_stage_config
@@ -35,9 +37,18 @@ VOCAB = 300
 # the full vocabulary (top_k 0: with uniform logits top-k would keep the lowest ids only). The
 # seed's lrs x 2 instead of x 0.05 (init_lr_frac), decaying linearly to 0 as in the seed, so that
 # two dozen steps move the policy.
-TOY = RLSpec(num_steps=2, task="toy", examples_per_step=4, group_size=8, max_new_tokens=4, top_k=0,
-             device_batch_size=32, init_lr_frac=2.0, num_rollout_actors=2, rollout_cpus=0.5, learner_cpus=1.0,
-             sandbox_actors=0, eval_examples=8, eval_samples=4)
+TOY_SETTINGS = ("task=toy", "num_steps=2", "examples_per_step=4", "group_size=8", "max_new_tokens=4", "top_k=0",
+                "device_batch_size=32", "init_lr_frac=2.0", "num_rollout_actors=2", "rollout_cpus=0.5",
+                "learner_cpus=1.0", "sandbox_actors=0", "eval_examples=8", "eval_samples=4", "max_seq_len=null",
+                "rollout_slots=0", "eval_every=0", "checkpoint_every=0")
+
+
+def toy(*overrides: str) -> RLSpec:
+    """The toy run's spec, built as a user's is: the micro preset, the settings above, then `overrides`."""
+    return load_stage_config(job.RLConfig, "rl", "micro", [*TOY_SETTINGS, *overrides]).to_spec(cluster_gpus=0)
+
+
+TOY = toy()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +99,7 @@ def test_micro_preset_runs_rl_after_sft(ray_cluster, embedded_pack, tokenizer_di
         assert r["rollout_tokens"] > 0 and r["rollout_tokens_per_s"] > 0 and r["sync_s"] > 0
         assert r["staleness"] == 0 and r["probe_gap"] <= cfg.probe_atol
     assert any("pass_at_1" in r for r in rows)
-    assert latest_checkpoint(storage)[0] == cfg.num_steps
+    assert latest_checkpoint(storage, "rl").step == cfg.num_steps
     assert job.main(["--preset", "micro", "--run", "m", "--storage", str(tmp_path)]) == 0  # complete: skipped
 
 
@@ -99,7 +110,7 @@ def test_micro_preset_runs_rl_after_sft(ray_cluster, embedded_pack, tokenizer_di
 def test_sync_check_catches_corruption_and_a_killed_actor_is_replaced_mid_step(ray_cluster, tokenizer_dir, tmp_path):
     import ray
 
-    with start_run(tmp_path, tokenizer_dir, replace(TOY, num_steps=3)) as run:
+    with start_run(tmp_path, tokenizer_dir, toy("num_steps=3")) as run:
         # a corrupted sync that keeps its version number: small noise on one tensor of actor 1
         run.verify_sync()  # the first sync passed; a clean check passes again
         payload = ray.get(run.learners[0].weights.remote())
@@ -133,7 +144,7 @@ def test_sync_check_catches_corruption_and_a_killed_actor_is_replaced_mid_step(r
 
 def toy_curve(tmp_path: Path, tokenizer_dir: Path, sign: float, run: str) -> tuple[list[float], dict]:
     """Training rewards per step, and the summary (held-out reward on 64 fixed prompts before and after)."""
-    spec = replace(TOY, num_steps=24, advantage_sign=sign, seed=7, eval_every=24, eval_examples=64)
+    spec = replace(toy("num_steps=24", "seed=7", "eval_every=24", "eval_examples=64"), advantage_sign=sign)
     with start_run(tmp_path, tokenizer_dir, spec, run=run) as rl_run:
         summary = rl_run.run()
         return [r["reward_mean"] for r in rl_run.history if "reward_mean" in r], summary
@@ -169,7 +180,7 @@ def test_overlap_with_broadcast_sync_trains_one_step_stale_and_regroups_after_a_
     """max_staleness 1 (actors sample step t+1 while the learner trains step t) over a gloo group."""
     import ray
 
-    spec = replace(TOY, weight_sync="broadcast", max_staleness=1, num_steps=3)
+    spec = toy("weight_sync=broadcast", "max_staleness=1", "num_steps=3")
     with start_run(tmp_path, tokenizer_dir, spec) as run:
         run.run()
         steps = [r for r in run.history if "reward_mean" in r]
@@ -186,16 +197,22 @@ def test_overlap_with_broadcast_sync_trains_one_step_stale_and_regroups_after_a_
 def test_two_learner_ranks_checkpoint_and_one_rank_resumes(ray_cluster, tokenizer_dir, tmp_path):
     import ray
 
-    spec = replace(TOY, num_steps=2, num_learners=2, num_rollout_actors=1, checkpoint_every=1, eval_every=2)
+    spec = toy("num_steps=2", "num_learners=2", "num_rollout_actors=1", "checkpoint_every=1", "eval_every=2")
     with start_run(tmp_path, tokenizer_dir, spec) as run:
         run.run()
         (v0, s0), (v1, s1) = ray.get([w.checksums.remote() for w in run.learners])
         assert v0 == v1 == 2 and s0 == s1  # the sharded optimizers keep the ranks identical
     storage = RunStorage("r", str(tmp_path))
-    assert latest_checkpoint(storage)[0] == 2
+    assert latest_checkpoint(storage, "rl").step == 2
+    # as a run written before the checkpoint rename left them (rl/checkpoints/step_N): it still resumes
+    rl_dir = tmp_path / "r" / "rl"
+    (rl_dir / "checkpoints").mkdir()
+    for step in (1, 2):
+        (rl_dir / f"checkpoint_{step:07d}").rename(rl_dir / "checkpoints" / f"step_{step:06d}")
     model = tmp_path / "r" / "sft" / "model"
-    resumed = RLRun(replace(spec, num_steps=3, num_learners=1, num_rollout_actors=2), storage,
-                    model_uri=str(model), tokenizer_uri=str(model / "tokenizer"), ray_metrics=False)
+    spec = toy("num_steps=3", "num_learners=1", "num_rollout_actors=2", "checkpoint_every=1", "eval_every=2")
+    resumed = RLRun(spec, storage, model_uri=str(model), tokenizer_uri=str(model / "tokenizer"),
+                    ray_metrics=False)
     with resumed:
         resumed.start()  # the 2-rank optimizer state re-sharded onto 1 rank
         assert resumed.start_step == 2 and ray.get(resumed.learners[0].checksums.remote()) == (2, s0)
@@ -203,7 +220,9 @@ def test_two_learner_ranks_checkpoint_and_one_rank_resumes(ray_cluster, tokenize
     assert summary["final_step"] == 3 and summary["version"] == 3 and "pass_at_1" in summary
     rows = storage.read_metrics("rl")
     assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2, 3]
-    assert sorted(p.name for p in (tmp_path / "r" / "rl" / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    # retention counts both layouts: the oldest (step 1, old layout) went, the new one is under its new name
+    assert sorted(p.name for p in (rl_dir / "checkpoints").iterdir()) == ["step_000002"]
+    assert sorted(p.name for p in rl_dir.glob("checkpoint_*")) == ["checkpoint_0000003"]
 
 
 # ---------------------------------------------------------------- driver pieces without Ray
@@ -212,7 +231,7 @@ def test_two_learner_ranks_checkpoint_and_one_rank_resumes(ray_cluster, tokenize
 def test_step_prompts_cover_each_epoch_once_and_chunks_cover_the_step(tmp_path):
     from cluster.rl import _chunks
 
-    run = RLRun(replace(TOY, examples_per_step=3), RunStorage("p", str(tmp_path)), model_uri="-", tokenizer_uri="-")
+    run = RLRun(toy("examples_per_step=3"), RunStorage("p", str(tmp_path)), model_uri="-", tokenizer_uri="-")
     run.items = {"train": list(range(10, 20)), "eval": []}
     drawn = [i for step in range(10) for i in run.step_items(step)]  # 30 prompts = 3 epochs of 10
     for epoch in range(3):
@@ -246,11 +265,11 @@ def test_missing_sft_model_is_refused_before_ray_starts(tmp_path, monkeypatch):
 
 def test_more_rollout_actors_than_the_cluster_can_place_are_refused():
     cfg = load_stage_config(job.RLConfig, "rl", "micro", ["num_rollout_actors=16", "rollout_cpus=1"])
-    spec = job.resolve_spec(cfg, cluster_gpus=0)
+    spec = cfg.to_spec(cluster_gpus=0)
     laptop = ClusterDescription(nodes=[("head", {"CPU": 4.0})], source="test")
     with pytest.raises(UnplaceableError, match="CPU"):
         check_placeable(job.demand(spec), laptop)
-    check_placeable(job.demand(job.resolve_spec(load_stage_config(job.RLConfig, "rl", "micro"), 0)), laptop)
+    check_placeable(job.demand(load_stage_config(job.RLConfig, "rl", "micro").to_spec(0)), laptop)
 
 
 @pytest.mark.cluster

@@ -31,17 +31,21 @@ def test_core_imports_no_ray_pydantic_fastapi():
 
 def test_jobs_do_not_import_each_other():
     # entrypoints are the modules run as `python -m jobs.<name>`; shared modules (config, registry,
-    # chat_stage: the two chat stages' common CLI) may be imported by them
+    # chat_stage: the two chat stages' common CLI) may be imported by them. One exception: the
+    # pipeline's --plan reads stage settings (a stage's config class is the only home of its knobs
+    # and defaults), so the pipeline may import `...Config` classes, and nothing else, from a stage.
     stage_modules = {p.stem for p in (ROOT / "jobs").glob("*.py") if 'if __name__ == "__main__"' in p.read_text()}
-    offenders = {}
+    offenders: dict[str, list[str]] = {}
     for p in (ROOT / "jobs").glob("*.py"):
         tree = ast.parse(p.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jobs"):
                 mods = {node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names}
                 bad = (mods & stage_modules) - {p.stem}
+                if bad and p.stem == "pipeline" and all(a.name.endswith("Config") for a in node.names):
+                    continue
                 if bad:
-                    offenders[p.name] = sorted(bad)
+                    offenders.setdefault(p.name, []).extend(sorted(bad))
     assert not offenders, f"jobs/ entrypoints must not import each other: {offenders}"
 
 
