@@ -59,7 +59,7 @@ SPECIAL_COUNT = 9
 
 
 def train_tokenizer(vocab: int, docs: int) -> Tokenizer:
-    from nanochat.datapack import build_embedded_pack
+    from jobs.datapack import build_embedded_pack
 
     shard = sorted(build_embedded_pack().glob("shard_*.parquet"))[0]
     texts = pq.read_table(shard, columns=["text"])["text"].to_pylist()[:docs]

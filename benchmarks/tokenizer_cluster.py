@@ -22,7 +22,7 @@ from cluster.storage import RunStorage
 from cluster.text_data import budget_documents
 from jobs.config import data_location, load_stage_config
 from jobs.tokenizer import TokenizerConfig, run_tokenizer
-from nanochat import dataset
+from nanochat.data import dataset
 from nanochat.tokenizer import Tokenizer
 
 

@@ -8,7 +8,7 @@ inline in its process, the cluster path in a Ray Data actor). Rows, in one run o
   plain, compiled          the reference: this process, torch.compile on, nothing else running
   plain, eager             the same loop without compile (the stage's CPU default before issue 21)
   plain, compiled, Ray idle   (--diagnose) the reference while an idle local Ray cluster runs
-  Train + Ray Data         the stage itself: cluster.train.run_pretrain, 1 worker with 2 CPUs, compile
+  Train + Ray Data         the stage itself: cluster.pretrain.run_pretrain, 1 worker with 2 CPUs, compile
                            as the stage decides it (nanochat.train.compile_pays_back; --stage-compile)
 
 External reference (not run here): nanochat's own code, unmodified, on this machine kind with the
@@ -46,13 +46,14 @@ from typing import Any
 import ray
 import torch
 
+from cluster.pretrain import resolve_shards, run_pretrain
 from cluster.specs import PretrainSpec
 from cluster.storage import RunStorage
-from cluster.train import build_model, make_plan, resolve_shards, run_pretrain
+from cluster.train import build_model, make_plan
 from jobs.config import load_stage_config
 from jobs.pretrain import PretrainConfig
 from nanochat.common import DistInfo
-from nanochat.dataloader import (
+from nanochat.data.dataloader import (
     DataPosition,
     RowBatcher,
     local_row_chunks,
@@ -60,7 +61,7 @@ from nanochat.dataloader import (
     rank_batches,
     validation_rows,
 )
-from nanochat.dataset import get_source, iter_row_groups
+from nanochat.data.dataset import get_source, iter_row_groups
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from nanochat.train import evaluate_bpb, train_loop

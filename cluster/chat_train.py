@@ -13,7 +13,7 @@ export), with what is particular to the chat stages:
   midtrain, one conversation each for SFT), so total_batch_tokens = rows_per_step x sequence_len
   (row capacity: padding counts in the "tokens" metrics);
 - the horizon: `num_iterations` when > 0, else `num_epochs` passes over the training conversations
-  (rows per epoch counted on up to 4,000 of them, nanochat/chat_data.py);
+  (rows per epoch counted on up to 4,000 of them, nanochat/data/chat_data.py);
 - the learning rates: the configured ones times `init_lr_frac` (the seed's SFT uses 0.02); the
   optimizers start fresh, only the weights are carried over.
 Each worker renders its own conversations (`ChatSource`): no Ray Data pipeline, since a rank's
@@ -40,16 +40,16 @@ from cluster.train import (
     train_and_export,
 )
 from nanochat import checkpoint as ckpt
-from nanochat.chat_data import ChatData
 from nanochat.common import DistInfo
-from nanochat.dataloader import DataPosition
+from nanochat.data.chat_data import ChatData
+from nanochat.data.dataloader import DataPosition
 from nanochat.errors import ConfigError
 from nanochat.train import Batch
 
 
 @dataclass(frozen=True)
 class ChatSource:
-    """Batch source of the chat stages: the stage's conversations (nanochat/chat_data.py), rendered in
+    """Batch source of the chat stages: the stage's conversations (nanochat/data/chat_data.py), rendered in
     the worker; validation on the held-out conversations (bits per byte of the assistant's tokens)."""
 
     data: ChatData

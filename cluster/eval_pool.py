@@ -2,12 +2,12 @@
 
 Used by jobs/evaluate.py for CORE (and validation bpb and samples) and meant for the chat
 evaluations too: the pool knows nothing about tasks. It is built from a `loader(device) -> state`
-(e.g. `functools.partial(nanochat.evaluation.load_eval_state, model_dir, tokenizer_dir)`) and runs
+(e.g. `functools.partial(nanochat.evals.harness.load_eval_state, model_dir, tokenizer_dir)`) and runs
 `fn(state, items) -> list[result]` functions, one result per item, in the actors:
 
     spec = plan_pool(num_actors=2, cpus_per_actor=1.0, resources=ray.cluster_resources())
     with EvalPool(loader, spec) as pool:
-        results = pool.map(nanochat.core_eval.score_requests, requests)   # same order as requests
+        results = pool.map(nanochat.evals.core.score_requests, requests)   # same order as requests
 
 Notable:
 - sizing (`plan_pool`): with GPUs in the cluster one GPU per actor (and no more actors than GPUs);
@@ -34,7 +34,7 @@ from ray.util import ActorPool
 
 from cluster.artifacts import localize
 from nanochat.errors import ConfigError
-from nanochat.evaluation import EvalState, load_eval_state, shard_items
+from nanochat.evals.harness import EvalState, load_eval_state, shard_items
 
 
 class EvalPoolError(RuntimeError):

@@ -40,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nanochat.dataset import nanochat_home
+from nanochat.data.dataset import nanochat_home
 from nanochat.errors import NanochatError, entrypoint
 
 AUTH_TOKEN_FILE = Path.home() / ".ray" / "auth_token"

@@ -1,6 +1,6 @@
 """Pretraining data on Ray Data: read row groups → tokenize and pack in an actor pool → rows.
 
-Each Train worker builds its own pipeline over ITS items (nanochat/dataloader.py: rank r of W
+Each Train worker builds its own pipeline over ITS items (nanochat/data/dataloader.py: rank r of W
 reads items r, r + W, ...), starting at its checkpointed DataPosition, and consumes it with
 prefetching. No streaming_split: the assignment is fixed, so the position is exact and ranks
 never wait on each other for data.
@@ -15,7 +15,7 @@ Reading happens inside the actor rather than in separate read tasks: on a small 
 extra Ray worker process (Python + torch imports) costs seconds of start-up per pipeline, while a
 row group (~1,000 documents) takes milliseconds to read next to its tokenization.
 
-The rows are exactly those of `nanochat.dataloader.local_row_chunks` (same read, tokenizer and
+The rows are exactly those of `nanochat.data.dataloader.local_row_chunks` (same read, tokenizer and
 packing functions), which the single-process reference and the tests use.
 CPUs: the actors take fractions of a CPU so that they fit next to Train workers
 on a small machine (the local cluster advertises 2 logical CPUs per core for this).
@@ -30,7 +30,7 @@ import numpy as np
 import ray
 
 from cluster.artifacts import load_tokenizer
-from nanochat.dataloader import DataPosition, Item, RowChunk, item_source, read_texts, tokenize_and_pack
+from nanochat.data.dataloader import DataPosition, Item, RowChunk, item_source, read_texts, tokenize_and_pack
 
 
 class ReadTokenizePack:

@@ -33,7 +33,7 @@ from typing import Any
 import ray
 
 from nanochat.errors import ConfigError
-from nanochat.humaneval_check import CheckResult, check_completion
+from nanochat.evals.humaneval_check import CheckResult, check_completion
 from nanochat.sandbox import ExecResult, Sandbox, SandboxLimits, format_tool_output
 
 
@@ -128,7 +128,7 @@ class SandboxPool:
 
     def check_humaneval(self, problems: Sequence[dict[str, str]], timeout_s: float | None = 10.0) -> list[CheckResult]:
         """Score completions: each problem is a dict with prompt, completion, test and entry_point
-        (nanochat/humaneval_check.py); results in order."""
+        (nanochat/evals/humaneval_check.py); results in order."""
         for i, p in enumerate(problems):
             missing = {"prompt", "completion", "test", "entry_point"} - set(p)
             if missing:

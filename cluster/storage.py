@@ -41,7 +41,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from nanochat.dataset import nanochat_home
+from nanochat.data.dataset import nanochat_home
 from nanochat.errors import NanochatError
 
 META_FILE = "meta.json"

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from nanochat.dataset import TEXT_COLUMN, ShardError, iter_documents
+from nanochat.data.dataset import TEXT_COLUMN, ShardError, iter_documents
 
 
 def _crop(batch: pa.Table, doc_cap: int) -> pa.Table:

@@ -1,12 +1,14 @@
-"""Training on Ray Train: the TorchTrainer builder, the per-worker function, and the driver.
+"""Training on Ray Train, for any training stage: the TorchTrainer builder, the per-worker function,
+and the driver.
 
-    meta = run_pretrain(cfg.to_spec(preset), storage, config={...})   # cfg: jobs/pretrain.py's PretrainConfig
-    meta = train_and_export(spec, storage, prepared, config)   # any stage (cluster/chat_train.py)
+    meta = train_and_export(spec, storage, prepared, config)
 
 The machinery is shared by the three training stages; what differs is a `Prepared`: the stage
-name (its directory, the Ray Train run name), the batch source (`ShardSource`: Ray Data over the
-parquet shards for pretraining; cluster/chat_train.py's `ChatSource`: rendered conversations for
-midtrain and SFT) and the initial weights (fresh from the seed, or an exported model).
+name (its directory, the Ray Train run name), the batch source (cluster/pretrain.py's `ShardSource`:
+Ray Data over the parquet shards; cluster/chat_train.py's `ChatSource`: rendered conversations for
+midtrain and SFT) and the initial weights (fresh from the seed, or an exported model). Each stage's
+module builds its `Prepared` (cluster/pretrain.py's `preflight`, cluster/chat_train.py's
+`preflight_chat`) and calls `train_and_export`.
 
 The driver checks everything it can before any worker starts (model shape, batch arithmetic,
 tokenizer, shards, storage, an existing checkpoint's model), then runs a TorchTrainer:
@@ -46,30 +48,21 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from cluster import artifacts
-from cluster.artifacts import clear_stage, load_tokenizer, localize
-from cluster.metrics import PretrainMetrics
-from cluster.pretrain_data import ray_row_chunks
-from cluster.specs import PretrainSpec, Schedule, ShardReading, TrainSpec
+from cluster.artifacts import load_tokenizer, localize
+from cluster.metrics import training_metrics
+from cluster.specs import Schedule, TrainSpec
 from cluster.storage import RunStorage, StorageError, write_text_atomic
 from nanochat import checkpoint as ckpt
 from nanochat.common import DistInfo, peak_bf16_flops, set_seed
-from nanochat.dataloader import (
+from nanochat.data.dataloader import (
     DataPosition,
-    Item,
-    RowBatcher,
-    plan_row_groups,
-    rank_batches,
     resume_positions,
     start_positions,
-    validation_rows,
 )
-from nanochat.dataset import get_source, list_shards, train_val_split
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedule import grad_accum_steps, num_steps_from
 from nanochat.tokenizer import HF_TOKENIZER_FILE, MERGES_FILE
 from nanochat.train import Batch, LoopConfig, evaluate_bpb, train_loop
-
-STAGE = "pretrain"
 
 
 @dataclass(frozen=True)
@@ -142,30 +135,6 @@ class BatchSource(Protocol):
         """This rank's validation micro-batches (None: the stage has no validation set)."""
 
 
-@dataclass(frozen=True)
-class ShardSource:
-    """Pretraining's batches: parquet row groups tokenized and packed by Ray Data actors
-    (cluster/pretrain_data.py); validation rows from the validation shards."""
-
-    items: list[Item]  # every training row group, in order
-    val_shards: list[str]
-    reading: ShardReading
-
-    def train_batches(self, spec: TrainSpec, dist: DistInfo, tokenizer_uri: str, tokenizer: Any,
-                      start: DataPosition) -> RowBatcher:
-        r = self.reading
-        chunks = ray_row_chunks(
-            [tuple(i) for i in self.items], tokenizer_uri, spec.sequence_len + 1, start, dist.world_size,
-            batch_size=spec.device_batch_size, prefetch_batches=r.prefetch_batches,
-            actors=r.tokenizer_actors, actor_cpus=r.tokenizer_actor_cpus)
-        return RowBatcher(chunks, spec.device_batch_size, start)
-
-    def val_batches(self, spec: TrainSpec, dist: DistInfo, tokenizer: Any, plan: Plan) -> list[Batch]:
-        eval_rows = max(1, self.reading.eval_tokens // spec.sequence_len)  # over all ranks
-        rows = validation_rows(self.val_shards, tokenizer, spec.sequence_len + 1, eval_rows)
-        return rank_batches(rows, spec.device_batch_size, dist.rank, dist.world_size)
-
-
 # ----------------------------------------------------------------------------- the worker
 
 
@@ -189,7 +158,7 @@ class _Reporter:
         self.loop_started_at: float | None = time.time()  # constructed just before the loop starts
         if dist.is_main:
             self.log = RunStorage(cfg["run"], cfg["storage"]).metrics(cfg["stage"])
-            self.gauges = PretrainMetrics(cfg["run"], cfg["stage"])
+            self.gauges = training_metrics(cfg["run"], cfg["stage"])
 
     def on_metrics(self, metrics: dict[str, Any]) -> None:
         step = metrics["step"]
@@ -205,7 +174,7 @@ class _Reporter:
         if not self.dist.is_main:
             return
         self.log.append(record)
-        self.gauges.record(record, tokens=self.spec.total_batch_tokens * self.spec.schedule.log_every if dt else 0)
+        self.gauges.record(record, count=self.spec.total_batch_tokens * self.spec.schedule.log_every if dt else 0)
         _say(self._progress(record))
 
     def _progress(self, m: dict[str, Any]) -> str:
@@ -301,18 +270,11 @@ class Prepared:
     tokenizer: str  # tokenizer directory URI
     source: BatchSource
     plan: Plan
-    stage: str = STAGE  # the run directory and Ray Train run name: pretrain, midtrain or sft
+    stage: str  # the run directory and Ray Train run name: pretrain, midtrain or sft
     init_from: str | None = None  # exported model whose weights start the stage (None: fresh from the seed)
     resume_step: int | None = None  # step of the latest complete checkpoint of this run, if any
     notes: list[str] = field(default_factory=list)  # printed when training starts
     tasks: dict[str, int] | None = None  # the training conversations per task (chat stages), for the report
-
-
-def resolve_shards(data: str) -> tuple[list[str], list[str]]:
-    """(train shards, val shards) from a source name (embedded, fineweb) or a dir / s3:// / gs:// prefix."""
-    if "/" not in data and "://" not in data:
-        data = str(get_source(data).directory)
-    return train_val_split(list_shards(data))
 
 
 def check_storage_for_cluster(storage_uri: str, num_nodes: int, shared: bool) -> None:
@@ -325,20 +287,6 @@ def check_storage_for_cluster(storage_uri: str, num_nodes: int, shared: bool) ->
             "could not find them. Use --storage s3://... or gs://..., or, if this path is a shared "
             "filesystem (NFS) mounted on every node, set storage_is_shared=true"
         )
-
-
-def preflight(pretrain: PretrainSpec, storage: RunStorage) -> Prepared:
-    """Every check that needs no worker: raises with a message that says what to change."""
-    spec = pretrain.train
-    tok_uri = pretrain.tokenizer or storage.stage_uri("tokenizer")
-    if pretrain.tokenizer is None:
-        storage.read_meta("tokenizer")  # raises "run the tokenizer stage first" when missing
-    vocab = load_tokenizer(tok_uri).vocab_size
-    plan = make_plan(spec, vocab, spec.group.num_workers)
-    train, val = resolve_shards(pretrain.data)
-    items = plan_row_groups(train)
-    storage.check_writable()
-    return check_resume(Prepared(tok_uri, ShardSource(items, val, pretrain.reading), plan), storage, spec)
 
 
 def check_resume(prepared: Prepared, storage: RunStorage, spec: TrainSpec) -> Prepared:
@@ -389,7 +337,7 @@ def build_trainer(spec: TrainSpec, storage: RunStorage, prepared: Prepared) -> T
 
 
 def export_model(checkpoint: Checkpoint, storage: RunStorage, tokenizer: str, meta: dict[str, Any],
-                 stage: str = STAGE) -> str:
+                 stage: str) -> str:
     """Copy the final weights and the tokenizer to {run}/<stage>/model/, config.json last."""
     src_fs, src = checkpoint.filesystem, checkpoint.path
     dest = f"{storage.stage_path(stage)}/model"
@@ -431,14 +379,6 @@ def add_loop_spans(writer: Any, rows: list[dict[str, Any]], fit_start: float, fi
             begin = first["time"] - first["step_time_s"]
             writer.span("compile", "start-up", begin, begin + extra)
     writer.span("final checkpoint", "writing", rows[-1]["time"], fit_end)
-
-
-def run_pretrain(spec: PretrainSpec, storage: RunStorage, *, config: dict[str, Any],
-                 force: bool = False) -> dict[str, Any]:
-    """Check, train (resuming the run's last checkpoint unless `force`), export, write meta.json."""
-    if force:
-        clear_stage(storage, STAGE)
-    return train_and_export(spec.train, storage, preflight(spec, storage), config)
 
 
 def train_and_export(spec: TrainSpec, storage: RunStorage, prepared: Prepared,

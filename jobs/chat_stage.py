@@ -16,7 +16,7 @@ from cluster.chat_train import run_chat_stage
 from cluster.specs import ChatStageSpec
 from cluster.storage import RunStorage
 from jobs.config import TrainingConfig, load_stage_config, stage_argparser
-from nanochat.chat_data import Layout
+from nanochat.data.chat_data import Layout
 
 
 class ChatStageConfig(TrainingConfig):

@@ -56,7 +56,7 @@ class OptimizerSettings(StageConfig):
 
 class TrainingConfig(OptimizerSettings):
     """The settings every Ray Train stage (pretrain, midtrain, sft) shares: optimizer, schedule, the
-    worker group. `schedule()` and `worker_group()` are their only conversions to cluster/train.py's specs."""
+    worker group. `schedule()` and `worker_group()` are their only conversions to cluster/specs.py's specs."""
 
     device_batch_size: int = Field(32, ge=1, description="rows per forward/backward on each worker")
     num_iterations: int = Field(-1, description="horizon in optimizer steps if > 0 (else the stage's own rule)")
@@ -155,7 +155,7 @@ def data_location(preset: str, explicit: str | None) -> str:
     directory of the preset's data source (embedded pack or downloaded FineWeb)."""
     if explicit:
         return explicit
-    from nanochat.dataset import get_source
+    from nanochat.data.dataset import get_source
 
     section = load_preset(preset).get("data") or {}
     return section.get("uri") or str(get_source(section.get("source", "embedded")).directory)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanochat import dataset
-from nanochat.datapack import build_embedded_pack, pack_status
+from jobs.datapack import build_embedded_pack, pack_status
+from nanochat.data import dataset
 from nanochat.errors import entrypoint
 
 

@@ -9,9 +9,9 @@ Reads the exported model `{run}/<stage>/model/` with the tokenizer saved beside 
 else `{run}/tokenizer/`) and the validation shard; writes `{run}/evaluate/<stage>.json` atomically,
 last: the evaluation of a stage is complete when that file exists (a rerun skips it unless --force).
 - pretrain: greedy samples of fixed prompts and CORE. CORE uses DCLM's eval bundle when it is on
-  disk or can be downloaded, else the embedded pack's tasks (nanochat/core_tasks.py), labelled
+  disk or can be downloaded, else the embedded pack's tasks (nanochat/evals/core_tasks.py), labelled
   "CORE-k (our config)";
-- midtrain, sft, rl: the chat tasks of nanochat/chat_eval.py (ARC-Easy/Challenge and MMLU by a
+- midtrain, sft, rl: the chat tasks of nanochat/evals/chat.py (ARC-Easy/Challenge and MMLU by a
   restricted argmax, GSM8K with the Python tool and HumanEval sampled and checked in the sandbox,
   pass@k) and ChatCORE, under `"chat": {"tasks": {...}, "chatcore": x}`;
 - every stage: `chat.format_rate`, the share of fixed multiple-choice items that free greedy
@@ -45,12 +45,12 @@ from cluster.eval_pool import EvalPool, EvalPoolError, load_from_storage, plan_p
 from cluster.sandbox_pool import SandboxPool, SandboxPoolError
 from cluster.storage import RunStorage, git_commit, submitted_at, write_text_atomic
 from jobs.config import StageConfig, load_stage_config, stage_argparser
-from nanochat import chat_eval
-from nanochat.core_eval import build_requests, core_results, score_requests
-from nanochat.core_tasks import CoreSelection, select_core_tasks
-from nanochat.dataset import get_source, list_shards, train_val_split
+from nanochat.data.dataset import get_source, list_shards, train_val_split
 from nanochat.errors import entrypoint
-from nanochat.evaluation import SAMPLE_PROMPTS, aggregate, sample_completions, val_bpb
+from nanochat.evals import chat as chat_eval
+from nanochat.evals.core import build_requests, core_results, score_requests
+from nanochat.evals.core_tasks import CoreSelection, select_core_tasks
+from nanochat.evals.harness import SAMPLE_PROMPTS, aggregate, sample_completions, val_bpb
 from nanochat.report import EVAL_BPB
 from nanochat.tasks import Task, eval_tasks
 

@@ -7,7 +7,7 @@
 Starts from the exported base model {run}/pretrain/model/ (or `init_from`) and its tokenizer;
 trains on the stage's mixture (nanochat/tasks: SmolTalk, MMLU auxiliary train, GSM8K with tool
 calls, identity and spelling on the hub; the pack's non-evaluation sets offline), each conversation
-rendered with its loss mask and packed whole into BOS-led rows (nanochat/chat_data.py), on the same
+rendered with its loss mask and packed whole into BOS-led rows (nanochat/data/chat_data.py), on the same
 Ray Train machinery as pretraining (cluster/chat_train.py, cluster/train.py): checkpoints, retries,
 resume on any number of workers. Writes metrics.jsonl, the exported model {run}/midtrain/model/ and
 meta.json (last). A complete stage is skipped unless --force (which starts it over).

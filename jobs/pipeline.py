@@ -40,13 +40,13 @@ class PipelineError(NanochatError, RuntimeError):
 
 def ensure_data(preset: dict) -> str:
     """Make the preset's training data ready and return its location (a local dir or a URI)."""
-    from nanochat import dataset
+    from nanochat.data import dataset
 
     data = preset.get("data") or {}
     source = data.get("source", "embedded")
     dataset.get_source(source)  # unknown names fail here, naming the known ones
     if source == "embedded":
-        from nanochat.datapack import build_embedded_pack, pack_status
+        from jobs.datapack import build_embedded_pack, pack_status
 
         status = pack_status()
         if not status.ok:

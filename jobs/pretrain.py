@@ -7,7 +7,8 @@
 Reads {run}/tokenizer/ (or `tokenizer=`), the shards named by `data`, and writes Ray Train's
 checkpoints, metrics.jsonl, the exported model {run}/pretrain/model/ and meta.json (last).
 Relaunching an incomplete run resumes from its last checkpoint, on any number of workers;
-a complete run is skipped unless --force (which starts over). See cluster/train.py.
+a complete run is skipped unless --force (which starts over). See cluster/pretrain.py and
+cluster/train.py.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import sys
 import ray
 from pydantic import Field, model_validator
 
+from cluster.pretrain import run_pretrain
 from cluster.specs import PretrainSpec, ShardReading, TrainSpec
 from cluster.storage import RunStorage
-from cluster.train import run_pretrain
 from jobs.config import TrainingConfig, data_location, load_stage_config, stage_argparser
 from nanochat.errors import entrypoint
 

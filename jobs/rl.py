@@ -27,11 +27,12 @@ from pydantic import Field, model_validator
 
 from cluster.artifacts import clear_stage, find_model
 from cluster.resources import ClusterDescription, Demand, check_placeable, describe_cluster
-from cluster.rl import STAGE, RLRun, make_task
+from cluster.rl import STAGE, RLRun
 from cluster.specs import RLSpec
 from cluster.storage import RunStorage
 from jobs.config import OptimizerSettings, load_stage_config, stage_argparser
 from nanochat.errors import entrypoint
+from nanochat.tasks import rl_task
 from nanochat.tasks.sources import hub_reachable
 
 
@@ -41,7 +42,7 @@ class RLConfig(OptimizerSettings):
     model_dir: str | None = Field(None, description="exported model to start from (dir or URI); default {run}/sft/model")
     task: Literal["gsm8k", "toy"] = Field("gsm8k", description="gsm8k: the seed's GSM8K RL (offline: the contaminated "
                                                                "demo half of its test set); toy: end-letter task of "
-                                                               "nanochat/rl_toy.py")
+                                                               "nanochat/tasks/end_letter.py")
     offline: bool | None = Field(None, description="GSM8K from the embedded pack (true) or the hub (false); null: "
                                                    "the hub when reachable")
     num_epochs: int = Field(1, ge=1, description="passes over the training prompts (used when num_steps <= 0)")
@@ -100,7 +101,7 @@ class RLConfig(OptimizerSettings):
         rollout actor when the cluster has GPUs."""
         num_steps = self.num_steps
         if num_steps <= 0:
-            prompts = len(make_task(self.task, "train", self.offline))
+            prompts = len(rl_task(self.task, "train", self.offline))
             num_steps = max(1, self.num_epochs * prompts // self.examples_per_step)
         offline = (not hub_reachable()) if self.task == "gsm8k" and self.offline is None else self.offline
         gpu = 1.0 if cluster_gpus >= 1 else 0.0
@@ -176,8 +177,8 @@ def run_rl(cfg: RLConfig, storage: RunStorage, config: dict[str, Any], force: bo
         writer.metrics.update(summary)
         writer.extra.update({"model": model, "init_model": model_uri, "tokenizer": tokenizer_uri,
                              "num_steps": spec.num_steps, "sync": spec.sync_method,
-                             "task": {"train": make_task(spec.task, "train", spec.offline).describe(),
-                                      "eval": make_task(spec.task, "eval", spec.offline).describe()}})
+                             "task": {"train": rl_task(spec.task, "train", spec.offline).describe(),
+                                      "eval": rl_task(spec.task, "eval", spec.offline).describe()}})
         return writer.commit()
 
 

@@ -7,7 +7,7 @@
 Starts from the exported model {run}/midtrain/model/ (or `init_from`) and its tokenizer; trains on
 the stage's mixture (nanochat/tasks: ARC-Easy/Challenge train, GSM8K train, 10k SmolTalk, identity
 and spelling on the hub; the pack's non-evaluation sets offline), one conversation per row, padded
-to the longest of its micro-batch, loss only on what the assistant writes (nanochat/chat_data.py),
+to the longest of its micro-batch, loss only on what the assistant writes (nanochat/data/chat_data.py),
 on the same Ray Train machinery as pretraining (cluster/chat_train.py, cluster/train.py):
 checkpoints, retries, resume on any number of workers. Writes metrics.jsonl, the exported model
 {run}/sft/model/ and meta.json (last). A complete stage is skipped unless --force.

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from cluster.storage import RunStorage
 from jobs.config import StageConfig, data_location, load_stage_config, stage_argparser
-from nanochat import dataset
+from nanochat.data import dataset
 from nanochat.errors import entrypoint
 
 # Below this budget one task reads, counts and trains: rustbpe counts ~25 MB/s in one process (its
@@ -94,7 +94,7 @@ def _train_one_task(shards: list[str], doc_cap: int, max_chars: int, vocab_size:
 
 def evaluate_tokenizer(tok, val_shards: list[str], eval_chars: int) -> dict:
     """Bytes per token on the validation text and fixed texts, with the references available."""
-    from nanochat.tokenizer_eval import SAMPLE_TEXTS, compression_report, load_reference_encodings
+    from nanochat.evals.compression import SAMPLE_TEXTS, compression_report, load_reference_encodings
 
     texts = dict(SAMPLE_TEXTS)
     if eval_chars > 0 and val_shards:
@@ -110,8 +110,8 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
     """Run the stage on the connected Ray cluster; returns the meta written."""
     import ray
 
+    from nanochat.evals.compression import format_report
     from nanochat.tokenizer import Tokenizer
-    from nanochat.tokenizer_eval import format_report
 
     shards = dataset.list_shards(data)
     train, val = dataset.train_val_split(shards)

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from nanochat.adamw import ShardedOptimizer, load_optimizer_shards, optimizer_shard_state
 from nanochat.common import DistInfo, atomic_write
 from nanochat.errors import NanochatError, NotFoundError
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.sharding import ShardedOptimizer, load_optimizer_shards, optimizer_shard_state
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.json"

@@ -3,8 +3,8 @@ dtype to compute in, and seeding.
 
 Notable:
 - `DistInfo` is the one way distributed facts reach the core (rank, world size, device). It is
-  built by the caller; `DistInfo.from_process_group` reads an already initialised
-  torch.distributed group (Ray Train initialises it; the core never calls init_process_group).
+  built by the caller from what set up the process group (Ray Train's context, the RL learner
+  actors); the core never calls init_process_group.
 - `compute_dtype`: bf16 autocast on CUDA, plain float32 on CPU.
 
 Nothing here runs at import time.
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 
 
 @dataclass(frozen=True)
@@ -48,17 +47,6 @@ class DistInfo:
     def is_distributed(self) -> bool:
         """True when collectives are needed (more than one process)."""
         return self.world_size > 1
-
-    @classmethod
-    def from_process_group(cls, device: str | torch.device, local_rank: int | None = None) -> DistInfo:
-        """Read rank and world size from torch.distributed if a process group is initialised,
-        else describe a single process. `local_rank` defaults to the CUDA device index (0 on CPU)."""
-        device = torch.device(device)
-        if local_rank is None:
-            local_rank = (device.index or 0) if device.type == "cuda" else 0
-        if torch_dist.is_available() and torch_dist.is_initialized():
-            return cls(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, str(device))
-        return cls(0, 1, local_rank, str(device))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:

@@ -11,7 +11,7 @@ Notable:
 - Distributed: every matrix has one owner rank (largest matrices first, each to the rank with the
   least work so far). Gradients are summed onto the owner (torch.distributed.reduce, which gloo
   and NCCL both have), the owner alone keeps the momentum buffer and orthogonalises, then
-  broadcasts the new weights. State checkpoints reuse nanochat/adamw.py's shard format, with each
+  broadcasts the new weights. State checkpoints reuse nanochat/sharding.py's shard format, with each
   owned matrix saved as its full row range.
 """
 
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from nanochat.adamw import ShardedOptimizer
 from nanochat.common import DistInfo
+from nanochat.sharding import ShardedOptimizer
 
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): chosen to push singular values into
 # roughly [0.7, 1.2] quickly rather than to converge exactly to 1.

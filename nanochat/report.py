@@ -73,7 +73,7 @@ def gpu_hours(rec: RunRecord) -> float:
     return total
 
 
-EVAL_BPB = "eval_bpb"  # key of the evaluation stage's bpb in evaluate/<stage>.json (nanochat/evaluation.py's val_bpb)
+EVAL_BPB = "eval_bpb"  # key of the evaluation stage's bpb in evaluate/<stage>.json (nanochat/evals/harness.py's val_bpb)
 # Training's own validation bpb (metrics.jsonl and meta.json: `val_bpb`) packs BOS-led documents into
 # rows; the evaluation's takes the validation documents as one stream. Both are shown, named apart.
 METRIC_LABELS = {"val_bpb": "val_bpb (training validation: packed rows)"}
@@ -164,7 +164,7 @@ def render_report(rec: RunRecord, *, hourly_rate: float, plots: list[str], now: 
     sections = [_stage_section(s, rec.metas.get(s), rec.evaluations.get(s)) for s in STAGE_ORDER]
     tok = rec.metas.get("tokenizer", {}).get("evaluation", {}).get("bytes_per_token")
     if tok:
-        from nanochat.tokenizer_eval import format_report
+        from nanochat.evals.compression import format_report
 
         sections[0] += "\nBytes per token:\n\n" + format_report(tok) + "\n"
     figs = ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] if plots else []

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from nanochat.adamw import ShardedOptimizer
 from nanochat.common import DistInfo, autocast_context
 from nanochat.muon import Muon
 from nanochat.schedule import (
@@ -38,6 +37,7 @@ from nanochat.schedule import (
     lr_multiplier,
     muon_momentum,
 )
+from nanochat.sharding import ShardedOptimizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T) long, targets (B, T) long (-1 = ignore)
 

@@ -56,7 +56,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def embedded_pack() -> Path:
     """The embedded data pack (built once per machine from PyPI/Debian, then reused)."""
-    from nanochat.datapack import build_embedded_pack
+    from jobs.datapack import build_embedded_pack
 
     return build_embedded_pack()
 

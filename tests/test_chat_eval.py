@@ -1,4 +1,4 @@
-"""Tests for the chat evaluation (nanochat/chat_eval.py) and the chat side of the evaluate job.
+"""Tests for the chat evaluation (nanochat/evals/chat.py) and the chat side of the evaluate job.
 
 Run: `PYTHONPATH=. python -m pytest tests/test_chat_eval.py` (add `-m "not cluster"` for the quick ones).
 Without Ray: a scripted mock model (its next token is a function of the sequence so far, read back
@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from jobs import evaluate as job
-from nanochat import chat_eval
-from nanochat.chat_eval import ChatAnswer, SampleAnswers, SampleSettings
-from nanochat.evaluation import EvalState, TaskTotals, aggregate
+from nanochat.evals import chat as chat_eval
+from nanochat.evals.chat import ChatAnswer, SampleAnswers, SampleSettings
+from nanochat.evals.harness import EvalState, TaskTotals, aggregate
 from nanochat.kv_cache import dense_mask
 from nanochat.tasks import GSM8K, HumanEval, Identity, MultipleChoiceTask, eval_tasks
 from nanochat.tokenizer import Tokenizer

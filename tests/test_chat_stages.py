@@ -1,4 +1,4 @@
-"""Tests for the chat stages' rows (nanochat/chat_data.py).
+"""Tests for the chat stages' rows (nanochat/data/chat_data.py).
 
 Run: `PYTHONPATH=. python -m pytest tests/test_chat_stages.py`.
 Rendering and masks (targets only on what the assistant writes), packing (BOS-led rows of whole
@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from nanochat.chat_data import (
+from nanochat.data.chat_data import (
     ChatBatcher,
     ChatData,
     build_rows,
@@ -22,7 +22,7 @@ from nanochat.chat_data import (
     parse_task_spec,
     targets,
 )
-from nanochat.dataloader import DataPosition
+from nanochat.data.dataloader import DataPosition
 from nanochat.tasks import Task
 from nanochat.tokenizer import Tokenizer
 

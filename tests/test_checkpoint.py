@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat.adamw import load_optimizer_shards, optimizer_shard_state
 from nanochat.common import DistInfo
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.sharding import load_optimizer_shards, optimizer_shard_state
 from nanochat.train import LoopConfig, train_loop
 
 VOCAB, SEQ = 64, 16

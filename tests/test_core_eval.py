@@ -1,4 +1,4 @@
-"""Unit tests of CORE evaluation (nanochat/core_eval.py, core_tasks.py, evaluation.py) without Ray.
+"""Unit tests of CORE evaluation (nanochat/evals/core.py, core_tasks.py, evaluation.py) without Ray.
 
 A byte tokenizer and mock models stand in for real ones: a model that knows the gold answers
 (a prefix trie of the gold prompts) must score 1, a model with uniform logits exactly the random
@@ -17,10 +17,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanochat import core_eval, core_tasks, evaluation
-from nanochat.core_eval import CoreRequest, CoreTask, TaskMeta
-from nanochat.dataset import SourceUnavailableError, write_shards
-from nanochat.evaluation import ItemResult
+from nanochat.data.dataset import SourceUnavailableError, write_shards
+from nanochat.evals import core as core_eval
+from nanochat.evals import core_tasks
+from nanochat.evals import harness as evaluation
+from nanochat.evals.core import CoreRequest, CoreTask, TaskMeta
+from nanochat.evals.harness import ItemResult
 
 BOS = 256
 VOCAB = 257

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from jobs import data as data_job
-from jobs import pipeline
-from nanochat import datapack
-from nanochat.datapack import MANIFEST, eval_dir_for, pack_status
-from nanochat.dataset import get_source, write_shards
+from jobs import datapack, pipeline
+from jobs.datapack import MANIFEST, eval_dir_for, pack_status
+from nanochat.data.dataset import get_source, write_shards
 
 
 class _Fill:

@@ -1,4 +1,4 @@
-"""Tests of pretraining rows (nanochat/dataloader.py): BOS-aligned packing, the per-rank item
+"""Tests of pretraining rows (nanochat/data/dataloader.py): BOS-aligned packing, the per-rank item
 order, exact resume from a DataPosition, re-sharding positions, validation rows. No Ray.
 
 Run: PYTHONPATH=. python -m pytest tests/test_dataloader.py -q
@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanochat import dataloader as dl
-from nanochat.dataset import write_shards
+from nanochat.data import dataloader as dl
+from nanochat.data.dataset import write_shards
 
 BOS = 256
 

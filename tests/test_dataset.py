@@ -1,4 +1,4 @@
-"""Tests for nanochat/dataset.py: shard format, listing, validation, reading, and the FineWeb-Edu download.
+"""Tests for nanochat/data/dataset.py: shard format, listing, validation, reading, and the FineWeb-Edu download.
 
 Run: PYTHONPATH=. python -m pytest tests/test_dataset.py -q
 No network needed: downloads go to a local HTTP server; the real-source test only checks the
@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset
-from nanochat.dataset import (
+from nanochat.data import dataset
+from nanochat.data.dataset import (
     DownloadError,
     ShardError,
     SourceUnavailableError,

@@ -21,8 +21,10 @@ from cluster.eval_pool import EvalPool, EvalPoolError, PoolSpec, load_from_stora
 from cluster.storage import RunStorage
 from jobs import evaluate as job
 from jobs.config import ConfigError, load_stage_config
-from nanochat import core_eval, core_tasks, evaluation
 from nanochat.checkpoint import save_model
+from nanochat.evals import core as core_eval
+from nanochat.evals import core_tasks
+from nanochat.evals import harness as evaluation
 from nanochat.gpt import GPT, GPTConfig
 
 SEQ_LEN = 128
@@ -32,14 +34,14 @@ VOCAB = 512  # the test tokenizer's vocabulary: bytes, merges and nanochat's spe
 @pytest.fixture(scope="module")
 def pack():
     """The embedded pack (its validation shard and evaluation sets); built once per machine."""
-    from nanochat.datapack import build_embedded_pack
+    from jobs.datapack import build_embedded_pack
 
     return build_embedded_pack()
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(pack, tmp_path_factory):
-    from nanochat.dataset import iter_documents, list_shards
+    from nanochat.data.dataset import iter_documents, list_shards
     from nanochat.tokenizer import Tokenizer
 
     docs = list(itertools.islice(iter_documents(list_shards(pack)[:1]), 300))

@@ -281,7 +281,7 @@ def test_another_model_type_is_refused(exported, tmp_path):
 
 
 def test_missing_tokenizer_is_a_clear_error(exported, tmp_path):
-    from nanochat.evaluation import load_eval_state
+    from nanochat.evals.harness import load_eval_state
 
     for f in exported.iterdir():
         if f.name != "tokenizer.json":

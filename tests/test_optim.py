@@ -1,4 +1,4 @@
-"""Tests of Muon and the sharded AdamW (nanochat/muon.py, nanochat/adamw.py), including 2 gloo
+"""Tests of Muon and the sharded AdamW (nanochat/muon.py, nanochat/adamw.py, nanochat/sharding.py), including 2 gloo
 ranks (torch.multiprocessing) against 1 rank and checkpoint re-sharding 1->2 and 2->1.
 
 Run: PYTHONPATH=. python -m pytest tests/test_optim.py -q
@@ -11,10 +11,11 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from nanochat.adamw import AdamW, load_optimizer_shards, optimizer_shard_state
+from nanochat.adamw import AdamW
 from nanochat.common import DistInfo
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.muon import Muon, _balanced_owners, orthogonalize
+from nanochat.sharding import load_optimizer_shards, optimizer_shard_state
 from nanochat.train import LoopConfig, evaluate_bpb, train_loop
 
 VOCAB = 75  # odd on purpose: the embedding rows do not split evenly over 2 ranks

@@ -1,4 +1,4 @@
-"""Pretraining on the cluster (cluster/train.py, cluster/pretrain_data.py, jobs/pretrain.py):
+"""Pretraining on the cluster (cluster/pretrain.py, cluster/train.py, cluster/pretrain_data.py, jobs/pretrain.py):
 2 workers vs the single-process loop, worker failures, relaunch, resume at another world size,
 a node removed from a 2-node cluster, metrics on the Prometheus endpoint, and bad input.
 
@@ -22,21 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.pretrain import preflight, resolve_shards, run_pretrain
 from cluster.specs import PretrainSpec
 from cluster.storage import RunStorage, StorageError
-from cluster.train import (
-    build_model,
-    check_storage_for_cluster,
-    make_plan,
-    preflight,
-    resolve_shards,
-    run_pretrain,
-)
+from cluster.train import build_model, check_storage_for_cluster, make_plan
 from jobs.config import ConfigError, load_stage_config
 from jobs.pretrain import PretrainConfig
 from nanochat import checkpoint as ckpt
 from nanochat.common import DistInfo
-from nanochat.dataloader import (
+from nanochat.data.dataloader import (
     DataPosition,
     RowBatcher,
     local_row_chunks,
@@ -44,7 +38,7 @@ from nanochat.dataloader import (
     rank_batches,
     validation_rows,
 )
-from nanochat.dataset import iter_row_groups
+from nanochat.data.dataset import iter_row_groups
 from nanochat.tokenizer import Tokenizer
 from nanochat.train import evaluate_bpb, train_loop
 

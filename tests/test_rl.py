@@ -1,4 +1,4 @@
-"""Unit tests of the GRPO core (nanochat/rl.py) and the toy task (nanochat/rl_toy.py): pure tensors,
+"""Unit tests of the GRPO core (nanochat/rl.py) and the toy task (nanochat/tasks/end_letter.py): pure tensors,
 no Ray. Advantages, the token alignment and masks of a packed batch, token-level normalisation
 (also across ranks), the clipped ratio, a real learner step on a tiny GPT, pass@k against brute
 force, the bit-level checksums and the probe comparison used by the weight-sync check.
@@ -17,8 +17,8 @@ import torch
 from nanochat import rl
 from nanochat.common import DistInfo
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.rl_toy import EndLetter, last_letter
 from nanochat.schedule import LearningRates
+from nanochat.tasks.end_letter import EndLetter, last_letter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""Tests for unforgeable HumanEval scoring (nanochat/humaneval_check.py) and the Ray sandbox pool
+"""Tests for unforgeable HumanEval scoring (nanochat/evals/humaneval_check.py) and the Ray sandbox pool
 (cluster/sandbox_pool.py).
 
 Run: PYTHONPATH=. python -m pytest tests/test_sandbox_pool.py -q   (add -m slow for all 164 problems)
@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanochat.evaluation import eval_data_dir
-from nanochat.humaneval_check import PASS_PREFIX, _from_wire, _to_wire, build_check, check_completion
+from nanochat.evals.harness import eval_data_dir
+from nanochat.evals.humaneval_check import PASS_PREFIX, _from_wire, _to_wire, build_check, check_completion
 from nanochat.sandbox import Sandbox, SandboxLimits
 
 pytestmark = pytest.mark.timeout(120)

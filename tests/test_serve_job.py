@@ -22,8 +22,10 @@ def run_dir(tmp_path):
     for stage, own_tokenizer in (("sft", True), ("pretrain", False)):
         model = tmp_path / "r1" / stage / "model"
         (model / "tokenizer" if own_tokenizer else model).mkdir(parents=True)
+        (model / "config.json").write_text(json.dumps({"model_config": {}}))  # what marks an exported model
         (tmp_path / "r1" / stage / "meta.json").write_text(json.dumps({"stage": stage}))
     (tmp_path / "r1" / "tokenizer").mkdir()
+    (tmp_path / "r1" / "tokenizer" / "meta.json").write_text(json.dumps({"stage": "tokenizer"}))
     return tmp_path
 
 

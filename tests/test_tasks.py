@@ -12,7 +12,7 @@ from itertools import pairwise
 
 import pytest
 
-from nanochat.dataset import nanochat_home
+from nanochat.data.dataset import nanochat_home
 from nanochat.sandbox import Sandbox, format_tool_output
 from nanochat.tasks import (
     ARC,

@@ -9,7 +9,7 @@ from cluster.storage import RunStorage
 from cluster.text_data import _budget_count, budget_documents, map_stage_counts
 from jobs.config import ConfigError, load_stage_config
 from jobs.tokenizer import TokenizerConfig, run_tokenizer
-from nanochat import dataset
+from nanochat.data import dataset
 from nanochat.tokenizer import Tokenizer
 
 

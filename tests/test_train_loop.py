@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from nanochat.adamw import load_optimizer_shards, optimizer_shard_state
 from nanochat.common import DistInfo
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedule import grad_accum_steps, lr_multiplier, muon_momentum, num_steps_from
+from nanochat.sharding import load_optimizer_shards, optimizer_shard_state
 from nanochat.train import (
     CPU_COMPILE_COLD_S,
     CPU_COMPILE_SAVED_FRAC,

@@ -11,7 +11,8 @@ Mixtures (as in the seed when the Hugging Face hub is reachable; from the embedd
                   arithmetic (tool use), identity x2, spelling, letter count
 - sft       hub:  ARC-E/C train, GSM8K train, SmolTalk train[:10k], identity, spelling, letter count
             pack: the same multiple-choice sets (SocialIQA[:1000]), fewer synthetic examples
-- rl        hub:  GSM8K train;  pack: the contaminated demo half of GSM8K test
+- rl        hub:  GSM8K train;  pack: the contaminated demo half of GSM8K test (`rl_task` also
+            offers "toy": EndLetter, nanochat/tasks/end_letter.py, which a tiny model learns)
 Evaluation: ARC-E/C test, MMLU test, GSM8K test (offline: its held-out half), HumanEval test.
 Items of the evaluation sets are removed from the dataset-derived training tasks (`WithoutItems`;
 MMLU dev/validation share ~30 questions with MMLU test), and `check_disjoint` proves the result.
@@ -39,6 +40,7 @@ from nanochat.tasks.base import (
     check_disjoint,
     find_overlap,
 )
+from nanochat.tasks.end_letter import EndLetter
 from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tasks.humaneval import HumanEval
 from nanochat.tasks.identity import Identity
@@ -158,3 +160,18 @@ def training_mixture(stage: str, offline: bool | None = None, *, seed: int = SEE
     log.info("tasks: %s mixture from the %s: %d conversations: %s", stage, src, len(mixture),
              ", ".join(t.describe() for t in tasks))
     return mixture
+
+
+def rl_task(kind: str, split: str, offline: bool | None) -> Task:
+    """The RL stage's training task (split "train") or its held-out evaluation task ("eval"):
+    "gsm8k" (the rl mixture above / GSM8K test, its held-out half offline) or "toy" (EndLetter)."""
+    if split not in ("train", "eval"):
+        raise ConfigError(f"unknown RL split {split!r}: use 'train' or 'eval'")
+    if kind == "toy":
+        return EndLetter(size=4096 if split == "train" else 256, split="train" if split == "train" else "heldout")
+    if kind != "gsm8k":
+        raise ConfigError(f"unknown RL task {kind!r}: use 'gsm8k' or 'toy'")
+    offline = not hub_reachable() if offline is None else offline
+    if split == "train":
+        return training_mixture("rl", offline)
+    return GSM8K("test", subset="heldout" if offline else "all", source="pack" if offline else "hub")

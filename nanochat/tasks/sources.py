@@ -1,6 +1,6 @@
 """Where task rows come from: the Hugging Face hub through `datasets`, or the embedded pack offline.
 
-Every dataset is read into one row schema, the pack's (see nanochat/datapack.py): multiple choice
+Every dataset is read into one row schema, the pack's (see jobs/datapack.py): multiple choice
 rows have `id`, `question`, `choices`, `answer` (index) and optionally `context` / `subject`;
 GSM8K rows `question`, `solution`, `answer_text`; HumanEval rows `prompt`, `canonical_solution`,
 `test`, `entry_point`; SmolTalk rows `messages`. Hub rows are converted on access, so a 460k-row
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from nanochat.dataset import SourceUnavailableError, check_reachable, nanochat_home
+from nanochat.data.dataset import SourceUnavailableError, check_reachable, nanochat_home
 from nanochat.errors import ConfigError, NotFoundError
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from nanochat.dataset import get_source, iter_documents, list_shards
+from nanochat.data.dataset import get_source, iter_documents, list_shards
 from nanochat.errors import ConfigError, NotFoundError
 from nanochat.tasks.base import Task, assistant_text, tool_call_parts
 from nanochat.tasks.gsm8k import answers_match

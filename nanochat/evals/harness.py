@@ -1,7 +1,7 @@
 """Shared pieces of every evaluation (base CORE now, chat evaluations later), free of Ray.
 
 - the evaluation sets of the embedded pack: `load_pack_items(task, split)` reads
-  {home}/data/eval/<task>/<split>.jsonl (built by `python -m jobs.data`; fields in nanochat/datapack.py);
+  {home}/data/eval/<task>/<split>.jsonl (built by `python -m jobs.data`; fields in jobs/datapack.py);
 - `EvalState`: what an evaluation worker holds once (model, tokenizer, device, context length),
   built by `load_eval_state` from a saved checkpoint and tokenizer;
 - sharding and aggregation: items are split with `shard_items`; each item gives one `ItemResult`
@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 
 from nanochat.common import DistInfo
-from nanochat.dataset import iter_documents, nanochat_home
+from nanochat.data.dataset import iter_documents, nanochat_home
 from nanochat.errors import ConfigError, NotFoundError
 
 T = TypeVar("T")
@@ -233,7 +233,7 @@ def val_bpb(state: EvalState, shards: Sequence[str], max_tokens: int, batch_size
     """Bits per byte of the model on the documents of `shards` (at most max_tokens targets), the
     documents concatenated into one BOS-separated stream at the model's context. Stored as
     `eval_bpb` in evaluate/<stage>.json (nanochat/report.py's `evaluation_bpb` reads it); training's `val_bpb` is another
-    number: rows packed from BOS-led documents, eval_tokens of them (nanochat/dataloader.py)."""
+    number: rows packed from BOS-led documents, eval_tokens of them (nanochat/data/dataloader.py)."""
     from nanochat.train import evaluate_bpb
 
     seq_len = state.max_seq_len or state.model.config.sequence_len

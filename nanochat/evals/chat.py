@@ -17,7 +17,7 @@ Notable:
   (seed, task, index) so a result never depends on which actor or chunk an item lands in; the
   Python tool runs through a `tool_run` callable (the sandbox pool's). `check_answers` checks them
   in the driver: GSM8K by `Task.evaluate`, HumanEval through a checker built on
-  nanochat/humaneval_check.py (the sandbox pool's, or a local Sandbox). An item passes when any
+  nanochat/evals/humaneval_check.py (the sandbox pool's, or a local Sandbox). An item passes when any
   of its samples does: pass@k with k = num_samples;
 - prompts longer than the model's context keep their last tokens (generative ones leave room for
   the answer); how many were cut is reported per task;
@@ -43,9 +43,9 @@ from typing import Any, Literal
 import torch
 
 from nanochat.common import autocast_context
-from nanochat.core_eval import option_credit
 from nanochat.errors import ConfigError
-from nanochat.evaluation import EvalState, ItemResult, TaskTotals, centred_mean
+from nanochat.evals.core import option_credit
+from nanochat.evals.harness import EvalState, ItemResult, TaskTotals, centred_mean
 from nanochat.tasks import HumanEval, Task
 from nanochat.tasks.base import assistant_text
 from nanochat.tasks.humaneval import extract_code
@@ -286,8 +286,8 @@ HumanEvalChecker = Callable[[list[dict[str, str]]], list[bool]]  # problems -> p
 
 
 def local_humaneval_checker(timeout_s: float = 10.0) -> HumanEvalChecker:
-    """A HumanEval checker on a Sandbox in this process (nanochat/humaneval_check.py), one at a time."""
-    from nanochat.humaneval_check import check_completion
+    """A HumanEval checker on a Sandbox in this process (nanochat/evals/humaneval_check.py), one at a time."""
+    from nanochat.evals.humaneval_check import check_completion
     from nanochat.sandbox import Sandbox
 
     sandbox = Sandbox()

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from nanochat.dataset import iter_row_groups, validate_shard
+from nanochat.data.dataset import iter_row_groups, validate_shard
 from nanochat.errors import ConfigError
 
 Item = tuple[str, int]  # (shard path or URI, row group index inside it)

@@ -12,7 +12,7 @@ Notable:
   and an empty one, naming the stage;
 - stream: conversation g (g = 0, 1, 2, ...) is training conversation g mod N (epoch g // N); rank r
   of W reads g = r, r + W, r + 2W, ... A rank's place is `DataPosition(item=g)`, the next
-  conversation it has not put in a handed-out row (nanochat/dataloader.py's position type, so a
+  conversation it has not put in a handed-out row (nanochat/data/dataloader.py's position type, so a
   different world size resumes as pretraining does: every rank restarts at the earliest one);
 - every conversation is `Tokenizer.render_conversation` (BOS first; mask 1 on what the assistant
   writes). One longer than a row keeps its first row_len tokens; one left with no assistant token
@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from nanochat.dataloader import DataPosition
+from nanochat.data.dataloader import DataPosition
 from nanochat.errors import ConfigError
 from nanochat.tasks import SEED, Task, TaskMixture, check_disjoint, eval_tasks, get_task, training_mixture
 

@@ -22,7 +22,7 @@ Notable:
 - accuracy is centred by the task's random baseline, (acc - b) / (1 - b), and CORE is the mean
   of the centred accuracies; a random model scores about 0, a perfect one 1;
 - the real bundle (`eval_bundle.zip`, 22 tasks) loads from disk, or is downloaded once; offline the
-  download fails within a few seconds, and callers use the pack tasks of nanochat/core_tasks.py.
+  download fails within a few seconds, and callers use the pack tasks of nanochat/evals/core_tasks.py.
 
 Items are turned into `CoreRequest`s (rendered prompts) in the driver and scored anywhere
 (`score_requests` runs in the evaluation actors of cluster/eval_pool.py); each request's score
@@ -51,9 +51,9 @@ import torch.nn.functional as F
 import yaml
 
 from nanochat.common import autocast_context
-from nanochat.dataset import DownloadError, SourceUnavailableError, check_reachable
+from nanochat.data.dataset import DownloadError, SourceUnavailableError, check_reachable
 from nanochat.errors import ConfigError, NotFoundError
-from nanochat.evaluation import EvalState, ItemResult, TaskTotals, centred_mean
+from nanochat.evals.harness import EvalState, ItemResult, TaskTotals, centred_mean
 
 TaskType = Literal["multiple_choice", "schema", "language_modeling"]
 TASK_TYPES: tuple[str, ...] = ("multiple_choice", "schema", "language_modeling")

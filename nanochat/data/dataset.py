@@ -6,7 +6,7 @@ One format for every source, so no later stage knows which one it got:
 - the LAST shard (by name) is the validation shard, all others are for training.
 
 Sources:
-- `embedded`: a ~20 MB pack built from text that the package registries serve (see nanochat/datapack.py);
+- `embedded`: a ~20 MB pack built from text that the package registries serve (see jobs/datapack.py);
 - `fineweb`:  FineWeb-Edu, Karpathy's shuffled 100B-token re-shard on Hugging Face (1,823 shards of
   ~250M characters; shard 1822 is the validation shard), fetched over HTTPS by `download_fineweb`;
 - any `s3://`, `gs://` or local directory where someone mirrored shards of this format (`list_shards`).

@@ -6,8 +6,8 @@ missing) and labelled `CORE-14 (our config)`: the numbers are not
 comparable with the seed's CORE, whose items and renderings differ.
 
 Each entry says which pack task and split, the task type, few-shot count, continuation delimiter
-and random baseline, and a `render` that turns a pack row (fields in nanochat/datapack.py) into the
-bundle's item format consumed by nanochat/core_eval.py. Few-shot counts and delimiters follow DCLM's
+and random baseline, and a `render` that turns a pack row (fields in jobs/datapack.py) into the
+bundle's item format consumed by nanochat/evals/core.py. Few-shot counts and delimiters follow DCLM's
 core.yaml (the MosaicML gauntlet settings) as far as we know them; they were written down from
 memory of that file, not checked against it offline. Random baselines are chance under random
 guessing, 1 / number of options (DCLM differs on one: BoolQ, see below).
@@ -24,10 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanochat.core_eval import EVAL_BUNDLE_URL, CoreTask, TaskMeta, TaskType, ensure_bundle, load_bundle_tasks
-from nanochat.dataset import DownloadError, SourceUnavailableError, nanochat_home
+from nanochat.data.dataset import DownloadError, SourceUnavailableError, nanochat_home
 from nanochat.errors import ConfigError
-from nanochat.evaluation import load_pack_items
+from nanochat.evals.core import (
+    EVAL_BUNDLE_URL,
+    CoreTask,
+    TaskMeta,
+    TaskType,
+    ensure_bundle,
+    load_bundle_tasks,
+)
+from nanochat.evals.harness import load_pack_items
 
 Row = dict[str, Any]
 
@@ -183,4 +190,4 @@ def select_core_tasks(source: str, names: Sequence[str] | None = None, *, eval_d
             label = "CORE" if names is None else f"CORE-{len(tasks)} (bundle subset)"
             return CoreSelection(tasks, "bundle", label, f"DCLM eval bundle at {root}")
     tasks = pack_core_tasks(names, eval_dir)
-    return CoreSelection(tasks, "pack", core_label(len(tasks)), note or "pack tasks (nanochat/core_tasks.py)")
+    return CoreSelection(tasks, "pack", core_label(len(tasks)), note or "pack tasks (nanochat/evals/core_tasks.py)")
