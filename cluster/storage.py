@@ -1,6 +1,6 @@
 """Run storage: where a run's stage outputs live, on a local disk or an object store.
 
-A run is `{storage}/{run}/` with one directory per stage (see ../shared/DESIGN.md):
+A run is `{storage}/{run}/` with one directory per stage (see docs/DESIGN.md):
 
     {storage}/{run}/tokenizer/   {storage}/{run}/pretrain/   ...   {storage}/{run}/report/
 
