@@ -36,7 +36,7 @@ from cluster.train import (
     Plan,
     Prepared,
     check_resume,
-    make_plan,
+    plan_every_size,
     train_and_export,
 )
 from nanochat import checkpoint as ckpt
@@ -108,7 +108,7 @@ def preflight_chat(spec: TrainSpec, storage: RunStorage, data: ChatData, init_fr
     mixture is not empty and holds no evaluation item, the storage is writable; then joins Ray
     (check_resume looks at the cluster's nodes)."""
     saved = read_model_config(init_from)["model_config"]
-    plan = make_plan(spec, load_tokenizer(tokenizer).vocab_size, spec.group.num_workers)
+    plan = plan_every_size(spec, load_tokenizer(tokenizer).vocab_size)
     ckpt.check_model_config(saved, plan.model, f"at {init_from} (the {stage} stage's initial model)")
     info = data.check()
     storage.check_writable()

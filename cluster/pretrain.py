@@ -20,7 +20,7 @@ from cluster.artifacts import clear_stage, load_tokenizer
 from cluster.pretrain_data import ray_row_chunks
 from cluster.specs import PretrainSpec, ShardReading, TrainSpec
 from cluster.storage import RunStorage
-from cluster.train import Plan, Prepared, check_resume, make_plan, train_and_export
+from cluster.train import Plan, Prepared, check_resume, plan_every_size, train_and_export
 from nanochat.common import DistInfo
 from nanochat.data.dataloader import (
     DataPosition,
@@ -74,7 +74,7 @@ def preflight(pretrain: PretrainSpec, storage: RunStorage) -> Prepared:
     if pretrain.tokenizer is None:
         storage.read_meta("tokenizer")  # raises "run the tokenizer stage first" when missing
     vocab = load_tokenizer(tok_uri).vocab_size
-    plan = make_plan(spec, vocab, spec.group.num_workers)
+    plan = plan_every_size(spec, vocab)
     train, val = resolve_shards(pretrain.data)
     items = plan_row_groups(train)
     storage.check_writable()

@@ -41,10 +41,15 @@ class Schedule:
 class WorkerGroup:
     """The Ray Train worker group, its retries and checkpoint retention (TrainingConfig documents each)."""
 
-    num_workers: int
+    num_workers: int  # the most workers (the fixed count unless min_workers is set)
+    min_workers: int | None  # elastic: the fewest the run goes on with
+    resize_check_s: float  # elastic: seconds between checks for capacity to grow back
     cpus_per_worker: float
     use_gpu: bool
     max_failures: int
+    max_preemptions: int  # restarts after spot preemptions, apart from max_failures
+    preemption_poll_every: int  # steps between get_preemption_info() polls (0: never)
+    async_checkpoints: bool  # regular checkpoints upload in the background
     checkpoints_to_keep: int
     storage_is_shared: bool  # a local storage path is an NFS-like mount on every node
     metrics_interval_s: float  # how often workers push metrics to the node's exporter (Ray: 10 s)

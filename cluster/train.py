@@ -33,6 +33,7 @@ storage_is_shared): a plain local path is refused there, since each node would s
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,7 +45,14 @@ import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    CheckpointUploadMode,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from cluster import artifacts
@@ -59,6 +67,7 @@ from nanochat.data.dataloader import (
     resume_positions,
     start_positions,
 )
+from nanochat.errors import ConfigError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedule import grad_accum_steps, num_steps_from
 from nanochat.tokenizer import HF_TOKENIZER_FILE, MERGES_FILE
@@ -89,6 +98,20 @@ def make_plan(spec: TrainSpec, vocab_size: int, world_size: int) -> Plan:
                            flops_per_token=flops, num_iterations=spec.num_iterations,
                            flops_budget=spec.flops_budget, target_param_data_ratio=spec.target_param_data_ratio)
     return Plan(model, loop_config(spec.schedule, steps, accum), world_size, num_params, flops)
+
+
+def plan_every_size(spec: TrainSpec, vocab_size: int) -> Plan:
+    """The plan at num_workers, after checking that every size of an elastic range (min_workers ..
+    num_workers) keeps the same global batch (the gradient accumulation makes up the difference);
+    ConfigError naming the size at which it does not."""
+    g = spec.group
+    for size in range(g.min_workers or g.num_workers, g.num_workers):
+        try:
+            make_plan(spec, vocab_size, size)
+        except ValueError as e:
+            raise ConfigError(f"the elastic range of {g.min_workers} to {g.num_workers} workers cannot keep the "
+                              f"global batch at {size} workers: {e}") from None
+    return make_plan(spec, vocab_size, g.num_workers)
 
 
 def loop_config(schedule: Schedule, num_steps: int, grad_accum_steps: int) -> LoopConfig:
@@ -155,6 +178,7 @@ class _Reporter:
         self.last: dict[str, Any] = {}
         self.ema_step_s: float | None = None
         self.log = self.gauges = None
+        self.saved_step: int | None = None  # the step of the last checkpoint this attempt saved
         self.loop_started_at: float | None = time.time()  # constructed just before the loop starts
         if dist.is_main:
             self.log = RunStorage(cfg["run"], cfg["storage"]).metrics(cfg["stage"])
@@ -192,14 +216,60 @@ class _Reporter:
             parts.append(f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
         return " | ".join(parts)
 
-    def on_checkpoint(self, step: int) -> None:
-        with tempfile.TemporaryDirectory(prefix="nanochat-ckpt-") as tmp:
+    def on_checkpoint(self, step: int, *, sync: bool = False) -> None:
+        """Save this rank's part of the checkpoint of `step` and report it. Regular checkpoints upload in
+        the background when the spec says so (the directory then outlives this call: Ray Train deletes
+        it once uploaded); the last one, and one asked for with `sync`, are in storage when this returns."""
+        background = self.spec.group.async_checkpoints and not sync and step < self.plan.loop.num_steps
+        if self.saved_step == step:
+            # already saved: a preemption notice right at a regular checkpoint's step does not save it again
+            # (if that one uploads in the background and the node goes first, the restart takes the one before)
+            return
+        self.saved_step = step
+        tmp = tempfile.mkdtemp(prefix="nanochat-ckpt-")
+        try:
             ckpt.save_training_checkpoint(tmp, self.model, self.optimizers, self.dist, step=step,
                                           data=self.batches.position.as_dict(),
                                           loop={"train_time_s": self.train_time})
             metrics = {**self.last, "step": step}
+            mode = CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{step:07d}")
+                             checkpoint_dir_name=artifacts.checkpoint_name(step), checkpoint_upload_mode=mode,
+                             delete_local_checkpoint_after_upload=background)
+        finally:
+            if not background:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Preemption:
+    """`after_step` of the loop: polls `ray.train.get_preemption_info()` every `every` steps (a barrier:
+    every rank calls it equally often). On the first notice every rank saves the checkpoint of this
+    step at once, synchronously, so it is in storage before the node goes; rank 0 logs the notice
+    (deadline, seconds the save took). Then the ranks hold, polling, until Ray Train tears the group
+    down at the deadline (it restarts from that checkpoint on what remains, counting a preemption,
+    not a failure), or the notice is withdrawn and training goes on."""
+
+    def __init__(self, every: int, reporter: _Reporter, dist: DistInfo) -> None:
+        self.every, self.reporter, self.dist = every, reporter, dist
+
+    def __call__(self, step: int) -> None:
+        if self.every <= 0 or step % self.every:
+            return
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return
+        t0 = time.time()
+        self.reporter.on_checkpoint(step, sync=True)
+        if self.dist.is_main:
+            left = None if info.deadline_ms is None else info.deadline_ms / 1000 - time.time()
+            self.reporter.log.append({"step": step, "preemption_notice": True, "deadline_ms": info.deadline_ms,
+                                      "preempted_ranks": info.preempted_ranks, "checkpoint_s": time.time() - t0,
+                                      "deadline_left_s": left, "start_step": self.reporter.start_step,
+                                      "world_size": self.dist.world_size, "time": time.time()})
+            _say(f"preemption notice at step {step} for ranks {info.preempted_ranks}: checkpoint saved in "
+                 f"{time.time() - t0:.1f} s" + ("" if left is None else f", {left:.1f} s before the deadline"))
+        while ray.train.get_preemption_info() is not None:
+            time.sleep(0.5)
 
 
 def _restore(model: GPT, optimizers: list, dist: DistInfo, num_steps: int) -> tuple[int, list[DataPosition], dict]:
@@ -255,7 +325,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
                          loop_state.get("train_time_s", 0.0))
     try:
         train_loop(model, optimizers, batches, loop, dist, start_step=start_step, evaluate=evaluate,
-                   on_metrics=reporter.on_metrics, on_checkpoint=reporter.on_checkpoint)
+                   on_metrics=reporter.on_metrics, on_checkpoint=reporter.on_checkpoint,
+                   after_step=_Preemption(spec.group.preemption_poll_every, reporter, dist))
     finally:
         batches.close()
 
@@ -318,18 +389,21 @@ def _metrics_env(interval_s: float) -> dict[str, Any] | None:
 
 def build_trainer(spec: TrainSpec, storage: RunStorage, prepared: Prepared) -> TorchTrainer:
     """The TorchTrainer of a run: scaling, storage, failure and checkpoint config from the spec."""
-    resources = {"CPU": spec.group.cpus_per_worker, **({"GPU": 1} if spec.group.use_gpu else {})}
+    g = spec.group
+    resources = {"CPU": g.cpus_per_worker, **({"GPU": 1} if g.use_gpu else {})}
+    workers = g.num_workers if g.min_workers is None else (g.min_workers, g.num_workers)
     run_root = storage.stage_uri(prepared.stage).rsplit("/", 1)[0]
     config = {"spec": spec, "tokenizer": prepared.tokenizer, "source": prepared.source,
               "init_from": prepared.init_from, "stage": prepared.stage, "run": storage.run, "storage": storage.uri}
     return TorchTrainer(
         train_worker,  # (1) the per-worker function
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=spec.group.num_workers, use_gpu=spec.group.use_gpu,  # (2) workers
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=g.use_gpu,  # (2) workers: a count or a range
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=g.resize_check_s),
         run_config=RunConfig(  # (3) storage, retries, retention
             name=prepared.stage, storage_path=run_root,
-            failure_config=FailureConfig(max_failures=spec.group.max_failures),
+            failure_config=FailureConfig(max_failures=g.max_failures, max_preemption_failures=g.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.group.checkpoints_to_keep),
             worker_runtime_env=_metrics_env(spec.group.metrics_interval_s),
         ),

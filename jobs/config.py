@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.specs import Schedule, WorkerGroup
 from nanochat.errors import ConfigError  # re-exported: jobs import it from here
@@ -72,7 +72,19 @@ class TrainingConfig(OptimizerSettings):
                                                     "at most this many steps")
     compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA, and on CPU when the "
                                                 "run is long enough to pay the compile back (nanochat/train.py)")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters); with "
+                                                  "min_workers, the most the run grows to")
+    min_workers: int | None = Field(None, ge=1, description="elastic training: the fewest workers the run goes on "
+                                                            "with when hosts are lost (null: exactly num_workers); "
+                                                            "total_batch_tokens must divide for every size between")
+    resize_check_s: float = Field(60.0, gt=0, description="elastic training: seconds between Ray Train's checks for "
+                                                          "capacity to grow back to num_workers")
+    max_preemptions: int = Field(-1, ge=-1, description="restarts after spot preemptions (node drains with reason "
+                                                        "PREEMPTION), counted apart from max_failures (-1: unlimited)")
+    preemption_poll_every: int = Field(1, ge=0, description="steps between polls for a preemption notice; on one "
+                                                            "every worker saves a checkpoint at once (0: never poll)")
+    async_checkpoints: bool = Field(False, description="regular checkpoints upload in the background while training "
+                                                       "goes on (the last one and a preemption's are synchronous)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; on CPU also torch's thread count")
     use_gpu: bool = Field(False, description="give each worker one GPU and train in bf16 on it")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint after failures "
@@ -85,14 +97,24 @@ class TrainingConfig(OptimizerSettings):
                                                                "tokens/s, MFU... to the Prometheus exporter "
                                                                "(Ray's default: 10)")
 
+    @model_validator(mode="after")
+    def _worker_range(self) -> TrainingConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers {self.min_workers} > num_workers {self.num_workers}: the elastic range is "
+                             "(min_workers, num_workers)")
+        return self
+
     def schedule(self) -> Schedule:
         return Schedule(grad_clip=self.grad_clip, warmup_ratio=self.warmup_ratio, warmdown_ratio=self.warmdown_ratio,
                         final_lr_frac=self.final_lr_frac, log_every=self.log_every, eval_every=self.eval_every,
                         checkpoint_every=self.checkpoint_every, compile=self.compile)
 
     def worker_group(self) -> WorkerGroup:
-        return WorkerGroup(num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu,
-                           max_failures=self.max_failures, checkpoints_to_keep=self.checkpoints_to_keep,
+        return WorkerGroup(num_workers=self.num_workers, min_workers=self.min_workers,
+                           resize_check_s=self.resize_check_s, cpus_per_worker=self.cpus_per_worker,
+                           use_gpu=self.use_gpu, max_failures=self.max_failures,
+                           max_preemptions=self.max_preemptions, preemption_poll_every=self.preemption_poll_every,
+                           async_checkpoints=self.async_checkpoints, checkpoints_to_keep=self.checkpoints_to_keep,
                            storage_is_shared=self.storage_is_shared, metrics_interval_s=self.metrics_interval_s)
 
 

@@ -181,13 +181,15 @@ def train_loop(
     evaluate: Callable[[int], dict[str, Any]] | None = None,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train from `start_step` to `stop_step` (default cfg.num_steps); return the last metrics.
 
     `evaluate(step)` runs with gradients off at step 0 (fresh runs), every cfg.eval_every steps and
     at the end; its dict is merged into that step's metrics. `on_checkpoint(step)` is called after
     step `step` is complete (every cfg.checkpoint_every and at the end); `on_metrics` gets each
-    logged step's dict. All ranks must call train_loop alike (collectives inside)."""
+    logged step's dict; `after_step(step)` runs last in every step, on every rank (the cluster polls
+    for spot preemption there). All ranks must call train_loop alike (collectives inside)."""
     stop = cfg.num_steps if stop_step is None else stop_step
     if not 0 <= start_step <= stop <= cfg.num_steps:
         raise ValueError(
@@ -224,6 +226,8 @@ def train_loop(
             on_metrics(dict(metrics))
         if on_checkpoint is not None and _due(done, cfg.checkpoint_every, stop):
             on_checkpoint(done)
+        if after_step is not None:
+            after_step(done)
     return metrics
 
 

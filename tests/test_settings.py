@@ -119,7 +119,7 @@ def test_a_changed_config_value_reaches_the_spec():
             if name not in base or field.annotation not in (int, float, "int", "float"):
                 continue
             value = base[name]
-            changed = value * 2 + 1 if isinstance(value, int) and not isinstance(value, bool) else value * 1.5 + 0.125
+            changed = value * 2 + 3 if isinstance(value, int) and not isinstance(value, bool) else value * 1.5 + 0.125
             try:
                 after = leaf_values(_spec(config, stage, [f"{name}={changed}"]))
             except Exception:  # the new value breaks a validator (e.g. a batch that no longer divides)
