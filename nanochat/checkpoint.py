@@ -88,7 +88,8 @@ def save_training_checkpoint(
     d.mkdir(parents=True, exist_ok=True)
     shards = [optimizer_shard_state(opt, dist) for opt in optimizers]
     _atomic_torch_save(shards, d / optim_file(dist.rank))
-    _atomic_text(json.dumps({"rank": dist.rank, "world_size": dist.world_size, **data}), d / data_file(dist.rank))
+    _atomic_text(json.dumps({"rank": dist.rank, "world_size": dist.world_size, **data}),
+                 d / data_file(dist.rank))
     if dist.is_main:
         _atomic_torch_save(model.state_dict(), d / MODEL_FILE)
         state = {"format": FORMAT, "step": step, "world_size": dist.world_size,
@@ -125,7 +126,8 @@ def check_model_config(saved: dict[str, Any], config: GPTConfig, where: str) -> 
     diff = {k: (v, getattr(config, k, None)) for k, v in saved.items() if getattr(config, k, None) != v}
     if diff:
         detail = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
-        hint = " (the tokenizer differs from the one the checkpoint was trained with)" if "vocab_size" in diff else ""
+        hint = (" (the tokenizer differs from the one the checkpoint was trained with)"
+                if "vocab_size" in diff else "")
         raise CheckpointError(
             f"the checkpoint {where} was saved for another model ({detail}){hint}: use the same "
             "depth, sequence length and tokenizer, or start a fresh run"
@@ -145,9 +147,11 @@ def load_training_checkpoint(
     weights = torch.load(d / MODEL_FILE, map_location=dist.device, weights_only=True, mmap=True)
     model.load_state_dict(weights)
     world = int(state["world_size"])
-    saved = [torch.load(d / optim_file(r), map_location="cpu", weights_only=True, mmap=True) for r in range(world)]
+    saved = [torch.load(d / optim_file(r), map_location="cpu", weights_only=True, mmap=True)
+             for r in range(world)]
     if any(len(s) != len(optimizers) for s in saved):
-        raise CheckpointError(f"{d} holds state for another set of optimizers than the {len(optimizers)} given")
+        raise CheckpointError(
+            f"{d} holds state for another set of optimizers than the {len(optimizers)} given")
     for i, opt in enumerate(optimizers):
         load_optimizer_shards(opt, [s[i] for s in saved], dist)
     data = [json.loads((d / data_file(r)).read_text()) for r in range(world)]
@@ -159,7 +163,8 @@ def model_config_json(model_config: dict[str, Any], meta: dict[str, Any]) -> str
     return json.dumps({"format": FORMAT, "model_config": model_config, **meta}, indent=1)
 
 
-def write_model_config(directory: str | os.PathLike, model_config: dict[str, Any], meta: dict[str, Any]) -> None:
+def write_model_config(directory: str | os.PathLike, model_config: dict[str, Any],
+                       meta: dict[str, Any]) -> None:
     """Write config.json of an exported model into `directory`."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,8 @@ class ConfigError(NanochatError, ValueError):
 
 
 class NotFoundError(NanochatError, FileNotFoundError):
-    """An input that should exist does not (a model, a tokenizer, a data split): the message says how to make it."""
+    """An input that should exist does not (a model, a tokenizer, a data split): the message says how
+    to make it."""
 
 
 def entrypoint(main: Callable[..., int]) -> Callable[..., int]:

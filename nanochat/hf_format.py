@@ -132,11 +132,13 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     return {name: tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
 
 
-def hf_config(config: GPTConfig, tokenizer: Tokenizer, *, chat: bool, dtype: str = "float32") -> dict[str, Any]:
+def hf_config(config: GPTConfig, tokenizer: Tokenizer, *, chat: bool,
+              dtype: str = "float32") -> dict[str, Any]:
     """config.json of NanoChatForCausalLM for `config` (ids from `tokenizer`; eos = <|assistant_end|>
     for a chat model, <|bos|> for a base model, which ends documents)."""
     if config.vocab_size != tokenizer.vocab_size:
-        raise HFFormatError(f"the model has vocab_size {config.vocab_size} but the tokenizer {tokenizer.vocab_size}: "
+        raise HFFormatError(f"the model has vocab_size {config.vocab_size} "
+                            f"but the tokenizer {tokenizer.vocab_size}: "
                             "export the model with the tokenizer it was trained with")
     sp = special_ids(tokenizer)
     return {
@@ -168,7 +170,8 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, *, chat: bool, dtype: str
 def gpt_config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
     """Our GPTConfig of a NanoChat config.json; HFFormatError naming each field we cannot run."""
     if cfg.get("model_type") != MODEL_TYPE:
-        raise HFFormatError(f"{where} holds a {cfg.get('model_type')!r} model; only model_type {MODEL_TYPE!r} "
+        raise HFFormatError(f"{where} holds a {cfg.get('model_type')!r} model; "
+                            f"only model_type {MODEL_TYPE!r} "
                             "(transformers' NanoChatForCausalLM) can be imported")
     try:
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
@@ -188,8 +191,10 @@ def gpt_config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
          f"intermediate_size {cfg.get('intermediate_size')} (need 4 x hidden_size = {4 * hidden})"),
         (heads > 0 and hidden % heads == 0 and head_dim * heads == hidden,
          f"head_dim {head_dim} x {heads} heads != hidden_size {hidden}"),
-        (kv_heads > 0 and heads % kv_heads == 0, f"{heads} heads do not split into {kv_heads} key/value heads"),
-        (rope.get("rope_type", "default") == "default", f"rope_type {rope.get('rope_type')!r} (need 'default')"),
+        (kv_heads > 0 and heads % kv_heads == 0,
+         f"{heads} heads do not split into {kv_heads} key/value heads"),
+        (rope.get("rope_type", "default") == "default",
+         f"rope_type {rope.get('rope_type')!r} (need 'default')"),
         (float(theta) == ROTARY_BASE, f"rope_theta {theta} (our rotary base is {ROTARY_BASE:g})"),
         (cfg.get("final_logit_softcapping", LOGIT_SOFTCAP) == LOGIT_SOFTCAP,
          f"final_logit_softcapping {cfg.get('final_logit_softcapping')} (ours is {LOGIT_SOFTCAP:g})"),
@@ -319,17 +324,21 @@ def generation_config(tokenizer: Tokenizer, *, chat: bool) -> dict[str, Any]:
             "do_sample": False}
 
 
-def model_card(config: GPTConfig, num_params: int, meta: dict[str, Any], numbers: list[tuple[str, str]]) -> str:
-    """README.md: front matter for the Hub, what the model is, how to load it, the report card's numbers."""
+def model_card(config: GPTConfig, num_params: int, meta: dict[str, Any],
+               numbers: list[tuple[str, str]]) -> str:
+    """README.md: front matter for the Hub, what the model is, how to load it, the report card's
+    numbers."""
     rows = "\n".join(f"| {k} | {v} |" for k, v in numbers) or "| (no evaluation recorded) | - |"
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- nanochat", "---", "",
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- nanochat",
+        "---", "",
         f"# nanochat d{config.n_layer} ({meta.get('stage', 'model')}, run `{meta.get('run', '?')}`)", "",
         f"A {num_params:,}-parameter nanochat model trained with nanochat on Ray, in the `transformers` "
         "NanoChat format (no remote code).", "",
         f"- layers {config.n_layer}, width {config.n_embd}, heads {config.n_head} (key/value heads "
         f"{config.n_kv_head}), vocabulary {config.vocab_size}, training context {config.sequence_len}",
-        f"- stage {meta.get('stage', '?')}, step {meta.get('step', '?')}, exported from {meta.get('source', '?')}",
+        f"- stage {meta.get('stage', '?')}, step {meta.get('step', '?')}, "
+        f"exported from {meta.get('source', '?')}",
         "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "tok = AutoTokenizer.from_pretrained(DIR)",
@@ -367,8 +376,8 @@ def save_hf(directory: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, c
     atomic_write(d / CHAT_TEMPLATE_FILE, lambda p: p.write_text(CHAT_TEMPLATE))
     card = model_card(model.config, model.num_params(), meta or {}, numbers or [])
     atomic_write(d / CARD_FILE, lambda p: p.write_text(card))
-    written = [*files, CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE,
-               CARD_FILE]
+    written = [*files, CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
+               CHAT_TEMPLATE_FILE, CARD_FILE]
     for name in written:  # temporary files are created owner-only; a shared model is world-readable
         os.chmod(d / name, 0o644)
     return written

@@ -38,7 +38,8 @@ def _peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def _one_batch(model: Any, prompts: list[list[int]], new_tokens: int, device: torch.device) -> dict[str, float]:
+def _one_batch(model: Any, prompts: list[list[int]], new_tokens: int,
+               device: torch.device) -> dict[str, float]:
     engine = Engine(model, max_batch_size=len(prompts), max_seq_len=len(prompts[0]) + new_tokens,
                     max_prefill_tokens=len(prompts) * len(prompts[0]))
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
@@ -62,8 +63,9 @@ def _one_batch(model: Any, prompts: list[list[int]], new_tokens: int, device: to
             "wall_s": wall}
 
 
-def measure_inference(model: Any, *, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, prompt_tokens: int = 128,
-                      new_tokens: int = 64, special_from: int | None = None, seed: int = 0) -> dict[str, Any]:
+def measure_inference(model: Any, *, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+                      prompt_tokens: int = 128, new_tokens: int = 64, special_from: int | None = None,
+                      seed: int = 0) -> dict[str, Any]:
     """The figures described in the module docstring, as a JSON-ready dict:
     {"batches": {B: {ttft_ms, tpot_ms, tokens_per_s, wall_s}}, "peak_memory_mib", "memory_kind",
      "device", "dtype", "prompt_tokens", "new_tokens", "seconds"}.
@@ -82,7 +84,8 @@ def measure_inference(model: Any, *, batch_sizes: tuple[int, ...] = DEFAULT_BATC
     high = special_from or model.config.vocab_size
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _one_batch(model, [torch.randint(0, high, (prompt_tokens,), generator=gen).tolist()], 2, device)  # warm-up
+    # warm-up
+    _one_batch(model, [torch.randint(0, high, (prompt_tokens,), generator=gen).tolist()], 2, device)
     batches = {}
     for b in batch_sizes:
         prompts = torch.randint(0, high, (b, prompt_tokens), generator=gen).tolist()

@@ -49,10 +49,12 @@ def summary_table(rec: RunRecord) -> tuple[str, str]:
     core_label = base.get("core", {}).get("label", "CORE")
     header = "| metric | " + " | ".join(c for c, _ in COLUMNS) + " |"
     lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
-    core_row = [_fmt(base.get("core", {}).get("metric")) if stage == "pretrain" else "-" for _, stage in COLUMNS]
+    core_row = [_fmt(base.get("core", {}).get("metric")) if stage == "pretrain" else "-"
+                for _, stage in COLUMNS]
     lines.append(f"| {core_label} | " + " | ".join(core_row) + " |")
     for label, task in CHAT_ROWS:
-        cells = [_fmt(rec.evaluations.get(stage, {}).get("chat", {}).get("tasks", {}).get(task, {}).get("accuracy"))
+        cells = [_fmt(rec.evaluations.get(stage, {}).get("chat", {}).get("tasks", {}).get(task, {})
+                      .get("accuracy"))
                  for _, stage in COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     chatcore = [_fmt(rec.evaluations.get(stage, {}).get("chat", {}).get("chatcore")) for _, stage in COLUMNS]
@@ -73,7 +75,8 @@ def gpu_hours(rec: RunRecord) -> float:
     return total
 
 
-EVAL_BPB = "eval_bpb"  # key of the evaluation stage's bpb in evaluate/<stage>.json (nanochat/evals/harness.py's val_bpb)
+# key of the evaluation stage's bpb in evaluate/<stage>.json (nanochat/evals/harness.py's val_bpb)
+EVAL_BPB = "eval_bpb"
 # Training's own validation bpb (metrics.jsonl and meta.json: `val_bpb`) packs BOS-led documents into
 # rows; the evaluation's takes the validation documents as one stream. Both are shown, named apart.
 METRIC_LABELS = {"val_bpb": "val_bpb (training validation: packed rows)"}
@@ -99,7 +102,8 @@ def _stage_section(stage: str, meta: dict[str, Any] | None, evaluation: dict[str
             lines.append(f"- {METRIC_LABELS.get(k, k)}: {_fmt(v)}")
     config = meta.get("config") or {}
     if config:
-        lines.append("- config: " + ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, dict)))
+        lines.append("- config: " + ", ".join(f"{k}={v}" for k, v in config.items()
+                                              if not isinstance(v, dict)))
     if evaluation:
         if evaluation_bpb(evaluation) is not None:
             lines.append(f"- evaluation bpb (the validation documents as one stream): "
@@ -119,9 +123,9 @@ def inference_section(inference: dict[str, Any] | None) -> str:
         return ""
     lines = [
         "## Inference", "",
-        f"Model: {inference.get('stage', '?')} ({inference.get('device')}, {inference.get('dtype')}), our engine, "
-        f"greedy, prompts of {inference.get('prompt_tokens')} tokens, {inference.get('new_tokens')} new tokens "
-        "per row, all rows submitted at once.", "",
+        f"Model: {inference.get('stage', '?')} ({inference.get('device')}, {inference.get('dtype')}), "
+        f"our engine, greedy, prompts of {inference.get('prompt_tokens')} tokens, "
+        f"{inference.get('new_tokens')} new tokens per row, all rows submitted at once.", "",
         "| batch | TTFT (ms) | time per output token (ms) | tokens/s |", "|---|---|---|---|",
     ]
     for b, m in inference.get("batches", {}).items():
@@ -154,7 +158,8 @@ def render_report(rec: RunRecord, *, hourly_rate: float, plots: list[str], now: 
         f"- git commit: {git_commit}",
         f"- hardware: {hardware or platform.platform()}",
         "- software: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- GPU-hours: {hours:.2f}; cost estimate: {hours:.2f} h × ${hourly_rate:.2f}/GPU-h = ${hours * hourly_rate:.2f}",
+        f"- GPU-hours: {hours:.2f}; cost estimate: {hours:.2f} h × ${hourly_rate:.2f}/GPU-h "
+        f"= ${hours * hourly_rate:.2f}",
         f"- total wall-clock: {span / 60:.1f} min from the first stage's start to the last one's end "
         f"(the stages' and evaluations' own time: {own / 60:.1f} min)", "",
         "## Summary", "", table, "",
@@ -189,10 +194,11 @@ def rl_summary(rec: RunRecord) -> list[str]:
         lines.append(f"- mean reward on {m.get('eval_prompts', '?')} fixed held-out prompts: "
                      f"{m['eval_reward_first']:.3f} before RL -> {m['eval_reward_last']:.3f} after "
                      f"(change {change:+.3f} ± {se:.3f}, {ratio})")
-    curve = [(r["step"], r["eval_reward_mean"], r.get("eval_reward_se", 0.0)) for r in rec.metrics.get("rl", [])
-             if r.get("eval_reward_mean") is not None]
+    curve = [(r["step"], r["eval_reward_mean"], r.get("eval_reward_se", 0.0))
+             for r in rec.metrics.get("rl", []) if r.get("eval_reward_mean") is not None]
     if curve:
-        lines.append("- held-out reward by step: " + ", ".join(f"{s}: {v:.3f} ± {e:.3f}" for s, v, e in curve))
+        lines.append("- held-out reward by step: "
+                     + ", ".join(f"{s}: {v:.3f} ± {e:.3f}" for s, v, e in curve))
     return lines + [""]
 
 
@@ -213,9 +219,9 @@ def timeline_section(rec: RunRecord) -> list[str]:
         return []
     rows.sort(key=lambda r: r[0])
     return ["## Timeline", "",
-            "Wall time of each stage from its job's submission to its output, split into start-up (job start, "
-            "imports, Ray workers and actors, model loading, compiling), work, and writing (checkpoints at the "
-            "end, export, meta.json, shutdown).", "",
+            "Wall time of each stage from its job's submission to its output, split into start-up "
+            "(job start, imports, Ray workers and actors, model loading, compiling), work, and writing "
+            "(checkpoints at the end, export, meta.json, shutdown).", "",
             timeline_table([(name, split) for _, name, split in rows]), ""]
 
 
@@ -227,7 +233,8 @@ def make_plots(rec: RunRecord, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     wanted = (("loss", "training loss"), ("val_bpb", "validation bits per byte"),
-              ("reward_mean", "RL mean reward"), ("eval_reward_mean", "RL mean reward on held-out prompts (± 1 s.e.)"),
+              ("reward_mean", "RL mean reward"),
+              ("eval_reward_mean", "RL mean reward on held-out prompts (± 1 s.e.)"),
               ("tokens_per_sec", "tokens per second"))
     written = []
     for key, title in wanted:
@@ -240,7 +247,8 @@ def make_plots(rec: RunRecord, out_dir: Path) -> list[str]:
         for stage, pts in series.items():
             if key == "eval_reward_mean":
                 se = [r.get("eval_reward_se", 0.0) for r in rec.metrics[stage] if r.get(key) is not None]
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=se, marker="o", capsize=3, label=stage)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=se, marker="o", capsize=3,
+                            label=stage)
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=stage)
         ax.set_title(title)

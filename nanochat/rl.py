@@ -285,7 +285,8 @@ def checksum_mismatches(expected: Mapping[str, Checksum], actual: Mapping[str, C
     return problems
 
 
-def probe_batch(vocab_size: int, rows: int = 4, length: int = 32, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_batch(vocab_size: int, rows: int = 4, length: int = 32,
+                seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed batch of seeded random token ids: (inputs, targets), each (rows, length) long."""
     gen = torch.Generator().manual_seed(seed)
     seq = torch.randint(0, vocab_size, (rows, length + 1), generator=gen)

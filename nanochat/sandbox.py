@@ -100,7 +100,8 @@ class SandboxCapabilities:
     missing: tuple[str, ...] = field(default_factory=tuple)
 
     def summary(self) -> str:
-        text = f"sandbox mode={self.mode} uid={self.uid} python={self.python}; active: {', '.join(self.active)}"
+        text = (f"sandbox mode={self.mode} uid={self.uid} python={self.python}; "
+                f"active: {', '.join(self.active)}")
         if self.missing:
             text += f"; MISSING: {', '.join(self.missing)}"
         return text
@@ -180,7 +181,8 @@ class Sandbox:
                     continue
                 if mode == "plain" and failures["bwrap"]:
                     why = "bwrap unusable: " + " | ".join(failures["bwrap"])
-                    caps = SandboxCapabilities(caps.mode, caps.python, caps.uid, caps.active, caps.missing + (why,))
+                    caps = SandboxCapabilities(caps.mode, caps.python, caps.uid, caps.active,
+                                               caps.missing + (why,))
                 return caps
         raise RuntimeError(
             "no working sandbox on this machine: " + " | ".join(failures["bwrap"] + failures["plain"]) +
@@ -379,7 +381,8 @@ def _kill_tree(pgid: int, wait_s: float = 0.0) -> None:
         if time.monotonic() >= end:
             if wait_s:
                 logging.getLogger(__name__).warning(
-                    "sandbox process group %d survives %.0f s after SIGKILL: does init reap zombies?", pgid, wait_s)
+                    "sandbox process group %d survives %.0f s after SIGKILL: does init reap zombies?",
+                    pgid, wait_s)
             return
         time.sleep(0.02)
 

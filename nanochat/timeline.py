@@ -77,7 +77,8 @@ def timeline_table(rows: list[tuple[str, WallSplit]]) -> str:
                      f"({100 * s.share('writing'):.0f}%) | {100 * overhead:.0f}% |")
     total = WallSplit(*(sum(getattr(s, f) for _, s in rows) for f in ("wall", "startup", "work", "writing")))
     if rows:
-        lines.append(f"| all | {total.wall:.1f} | {total.startup:.1f} ({100 * total.share('start-up'):.0f}%) | "
+        lines.append(f"| all | {total.wall:.1f} | "
+                     f"{total.startup:.1f} ({100 * total.share('start-up'):.0f}%) | "
                      f"{total.work:.1f} ({100 * total.share('work'):.0f}%) | {total.writing:.1f} "
                      f"({100 * total.share('writing'):.0f}%) | "
                      f"{100 * (total.share('start-up') + total.share('writing')):.0f}% |")

@@ -88,7 +88,8 @@ def _count_parts(tables: Iterable[CountsLike]) -> list[pa.RecordBatch | rustbpe.
             continue
         missing = {CHUNK_COLUMN, COUNT_COLUMN} - set(t.schema.names)
         if missing:
-            raise ValueError(f"a chunk-count table lacks column(s) {sorted(missing)}; it has {t.schema.names}")
+            raise ValueError(f"a chunk-count table lacks column(s) {sorted(missing)}; "
+                             f"it has {t.schema.names}")
         t = t.select([CHUNK_COLUMN, COUNT_COLUMN])
         if t.schema.field(COUNT_COLUMN).type != pa.uint64():
             t = t.set_column(1, COUNT_COLUMN, t[COUNT_COLUMN].cast(pa.uint64()))
@@ -103,7 +104,8 @@ def merge_counts(tables: Iterable[CountsLike]) -> pa.Table:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map used by HF byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     mapping = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -140,7 +142,8 @@ def _last_merge(token: bytes, ranks: dict[bytes, int], rank: int, where: str) ->
         i = best[1]
         parts[i : i + 2] = [parts[i] + parts[i + 1]]
     if len(parts) != 2 or ranks.get(parts[0], rank) >= rank or ranks.get(parts[1], rank) >= rank:
-        raise TokenizerFormatError(f"{where}: token {rank} ({token!r}) is not made by merging two earlier tokens")
+        raise TokenizerFormatError(
+            f"{where}: token {rank} ({token!r}) is not made by merging two earlier tokens")
     return ranks[parts[0]], ranks[parts[1]]
 
 
@@ -166,7 +169,8 @@ class Tokenizer:
         return base
 
     @classmethod
-    def train_from_iterator(cls, texts: Iterable[str], vocab_size: int, pattern: str | None = None) -> Tokenizer:
+    def train_from_iterator(cls, texts: Iterable[str], vocab_size: int,
+                            pattern: str | None = None) -> Tokenizer:
         """Train on an iterable of str; `vocab_size` includes bytes, merges and special tokens."""
         return cls(rustbpe.Tokenizer.from_iterator(iter(texts), cls._base_vocab(vocab_size), pattern=pattern))
 
@@ -196,15 +200,18 @@ class Tokenizer:
         """Load a directory written by `save`."""
         d = Path(directory)
         if not (d / MERGES_FILE).is_file() and (d / HF_TOKENIZER_FILE).is_file():
-            return cls.from_hf_json(json.loads((d / HF_TOKENIZER_FILE).read_text()), str(d / HF_TOKENIZER_FILE))
+            return cls.from_hf_json(json.loads((d / HF_TOKENIZER_FILE).read_text()),
+                                    str(d / HF_TOKENIZER_FILE))
         if not (d / MERGES_FILE).is_file():
-            raise NotFoundError(f"no tokenizer at {d}: neither {MERGES_FILE} nor {HF_TOKENIZER_FILE} is there "
+            raise NotFoundError(f"no tokenizer at {d}: "
+                                f"neither {MERGES_FILE} nor {HF_TOKENIZER_FILE} is there "
                                 "(train one with jobs.tokenizer)")
         tok = cls(rustbpe.Tokenizer.load(str(d / MERGES_FILE)))
         saved = json.loads((d / SPECIALS_FILE).read_text())
         if saved != tok._special_ids:
             raise ConfigError(
-                f"{d / SPECIALS_FILE} holds special tokens {saved}, but this code expects {tok._special_ids}: "
+                f"{d / SPECIALS_FILE} holds special tokens {saved}, "
+                f"but this code expects {tok._special_ids}: "
                 "the tokenizer was saved by another version; retrain it"
             )
         return tok
@@ -224,7 +231,8 @@ class Tokenizer:
         try:
             return self._special_ids[name]
         except KeyError:
-            raise ValueError(f"unknown special token {name!r}; the special tokens are {list(SPECIAL_TOKENS)}") from None
+            raise ValueError(f"unknown special token {name!r}; "
+                             f"the special tokens are {list(SPECIAL_TOKENS)}") from None
 
     def id_to_token(self, i: int) -> str:
         """A token as text: the special token's name, or its bytes as UTF-8 (U+FFFD where invalid)."""
@@ -248,7 +256,8 @@ class Tokenizer:
             raise ValueError(f"token id {token} is outside the vocabulary (size {self.vocab_size})")
         return int(token)
 
-    def encode(self, text: str | Sequence[str], prepend: str | int | None = None, append: str | int | None = None,
+    def encode(self, text: str | Sequence[str], prepend: str | int | None = None,
+               append: str | int | None = None,
                num_threads: int | None = None) -> list[int] | list[list[int]]:
         """Ids of one text, or of each text of a list (batched and parallel in Rust over `num_threads`
         threads, None = one per core). `prepend`/`append`: a special token name or an id to add."""
@@ -288,7 +297,8 @@ class Tokenizer:
         if not messages:
             raise ValueError("a conversation is a dict with a non-empty 'messages' list")
         if messages[0].get("role") == "system":
-            if len(messages) < 2 or messages[1].get("role") != "user" or not isinstance(messages[1]["content"], str):
+            if (len(messages) < 2 or messages[1].get("role") != "user"
+                    or not isinstance(messages[1]["content"], str)):
                 raise ValueError("a system message must be followed by a user message with str content")
             merged = copy.deepcopy(messages[1])
             merged["content"] = f"{messages[0]['content']}\n\n{merged['content']}"
@@ -312,7 +322,8 @@ class Tokenizer:
                 )
             if role == "user":
                 if not isinstance(content, str):
-                    raise ValueError(f"message {i} (user) must have str content, got {type(content).__name__}")
+                    raise ValueError(f"message {i} (user) must have str content, "
+                                     f"got {type(content).__name__}")
                 add(sp["<|user_start|>"], 0)
                 add(self.core.encode(content), 0)
                 add(sp["<|user_end|>"], 0)
@@ -340,7 +351,8 @@ class Tokenizer:
             add(self.core.encode(text), 0)
             add(sp["<|output_end|>"], 0)
         else:
-            raise ValueError(f"message {i}: unknown part type {kind!r} (expected text, python or python_output)")
+            raise ValueError(f"message {i}: unknown part type {kind!r} "
+                             "(expected text, python or python_output)")
 
     def render_conversation(self, conversation: dict, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
         """(ids, mask) of a conversation, truncated to `max_tokens`.
@@ -378,7 +390,8 @@ class Tokenizer:
 
         ranks = dict(self.core.get_mergeable_ranks())
         if len(ranks) != self.core.vocab_size:
-            raise ValueError("two merges make the same bytes, which tiktoken's bytes -> rank table cannot hold")
+            raise ValueError("two merges make the same bytes, "
+                             "which tiktoken's bytes -> rank table cannot hold")
         return tiktoken.Encoding(name="nanochat", pat_str=self.core.get_pattern(), mergeable_ranks=ranks,
                                  special_tokens=dict(self._special_ids))
 
@@ -388,7 +401,8 @@ class Tokenizer:
         pieces = ["".join(to_char[b] for b in tb) for tb, _ in self.core.get_mergeable_ranks()]
         vocab = {piece: i for i, piece in enumerate(pieces)}
         if len(vocab) != len(pieces):
-            raise ValueError("two merges make the same bytes, which an HF vocabulary (piece -> id) cannot hold")
+            raise ValueError("two merges make the same bytes, "
+                             "which an HF vocabulary (piece -> id) cannot hold")
         added = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
                   "normalized": False, "special": True} for name, i in self._special_ids.items()]
         return {
@@ -403,7 +417,8 @@ class Tokenizer:
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
             ]},
             "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                        "use_regex": False},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                       "ignore_merges": False, "vocab": vocab,
@@ -418,8 +433,10 @@ class Tokenizer:
         every split whose halves are tokens, as transformers' tiktoken conversion writes), followed
         by the 9 special tokens in SPECIAL_TOKENS order. TokenizerFormatError names what differs."""
         model = data.get("model") if isinstance(data, dict) else None
-        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-            raise TokenizerFormatError(f"{where} is not a byte-level BPE tokenizer (model.type must be 'BPE')")
+        if (not isinstance(model, dict) or model.get("type") != "BPE"
+                or not isinstance(model.get("vocab"), dict)):
+            raise TokenizerFormatError(
+                f"{where} is not a byte-level BPE tokenizer (model.type must be 'BPE')")
         to_byte = {c: b for b, c in _bytes_to_unicode().items()}
         vocab: dict[str, int] = model["vocab"]
         by_id = {i: piece for piece, i in vocab.items()}
@@ -435,8 +452,8 @@ class Tokenizer:
             a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
             made = vocab.get(a + b)
             if a not in vocab or b not in vocab or made is None or made < max(last, 256):
-                raise TokenizerFormatError(f"{where}: merge {a!r} + {b!r} is not in nanochat's rank order (each "
-                                           "merge must make a token, in increasing id order)")
+                raise TokenizerFormatError(f"{where}: merge {a!r} + {b!r} is not in nanochat's rank order "
+                                           "(each merge must make a token, in increasing id order)")
             listed.setdefault(made, []).append((vocab[a], vocab[b]))
             last = made
         if sorted(listed) != list(range(256, 256 + n_merges)):

@@ -72,8 +72,9 @@ CPU_COMPILE_SAVED_FRAC = 0.28
 CPU_EAGER_FLOPS = 75e9
 
 
-def compile_pays_back(device_type: str, steps: int, step_flops: float, *, compile_s: float = CPU_COMPILE_COLD_S,
-                      saved_frac: float = CPU_COMPILE_SAVED_FRAC, eager_flops: float = CPU_EAGER_FLOPS) -> bool:
+def compile_pays_back(device_type: str, steps: int, step_flops: float, *,
+                      compile_s: float = CPU_COMPILE_COLD_S, saved_frac: float = CPU_COMPILE_SAVED_FRAC,
+                      eager_flops: float = CPU_EAGER_FLOPS) -> bool:
     """Whether `torch.compile` should be on for a loop of `steps` optimizer steps of `step_flops`
     training FLOPs each (on one rank): always on CUDA (the seed's choice: minutes of compile next to
     hours of training), never on other devices (mps...: untested here), and on CPU when the time
@@ -99,7 +100,8 @@ class _Forward:
             use = self.cfg.compile
             if use is None:
                 per_token = self.model.estimate_flops() if hasattr(self.model, "estimate_flops") else 0
-                use = compile_pays_back(self.device_type, self.steps, per_token * x.numel() * self.cfg.grad_accum_steps)
+                use = compile_pays_back(self.device_type, self.steps,
+                                        per_token * x.numel() * self.cfg.grad_accum_steps)
             self.compiled = bool(use)
             self.fn = torch.compile(self.model, dynamic=False) if use else self.model
         return self.fn(x, y)

@@ -54,12 +54,14 @@ class StreamStats:
 
 
 def targets(ids: Sequence[int], mask: Sequence[int]) -> list[int]:
-    """Next-token targets of a rendered sequence: ids[t + 1] where mask[t + 1] else -1 (len(ids) - 1 of them)."""
+    """Next-token targets of a rendered sequence: ids[t + 1] where mask[t + 1] else -1 (len(ids) - 1
+    of them)."""
     return [i if m else -1 for i, m in zip(ids[1:], mask[1:], strict=True)]
 
 
 def conversations(task: Task, indices: Sequence[int], tokenizer: Any, max_tokens: int, start: DataPosition,
-                  world_size: int, stats: StreamStats | None = None, stop: int | None = None) -> Iterator[Rendered]:
+                  world_size: int, stats: StreamStats | None = None,
+                  stop: int | None = None) -> Iterator[Rendered]:
     """This rank's rendered conversations from `start`: g = start.item, + world_size, ... until `stop`
     (None: endless); g reads task item indices[g % len(indices)]. Cropped to max_tokens; those
     without a target are skipped."""
@@ -195,7 +197,8 @@ class ChatData:
         return self._mixture
 
     def split(self) -> tuple[list[int], list[int]]:
-        """(training item indices, validation item indices): the mixture's last val_conversations are held out."""
+        """(training item indices, validation item indices): the mixture's last val_conversations are
+        held out."""
         mixture = self.mixture()
         n = len(mixture)
         if n == 0:
@@ -224,11 +227,13 @@ class ChatData:
         return ChatBatcher(stream, self.layout, batch_size, row_len, tokenizer.get_bos_token_id(), start,
                            world_size, stats)
 
-    def _rows(self, indices: Sequence[int], tokenizer: Any, row_len: int) -> list[tuple[list[int], list[int]]]:
+    def _rows(self, indices: Sequence[int], tokenizer: Any,
+              row_len: int) -> list[tuple[list[int], list[int]]]:
         """One pass over `indices` of the mixture, laid out as in training."""
         if not indices:
             return []
-        stream = conversations(self.mixture(), indices, tokenizer, row_len, DataPosition(0), 1, stop=len(indices))
+        stream = conversations(self.mixture(), indices, tokenizer, row_len, DataPosition(0), 1,
+                               stop=len(indices))
         return [(ids, mask) for ids, mask, _ in build_rows(stream, self.layout, row_len, 1)]
 
     def validation_batches(self, tokenizer: Any, row_len: int, batch_size: int, rank: int,

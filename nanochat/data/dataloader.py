@@ -42,13 +42,15 @@ from nanochat.data.dataset import iter_row_groups, validate_shard
 from nanochat.errors import ConfigError
 
 Item = tuple[str, int]  # (shard path or URI, row group index inside it)
-RowChunk = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows (n, row_len) int, their items (n,), row indices (n,)
+# rows (n, row_len) int, their items (n,), row indices (n,)
+RowChunk = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class TextTokenizer(Protocol):
     """What packing needs from a tokenizer (nanochat.tokenizer.Tokenizer has it)."""
 
-    def encode(self, text: Any, prepend: Any = None, append: Any = None, num_threads: int | None = None) -> Any: ...
+    def encode(self, text: Any, prepend: Any = None, append: Any = None,
+               num_threads: int | None = None) -> Any: ...
 
     def get_bos_token_id(self) -> int: ...
 
@@ -90,7 +92,8 @@ def resume_positions(saved: Sequence[DataPosition], new_world_size: int) -> list
 def plan_row_groups(shards: Sequence[str], threads: int = 16) -> list[Item]:
     """Every (shard, row group) of `shards`, in shard then row-group order (footers read in parallel)."""
     if not shards:
-        raise ConfigError("no training shards given: point the stage at a directory/prefix with parquet shards")
+        raise ConfigError("no training shards given: "
+                          "point the stage at a directory/prefix with parquet shards")
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
         infos = list(pool.map(validate_shard, shards))
     plan = [(info.path, g) for info in infos for g in range(info.num_row_groups)]
@@ -121,7 +124,8 @@ def pack_rows(docs: Sequence[Sequence[int]], row_len: int, bos_id: int) -> np.nd
     flat = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
     starts = np.cumsum(lengths) - lengths  # offset of each document in `flat`
     full = lengths // body  # full-row pieces per document
-    piece_starts = np.repeat(starts, full) + body * (np.arange(full.sum()) - np.repeat(np.cumsum(full) - full, full))
+    piece_starts = np.repeat(starts, full) + body * (np.arange(full.sum())
+                                                     - np.repeat(np.cumsum(full) - full, full))
     full_rows = np.empty((len(piece_starts), row_len), dtype=np.int32)
     full_rows[:, 0] = bos_id
     full_rows[:, 1:] = flat[piece_starts[:, None] + np.arange(body)]
@@ -252,7 +256,8 @@ class RowBatcher:
         return batch[:, :-1], batch[:, 1:]
 
 
-def validation_rows(val_shards: Sequence[str], tokenizer: TextTokenizer, row_len: int, num_rows: int) -> np.ndarray:
+def validation_rows(val_shards: Sequence[str], tokenizer: TextTokenizer, row_len: int,
+                    num_rows: int) -> np.ndarray:
     """The first `num_rows` rows of packing the first k validation documents, k = 64, 128, 256,
     ... the smallest that gives enough rows: (num_rows, row_len) int32. Every rank computes the
     same rows (rank r evaluates rows r, r + W, ...; the sums are all-reduced)."""
@@ -274,7 +279,8 @@ def validation_rows(val_shards: Sequence[str], tokenizer: TextTokenizer, row_len
     )
 
 
-def rank_batches(rows: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rank_batches(rows: np.ndarray, batch_size: int, rank: int,
+                 world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Rank `rank`'s share (rows rank::world_size) of evaluation rows as (inputs, targets) batches."""
     mine = torch.from_numpy(np.asarray(rows[rank::world_size], dtype=np.int64))
     return [(b[:, :-1], b[:, 1:]) for b in mine.split(batch_size)]

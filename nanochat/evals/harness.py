@@ -76,7 +76,8 @@ def load_pack_items(task: str, split: str, eval_dir: str | Path | None = None) -
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON ({e}); rebuild with `python -m jobs.data --force`") from e
+                raise ValueError(
+                    f"{path}:{n} is not valid JSON ({e}); rebuild with `python -m jobs.data --force`") from e
     return rows
 
 
@@ -109,7 +110,8 @@ def load_eval_state(model_dir: str | Path, tokenizer_dir: str | Path | None, dev
     tokenizer = Tokenizer.load(tokenizer_dir)
     if model.config.vocab_size != tokenizer.vocab_size:
         raise ConfigError(
-            f"the model at {model_dir} has vocab {model.config.vocab_size} but the tokenizer at {tokenizer_dir} "
+            f"the model at {model_dir} has vocab {model.config.vocab_size} "
+            f"but the tokenizer at {tokenizer_dir} "
             f"has {tokenizer.vocab_size}: they come from different runs"
         )
     return EvalState(model, tokenizer, device, model.config.sequence_len, meta)
@@ -200,7 +202,8 @@ def _encoded(docs: Iterable[str], tokenizer: Any, bos: int, group: int) -> Itera
 
 
 def val_batches(docs: Iterable[str], tokenizer: Any, batch_size: int, seq_len: int,
-                max_tokens: int | None = None, encode_group: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                max_tokens: int | None = None,
+                encode_group: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) batches of (batch_size, seq_len) from documents, each starting with BOS, concatenated.
 
     Consecutive batches overlap by one token (each target is predicted once); the last batch is
@@ -232,8 +235,9 @@ def val_batches(docs: Iterable[str], tokenizer: Any, batch_size: int, seq_len: i
 def val_bpb(state: EvalState, shards: Sequence[str], max_tokens: int, batch_size: int) -> dict[str, float]:
     """Bits per byte of the model on the documents of `shards` (at most max_tokens targets), the
     documents concatenated into one BOS-separated stream at the model's context. Stored as
-    `eval_bpb` in evaluate/<stage>.json (nanochat/report.py's `evaluation_bpb` reads it); training's `val_bpb` is another
-    number: rows packed from BOS-led documents, eval_tokens of them (nanochat/data/dataloader.py)."""
+    `eval_bpb` in evaluate/<stage>.json (nanochat/report.py's `evaluation_bpb` reads it); training's
+    `val_bpb` is another number: rows packed from BOS-led documents, eval_tokens of them
+    (nanochat/data/dataloader.py)."""
     from nanochat.train import evaluate_bpb
 
     seq_len = state.max_seq_len or state.model.config.sequence_len

@@ -225,13 +225,15 @@ def _source(*functions: Callable) -> str:
 
 def build_check(prompt: str, completion: str, test: str, entry_point: str) -> tuple[str, str]:
     """(program for Sandbox.run, the pass line it prints on success); a fresh nonce each call."""
-    for name, text in (("prompt", prompt), ("completion", completion), ("test", test), ("entry_point", entry_point)):
+    for name, text in (("prompt", prompt), ("completion", completion), ("test", test),
+                       ("entry_point", entry_point)):
         if not isinstance(text, str):
             raise TypeError(f"{name} must be str, got {type(text).__name__}")
     if not entry_point.isidentifier():
         raise ValueError(f"entry_point must be a Python identifier, got {entry_point!r}")
     pass_line = f"{PASS_PREFIX} {secrets.token_hex(16)}"
-    worker = _source(*_SHARED, _worker_main) + "\n\nimport sys\n_worker_main(int(sys.argv[1]), int(sys.argv[2]))\n"
+    worker = (_source(*_SHARED, _worker_main)
+              + "\n\nimport sys\n_worker_main(int(sys.argv[1]), int(sys.argv[2]))\n")
     job = {
         "worker_source": worker, "program": f"{prompt}{completion}\n", "prompt": prompt, "test": test,
         "entry_point": entry_point, "pass_line": pass_line, "max_reply_bytes": MAX_REPLY_BYTES,

@@ -57,9 +57,10 @@ class TaskArgumentError(ConfigError, TypeError):
 
 
 __all__ = [
-    "ARC", "GSM8K", "LETTERS", "MMLU", "Arithmetic", "HumanEval", "Identity", "LetterCount", "MultipleChoiceTask",
-    "SciQ", "SmolTalk", "SocialIQA", "Spelling", "Task", "TaskMixture", "TaskSequence", "WithoutItems", "TASKS",
-    "STAGES", "check_disjoint", "eval_tasks", "find_overlap", "get_task", "training_mixture",
+    "ARC", "GSM8K", "LETTERS", "MMLU", "Arithmetic", "HumanEval", "Identity", "LetterCount",
+    "MultipleChoiceTask", "SciQ", "SmolTalk", "SocialIQA", "Spelling", "Task", "TaskMixture", "TaskSequence",
+    "WithoutItems", "TASKS", "STAGES", "check_disjoint", "eval_tasks", "find_overlap", "get_task",
+    "training_mixture",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ def get_task(name: str, **kwargs: object) -> Task:
     accepted = [p for p, v in params.items() if v.kind is not inspect.Parameter.VAR_KEYWORD] + list(SLICING)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise TaskArgumentError(f"task {name!r} does not take {', '.join(unknown)}; it accepts {', '.join(accepted)}")
+        raise TaskArgumentError(f"task {name!r} does not take {', '.join(unknown)}; "
+                                f"it accepts {', '.join(accepted)}")
     return factory(**kwargs)
 
 
@@ -116,7 +118,8 @@ def eval_tasks(offline: bool | None = None) -> dict[str, Task]:
 
 def _hub_mixture(stage: str) -> list[Task]:
     if stage == "midtrain":
-        return [SmolTalk("train", source="hub"), MMLU("auxiliary_train", source="hub"), GSM8K("train", source="hub"),
+        return [SmolTalk("train", source="hub"), MMLU("auxiliary_train", source="hub"),
+                GSM8K("train", source="hub"),
                 Identity(1000), Identity(1000), Spelling(200_000), LetterCount(80_000)]
     return [ARC("easy", "train", source="hub"), ARC("challenge", "train", source="hub"),
             GSM8K("train", source="hub"), SmolTalk("train", source="hub", stop=10_000),
@@ -127,7 +130,8 @@ def _pack_mixture(stage: str) -> list[Task]:
     mid = stage == "midtrain"
     multiple_choice = [SciQ("validation", source="pack"),
                        SocialIQA("validation", source="pack", stop=None if mid else 1000),
-                       ARC("easy", "validation", source="pack"), ARC("challenge", "validation", source="pack"),
+                       ARC("easy", "validation", source="pack"),
+                       ARC("challenge", "validation", source="pack"),
                        MMLU("dev", source="pack"), MMLU("validation", source="pack")]
     identity = [Identity(500), Identity(500)] if mid else [Identity(300)]
     synthetic = [Arithmetic(4000 if mid else 1000), Spelling(2000 if mid else 300),
@@ -143,7 +147,8 @@ def training_mixture(stage: str, offline: bool | None = None, *, seed: int = SEE
     `hub_reachable()` allows. `evals` defaults to `eval_tasks(offline)`.
     """
     if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r} for a training mixture: choose one of {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {stage!r} for a training mixture: "
+                          f"choose one of {', '.join(STAGES)}")
     src = _source(offline)
     if stage == "rl":
         return GSM8K("test", subset="demo", source="pack") if src == "pack" else GSM8K("train", source="hub")
@@ -154,7 +159,8 @@ def training_mixture(stage: str, offline: bool | None = None, *, seed: int = SEE
         if isinstance(task, (MultipleChoiceTask, GSM8K)):  # drawn from benchmark datasets: may share items
             task = WithoutItems(task, keys)
             if task.dropped:
-                log.info("tasks: %s: dropped %d items that are in the evaluation sets", task.name, task.dropped)
+                log.info("tasks: %s: dropped %d items that are in the evaluation sets", task.name,
+                         task.dropped)
         tasks.append(task)
     mixture = TaskMixture(tasks, seed=seed)
     log.info("tasks: %s mixture from the %s: %d conversations: %s", stage, src, len(mixture),
@@ -168,7 +174,8 @@ def rl_task(kind: str, split: str, offline: bool | None) -> Task:
     if split not in ("train", "eval"):
         raise ConfigError(f"unknown RL split {split!r}: use 'train' or 'eval'")
     if kind == "toy":
-        return EndLetter(size=4096 if split == "train" else 256, split="train" if split == "train" else "heldout")
+        return EndLetter(size=4096 if split == "train" else 256,
+                         split="train" if split == "train" else "heldout")
     if kind != "gsm8k":
         raise ConfigError(f"unknown RL task {kind!r}: use 'gsm8k' or 'toy'")
     offline = not hub_reachable() if offline is None else offline

@@ -18,8 +18,8 @@ from nanochat.errors import ConfigError
 from nanochat.tasks.base import Task, assistant_text, tool_call_parts
 from nanochat.tasks.gsm8k import answers_match, evaluate_arithmetic
 
-NAMES = ("Ava", "Ben", "Chloe", "Dev", "Elif", "Femi", "Grace", "Hiro", "Ines", "Jonas", "Kofi", "Lena", "Mateo",
-         "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara")
+NAMES = ("Ava", "Ben", "Chloe", "Dev", "Elif", "Femi", "Grace", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
+         "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara")
 ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "stamps", "shells", "cards", "eggs")
 TEST_ONE_IN = 10
 MAX_TRIES = 1000  # redraws until a problem lands in the wanted split (~1.1 tries for train, ~10 for test)
@@ -27,26 +27,30 @@ MAX_TRIES = 1000  # redraws until a problem lands in the wanted split (~1.1 trie
 
 def _buy_packs(r: random.Random, name: str, item: str) -> tuple[str, str, str]:
     a, packs, each = r.randint(2, 60), r.randint(2, 9), r.randint(3, 24)
-    q = f"{name} has {a} {item} and buys {packs} packs of {item} with {each} in each pack. How many {item} does {name} have now?"
+    q = (f"{name} has {a} {item} and buys {packs} packs of {item} with {each} in each pack. "
+         f"How many {item} does {name} have now?")
     return q, f"{a} + {packs} * {each}", f"{name} starts with {a} and adds {packs} packs of {each}"
 
 
 def _change(r: random.Random, name: str, item: str) -> tuple[str, str, str]:
     price, n = r.randint(2, 15), r.randint(2, 6)
     bill = next(b for b in (20, 50, 100, 200) if b >= price * n)
-    q = f"A shop sells {item} for ${price} each. {name} buys {n} of them and pays with a ${bill} bill. How much change does {name} get, in dollars?"
+    q = (f"A shop sells {item} for ${price} each. {name} buys {n} of them and pays with a ${bill} bill. "
+         f"How much change does {name} get, in dollars?")
     return q, f"{bill} - {n} * {price}", f"the {item} cost {n} times ${price}, taken from ${bill}"
 
 
 def _share(r: random.Random, name: str, item: str) -> tuple[str, str, str]:
     friends, each = r.randint(2, 12), r.randint(2, 30)
-    q = f"{name} shares {friends * each} {item} equally among {friends} friends. How many {item} does each friend get?"
+    q = (f"{name} shares {friends * each} {item} equally among {friends} friends. "
+         f"How many {item} does each friend get?")
     return q, f"{friends * each} / {friends}", f"{friends * each} {item} split into {friends} equal groups"
 
 
 def _reading(r: random.Random, name: str, item: str) -> tuple[str, str, str]:
     per_day, days, last = r.randint(5, 40), r.randint(2, 14), r.randint(1, 30)
-    q = f"{name} reads {per_day} pages a day for {days} days, then {last} pages on the last day. How many pages does {name} read in total?"
+    q = (f"{name} reads {per_day} pages a day for {days} days, then {last} pages on the last day. "
+         f"How many pages does {name} read in total?")
     return q, f"{per_day} * {days} + {last}", f"{days} days of {per_day} pages, plus {last} pages"
 
 
@@ -58,15 +62,18 @@ def _discount(r: random.Random, name: str, item: str) -> tuple[str, str, str]:
 
 def _speed(r: random.Random, name: str, item: str) -> tuple[str, str, str]:
     speed, hours, back = r.randint(30, 120), r.randint(2, 8), r.randint(10, 90)
-    q = f"A train travels at {speed} km per hour for {hours} hours, then {back} km more. How many km does it travel in total?"
+    q = (f"A train travels at {speed} km per hour for {hours} hours, then {back} km more. "
+         "How many km does it travel in total?")
     return q, f"{speed} * {hours} + {back}", f"{hours} hours at {speed} km per hour, plus {back} km"
 
 
 def _wages(r: random.Random, name: str, item: str) -> tuple[str, str, str]:
     wage, hours, weeks = r.randint(8, 30), r.randint(5, 40), r.randint(2, 6)
     spent = r.randint(1, wage * hours * weeks - 1)
-    q = f"{name} earns ${wage} an hour and works {hours} hours a week. After {weeks} weeks {name} spends ${spent}. How many dollars are left?"
-    return q, f"{wage} * {hours} * {weeks} - {spent}", f"${wage} times {hours} hours times {weeks} weeks, minus ${spent}"
+    q = (f"{name} earns ${wage} an hour and works {hours} hours a week. "
+         f"After {weeks} weeks {name} spends ${spent}. How many dollars are left?")
+    return (q, f"{wage} * {hours} * {weeks} - {spent}",
+            f"${wage} times {hours} hours times {weeks} weeks, minus ${spent}")
 
 
 def _rows(r: random.Random, name: str, item: str) -> tuple[str, str, str]:

@@ -62,7 +62,8 @@ def tool_call_parts(code: str, value: Any) -> list[dict]:
     The output text is what `format_tool_output` makes of a run whose trailing expression is
     `value` (no prints): e.g. 48 / 2 -> "24", 0.1 + 0.2 -> "0.3", "abc".count("b") -> "1".
     """
-    result = ExecResult(status="ok", stdout="", stderr="", value=render_value(value), error=None, duration_s=0.0)
+    result = ExecResult(status="ok", stdout="", stderr="", value=render_value(value), error=None,
+                        duration_s=0.0)
     return [{"type": "python", "text": code}, {"type": "python_output", "text": format_tool_output(result)}]
 
 
@@ -75,7 +76,8 @@ class Task:
 
     def __init__(self, *, start: int = 0, stop: int | None = None, step: int = 1) -> None:
         if start < 0 or (stop is not None and stop < 0) or step < 1:
-            raise ConfigError(f"task slice needs start >= 0, stop >= 0 or None, step >= 1; got {start}:{stop}:{step}")
+            raise ConfigError("task slice needs start >= 0, stop >= 0 or None, step >= 1; "
+                              f"got {start}:{stop}:{step}")
         self.start, self.stop, self.step = start, stop, step
 
     # -- what subclasses provide -------------------------------------------------------------------
@@ -228,7 +230,8 @@ class TaskSequence(_Combined):
 
 
 def find_overlap(train: Task, evals: Iterable[Task], limit: int = 10) -> list[tuple[str, str, int]]:
-    """Up to `limit` items of `train` that some evaluation task also holds: (eval task name, key, train index)."""
+    """Up to `limit` items of `train` that some evaluation task also holds: (eval task name, key,
+    train index)."""
     owners: dict[str, str] = {}
     for task in evals:
         for i in range(len(task)):
@@ -259,11 +262,13 @@ def check_disjoint(train: Task, evals: Iterable[Task]) -> None:
 # ----------------------------------------------------------------------------- multiple choice
 
 
-def render_multiple_choice(question: str, choices: Sequence[str], *, context: str = "", context_label: str = "",
-                           header: str = "") -> str:
-    """The user message of a multiple-choice item: optional header and context, question, lettered choices."""
+def render_multiple_choice(question: str, choices: Sequence[str], *, context: str = "",
+                           context_label: str = "", header: str = "") -> str:
+    """The user message of a multiple-choice item: optional header and context, question, lettered
+    choices."""
     if not 2 <= len(choices) <= len(LETTERS):
-        raise ConfigError(f"a multiple-choice item needs 2..{len(LETTERS)} choices, got {len(choices)}: {question!r}")
+        raise ConfigError(f"a multiple-choice item needs 2..{len(LETTERS)} choices, "
+                          f"got {len(choices)}: {question!r}")
     lines = [header, ""] if header else []
     if context.strip():
         lines += [f"{context_label}: {context.strip()}" if context_label else context.strip(), ""]

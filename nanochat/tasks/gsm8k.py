@@ -137,7 +137,8 @@ class GSM8K(Task):
             raise ConfigError(f"GSM8K subset must be 'all', 'demo' or 'heldout', got {subset!r}")
         rows = load_rows("gsm8k", split, source) if rows is None else rows
         self.origin = getattr(rows, "origin", "given rows")
-        self.rows = rows if subset == "all" else [r for r in rows if in_demo_part(r["question"]) == (subset == "demo")]
+        self.rows = (rows if subset == "all"
+                     else [r for r in rows if in_demo_part(r["question"]) == (subset == "demo")])
         label = {"all": "", "demo": ":contaminated-demo", "heldout": ":heldout"}[subset]
         self.name = f"gsm8k/{split}{label}"
         self.contaminated = subset == "demo"  # True: these are evaluation items, for the RL demo only

@@ -1,4 +1,5 @@
-"""SciQ (allenai/sciq): science exam questions, 4 lettered choices, with the support passage when there is one.
+"""SciQ (allenai/sciq): science exam questions, 4 lettered choices, with the support passage when there
+is one.
 
 Not an evaluation set here, so its validation split (the pack's only one) feeds the offline chat
 mixture; the passage teaches reading before answering. Tests: tests/test_tasks.py.

@@ -165,7 +165,8 @@ def pack_splits(dataset: str) -> list[str]:
 
 def _spec(dataset: str) -> DatasetSpec:
     if dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {dataset!r}: the known datasets are {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"unknown dataset {dataset!r}: "
+                          f"the known datasets are {', '.join(sorted(DATASETS))}")
     return DATASETS[dataset]
 
 
@@ -187,7 +188,8 @@ def _load_pack(dataset: str, split: str) -> Rows:
             where = f"the embedded pack only has split(s) {', '.join(have)}"
         raise NotFoundError(
             f"{dataset} split {split!r} is not available offline: {where}. It needs the Hugging Face hub "
-            f"({spec.hub_path}), which this process cannot use; pick a pack split or run where the hub is reachable."
+            f"({spec.hub_path}), which this process cannot use; "
+            "pick a pack split or run where the hub is reachable."
         )
     path = pack_eval_dir() / spec.pack_task / f"{split}.jsonl"
     rows = _read_jsonl(str(path), path.stat().st_mtime_ns)
@@ -197,7 +199,8 @@ def _load_pack(dataset: str, split: str) -> Rows:
 def _load_hub(dataset: str, split: str) -> Rows:
     spec = _spec(dataset)
     if split not in spec.hub_splits:
-        raise ConfigError(f"{dataset} has no split {split!r} on the hub: choose one of {', '.join(spec.hub_splits)}")
+        raise ConfigError(f"{dataset} has no split {split!r} on the hub: "
+                          f"choose one of {', '.join(spec.hub_splits)}")
     import datasets
 
     ds = datasets.load_dataset(spec.hub_path, spec.hub_config, split=spec.hub_splits[split])
@@ -220,7 +223,8 @@ def load_rows(dataset: str, split: str, source: Source = "auto") -> Rows:
         except Exception as exc:  # noqa: BLE001 - any hub/datasets failure may fall back to the pack
             if source == "hub" or split not in pack_splits(dataset):
                 raise RuntimeError(
-                    f"loading {dataset} split {split!r} from the Hugging Face hub failed ({type(exc).__name__}: "
+                    f"loading {dataset} split {split!r} from the Hugging Face hub failed "
+                    f"({type(exc).__name__}: "
                     f"{exc}); offline splits in the pack: {', '.join(pack_splits(dataset)) or 'none'}"
                 ) from exc
             rows = _load_pack(dataset, split)

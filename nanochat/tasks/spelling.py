@@ -1,4 +1,5 @@
-"""Synthetic spelling tasks: spell a word letter by letter, and count a letter in a word (with the Python tool).
+"""Synthetic spelling tasks: spell a word letter by letter, and count a letter in a word (with the
+Python tool).
 
 Small models see tokens, not letters; these teach the mapping. Words come from the system
 dictionary (/usr/share/dict/words) when present, else from the embedded pack's text (lower-case
@@ -56,7 +57,8 @@ def word_list(dictionary: Path = DICT_PATH) -> list[str]:
     """Lower-case ASCII words of 3-12 letters from `dictionary` if it exists, else from the embedded pack."""
     if dictionary.is_file():
         lines = dictionary.read_text(encoding="utf-8", errors="replace").split()
-        words = sorted({w for w in lines if 3 <= len(w) <= 12 and w.isascii() and w.isalpha() and w.islower()})
+        words = sorted({w for w in lines
+                        if 3 <= len(w) <= 12 and w.isascii() and w.isalpha() and w.islower()})
         origin = str(dictionary)
     else:
         directory = get_source("embedded").directory
@@ -87,8 +89,8 @@ class _WordTask(Task):
 
     kind = "words"
 
-    def __init__(self, size: int = 1000, split: str = "train", seed: int = 0, words: Sequence[str] | None = None,
-                 **slicing: int | None) -> None:
+    def __init__(self, size: int = 1000, split: str = "train", seed: int = 0,
+                 words: Sequence[str] | None = None, **slicing: int | None) -> None:
         super().__init__(**slicing)
         if split not in ("train", "test"):
             raise ConfigError(f"{self.kind} split must be 'train' or 'test', got {split!r}")
@@ -136,7 +138,8 @@ class LetterCount(_WordTask):
 
     kind = "letter_count"
     eval_type = "generative"
-    QUESTIONS = ("How many times does the letter {c} appear in {w}?", 'How many {c}\'s are in the word "{w}"?',
+    QUESTIONS = ("How many times does the letter {c} appear in {w}?",
+                 'How many {c}\'s are in the word "{w}"?',
                  "Count the letter '{c}' in '{w}'.", "how many {c} in {w}")
 
     def conversation(self, word: str, rng: random.Random) -> dict:
@@ -146,12 +149,15 @@ class LetterCount(_WordTask):
         times = "once" if count == 1 else f"{count} times"
         if positions:
             where = positions[0] if count == 1 else f"{', '.join(positions[:-1])} and {positions[-1]}"
-            found = f"The letter {letter} is at position{'s' if count > 1 else ''} {where}, so it appears {times}."
+            found = (f"The letter {letter} is at position{'s' if count > 1 else ''} {where}, "
+                     f"so it appears {times}.")
         else:
             found = f"The letter {letter} is not in it."
-        parts = [{"type": "text", "text": f"Spelled out, {word} is {spelled(word)}. {found}\nChecking with Python: "}]
+        parts = [{"type": "text",
+                  "text": f"Spelled out, {word} is {spelled(word)}. {found}\nChecking with Python: "}]
         parts += tool_call_parts(f"'{word}'.count('{letter}')", count)
-        parts.append({"type": "text", "text": f"\nThe letter {letter} appears {times} in {word}.\n#### {count}"})
+        parts.append({"type": "text",
+                      "text": f"\nThe letter {letter} appears {times} in {word}.\n#### {count}"})
         user = rng.choice(self.QUESTIONS).format(c=letter, w=word)
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": parts}]}
 
