@@ -221,11 +221,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run id (directory under the storage)")
     p.add_argument("--stage", default="sft", choices=CHAT_STAGES, help="whose exported model to load")
-    p.add_argument("--storage", default=None, help="run storage: local dir, s3:// or gs:// (default $NANOCHAT_HOME/runs)")
+    p.add_argument("--storage", default=None,
+                   help="run storage: local dir, s3:// or gs:// (default $NANOCHAT_HOME/runs)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all")
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer (tool output included)")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="most tokens per answer (tool output included)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh each answer)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     return p.parse_args(argv)

@@ -22,10 +22,12 @@ from nanochat.data.chat_data import Layout
 class ChatStageConfig(TrainingConfig):
     """Settings of a chat training stage; the model's shape comes from the model it starts from."""
 
-    init_from: str | None = Field(None, description="exported model to start from; default {run}/<previous stage>/model")
+    init_from: str | None = Field(None, description="exported model to start from; default "
+                                                    "{run}/<previous stage>/model")
     source: Literal["auto", "hub", "pack"] = Field(
         "auto", description="the mixture's data: the Hugging Face hub, the embedded pack, or auto (hub when "
-                            "reachable); evaluate with the same chat_source so no evaluation item is trained on")
+                            "reachable); evaluate with the same chat_source so no evaluation item is "
+                            "trained on")
     tasks: list[str] | None = Field(None, description="task specs \"name[:split][,key=value]\" replacing the "
                                                       "stage's own mixture (e.g. sciq:validation,stop=500)")
     mixture_seed: int = Field(42, description="seed of the mixture's shuffle")
@@ -33,8 +35,8 @@ class ChatStageConfig(TrainingConfig):
                                                           "validation loss (the mixture's last ones)")
     num_epochs: float = Field(1.0, gt=0, description="passes over the training conversations (when "
                                                      "num_iterations <= 0)")
-    rows_per_step: int = Field(256, ge=1, description="rows per optimizer step over all workers (a multiple of "
-                                                      "device_batch_size x num_workers)")
+    rows_per_step: int = Field(256, ge=1, description="rows per optimizer step over all workers (a "
+                                                      "multiple of device_batch_size x num_workers)")
     init_lr_frac: float = Field(1.0, gt=0, description="multiplier of all three lrs (embedding_lr, "
                                                        "unembedding_lr, matrix_lr)")
     eval_every: int = Field(150, description="steps between validation evaluations (<= 0: end only)")
@@ -45,13 +47,14 @@ class ChatStageConfig(TrainingConfig):
     LAYOUT: ClassVar[Layout]
 
     def to_spec(self) -> ChatStageSpec:
-        return ChatStageSpec(stage=self.STAGE, previous=self.PREVIOUS, layout=self.LAYOUT, init_from=self.init_from,
+        return ChatStageSpec(stage=self.STAGE, previous=self.PREVIOUS, layout=self.LAYOUT,
+                             init_from=self.init_from,
                              source=self.source, tasks=tuple(self.tasks) if self.tasks is not None else None,
                              mixture_seed=self.mixture_seed, val_conversations=self.val_conversations,
                              num_epochs=self.num_epochs, num_iterations=self.num_iterations,
                              rows_per_step=self.rows_per_step, device_batch_size=self.device_batch_size,
-                             init_lr_frac=self.init_lr_frac, lrs=self.learning_rates(), schedule=self.schedule(),
-                             group=self.worker_group())
+                             init_lr_frac=self.init_lr_frac, lrs=self.learning_rates(),
+                             schedule=self.schedule(), group=self.worker_group())
 
 
 def run_main(config_cls: type[ChatStageConfig], description: str, argv: list[str] | None = None) -> int:

@@ -43,10 +43,10 @@ _SEED_LRS = LearningRates()  # the seed's optimizer settings; the only place the
 class OptimizerSettings(StageConfig):
     """The optimizer settings every stage that trains shares (pretrain, midtrain, sft, rl)."""
 
-    embedding_lr: float = Field(_SEED_LRS.embedding_lr, gt=0, description="AdamW lr of the token embedding (scaled "
-                                                                          "by (width/768)^-0.5)")
-    unembedding_lr: float = Field(_SEED_LRS.unembedding_lr, gt=0, description="AdamW lr of the lm_head (scaled by "
-                                                                              "(width/768)^-0.5)")
+    embedding_lr: float = Field(_SEED_LRS.embedding_lr, gt=0,
+                                description="AdamW lr of the token embedding (scaled by (width/768)^-0.5)")
+    unembedding_lr: float = Field(_SEED_LRS.unembedding_lr, gt=0,
+                                  description="AdamW lr of the lm_head (scaled by (width/768)^-0.5)")
     matrix_lr: float = Field(_SEED_LRS.matrix_lr, gt=0, description="Muon lr of the transformer matrices")
     weight_decay: float = Field(_SEED_LRS.weight_decay, ge=0, description="AdamW weight decay")
 
@@ -59,40 +59,47 @@ class TrainingConfig(OptimizerSettings):
     worker group. `schedule()` and `worker_group()` are their only conversions to cluster/specs.py's specs."""
 
     device_batch_size: int = Field(32, ge=1, description="rows per forward/backward on each worker")
-    num_iterations: int = Field(-1, description="horizon in optimizer steps if > 0 (else the stage's own rule)")
+    num_iterations: int = Field(-1,
+                                description="horizon in optimizer steps if > 0 (else the stage's own rule)")
     grad_clip: float = Field(GRAD_CLIP, description="max global gradient norm; <= 0 disables clipping")
-    warmup_ratio: float = Field(WARMUP_RATIO, ge=0, le=1, description="fraction of steps with linear lr warmup")
-    warmdown_ratio: float = Field(WARMDOWN_RATIO, ge=0, le=1, description="fraction of steps at the end with linear lr "
-                                                                       "decay")
-    final_lr_frac: float = Field(FINAL_LR_FRAC, ge=0, le=1, description="lr multiplier reached at the end of the "
-                                                                       "warmdown")
+    warmup_ratio: float = Field(WARMUP_RATIO, ge=0, le=1,
+                                description="fraction of steps with linear lr warmup")
+    warmdown_ratio: float = Field(WARMDOWN_RATIO, ge=0, le=1,
+                                  description="fraction of steps at the end with linear lr decay")
+    final_lr_frac: float = Field(FINAL_LR_FRAC, ge=0, le=1,
+                                 description="lr multiplier reached at the end of the warmdown")
     log_every: int = Field(1, ge=1, description="steps between metrics records and progress lines")
     eval_every: int = Field(250, description="steps between validation evaluations (<= 0: end only)")
-    checkpoint_every: int = Field(1000, description="steps between checkpoints (<= 0: end only); a failure loses "
-                                                    "at most this many steps")
-    compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA, and on CPU when the "
-                                                "run is long enough to pay the compile back (nanochat/train.py)")
+    checkpoint_every: int = Field(1000, description="steps between checkpoints (<= 0: end only); a failure "
+                                                    "loses at most this many steps")
+    compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA, and on CPU when "
+                                                   "the run is long enough to pay the compile back "
+                                                   "(nanochat/train.py)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters); with "
                                                   "min_workers, the most the run grows to")
-    min_workers: int | None = Field(None, ge=1, description="elastic training: the fewest workers the run goes on "
-                                                            "with when hosts are lost (null: exactly num_workers); "
-                                                            "total_batch_tokens must divide for every size between")
-    resize_check_s: float = Field(60.0, gt=0, description="elastic training: seconds between Ray Train's checks for "
-                                                          "capacity to grow back to num_workers")
-    max_preemptions: int = Field(-1, ge=-1, description="restarts after spot preemptions (node drains with reason "
-                                                        "PREEMPTION), counted apart from max_failures (-1: unlimited)")
-    preemption_poll_every: int = Field(1, ge=0, description="steps between polls for a preemption notice; on one "
-                                                            "every worker saves a checkpoint at once (0: never poll)")
-    async_checkpoints: bool = Field(False, description="regular checkpoints upload in the background while training "
-                                                       "goes on (the last one and a preemption's are synchronous)")
+    min_workers: int | None = Field(None, ge=1, description="elastic training: the fewest workers the run goes "
+                                                            "on with when hosts are lost (null: exactly "
+                                                            "num_workers); total_batch_tokens must divide for "
+                                                            "every size between")
+    resize_check_s: float = Field(60.0, gt=0, description="elastic training: seconds between Ray Train's checks "
+                                                          "for capacity to grow back to num_workers")
+    max_preemptions: int = Field(-1, ge=-1, description="restarts after spot preemptions (node drains with "
+                                                        "reason PREEMPTION), counted apart from max_failures "
+                                                        "(-1: unlimited)")
+    preemption_poll_every: int = Field(1, ge=0, description="steps between polls for a preemption notice; on "
+                                                            "one every worker saves a checkpoint at once (0: "
+                                                            "never poll)")
+    async_checkpoints: bool = Field(False, description="regular checkpoints upload in the background while "
+                                                       "training goes on (the last one and a preemption's are "
+                                                       "synchronous)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; on CPU also torch's thread count")
     use_gpu: bool = Field(False, description="give each worker one GPU and train in bf16 on it")
-    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint after failures "
-                                                 "(-1: unlimited)")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint after "
+                                                    "failures (-1: unlimited)")
     checkpoints_to_keep: int = Field(2, ge=1, description="most recent checkpoints kept in storage")
-    storage_is_shared: bool = Field(False, description="the local storage path is a shared filesystem (NFS) mounted "
-                                                    "at the same path on every node; required for a local path "
-                                                    "on a multi-node cluster")
+    storage_is_shared: bool = Field(False, description="the local storage path is a shared filesystem (NFS) "
+                                                       "mounted at the same path on every node; required for "
+                                                       "a local path on a multi-node cluster")
     metrics_interval_s: float = Field(10.0, ge=1, description="seconds between the workers' pushes of loss, "
                                                                "tokens/s, MFU... to the Prometheus exporter "
                                                                "(Ray's default: 10)")
@@ -100,13 +107,14 @@ class TrainingConfig(OptimizerSettings):
     @model_validator(mode="after")
     def _worker_range(self) -> TrainingConfig:
         if self.min_workers is not None and self.min_workers > self.num_workers:
-            raise ValueError(f"min_workers {self.min_workers} > num_workers {self.num_workers}: the elastic range is "
-                             "(min_workers, num_workers)")
+            raise ValueError(f"min_workers {self.min_workers} > num_workers {self.num_workers}: the elastic "
+                             "range is (min_workers, num_workers)")
         return self
 
     def schedule(self) -> Schedule:
-        return Schedule(grad_clip=self.grad_clip, warmup_ratio=self.warmup_ratio, warmdown_ratio=self.warmdown_ratio,
-                        final_lr_frac=self.final_lr_frac, log_every=self.log_every, eval_every=self.eval_every,
+        return Schedule(grad_clip=self.grad_clip, warmup_ratio=self.warmup_ratio,
+                        warmdown_ratio=self.warmdown_ratio, final_lr_frac=self.final_lr_frac,
+                        log_every=self.log_every, eval_every=self.eval_every,
                         checkpoint_every=self.checkpoint_every, compile=self.compile)
 
     def worker_group(self) -> WorkerGroup:
@@ -155,7 +163,8 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
 def merge_sections(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = merge_sections(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        merged[k] = (merge_sections(merged[k], v)
+                     if isinstance(v, dict) and isinstance(merged.get(k), dict) else v)
     return merged
 
 
@@ -187,8 +196,10 @@ def stage_argparser(stage: str, description: str) -> argparse.ArgumentParser:
     """The arguments every stage accepts: --preset, --run, --storage, --set, --force."""
     p = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=description)
     p.add_argument("--preset", default="micro", help="preset name in jobs/presets/ (default: micro)")
-    p.add_argument("--run", required=True, help="run id: the directory under the storage that holds all stages")
-    p.add_argument("--storage", default=None, help="local dir, s3:// or gs:// prefix (default: $NANOCHAT_HOME/runs)")
+    p.add_argument("--run", required=True,
+                   help="run id: the directory under the storage that holds all stages")
+    p.add_argument("--storage", default=None,
+                   help="local dir, s3:// or gs:// prefix (default: $NANOCHAT_HOME/runs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     p.add_argument("--force", action="store_true", help="rerun even if the stage output is complete")

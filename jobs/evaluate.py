@@ -61,44 +61,52 @@ CHAT_STAGES = ("midtrain", "sft", "rl")  # evaluated on the chat tasks instead o
 class EvaluateConfig(StageConfig):
     """The `evaluate:` section of a preset."""
 
-    model_dir: str | None = Field(None, description="model directory or URI to evaluate; default {run}/<stage>/model")
-    data_dir: str | None = Field(None, description="shard directory or URI whose last shard is the validation "
-                                                   "shard; default the embedded pack")
-    eval_dir: str | None = Field(None, description="the pack's evaluation sets; default $NANOCHAT_HOME/data/eval")
+    model_dir: str | None = Field(None, description="model directory or URI to evaluate; default "
+                                                    "{run}/<stage>/model")
+    data_dir: str | None = Field(None, description="shard directory or URI whose last shard is the "
+                                                   "validation shard; default the embedded pack")
+    eval_dir: str | None = Field(None,
+                                 description="the pack's evaluation sets; default $NANOCHAT_HOME/data/eval")
     bpb_tokens: int = Field(1 << 20, ge=1, description="validation target tokens for bits per byte (at most)")
     device_batch_size: int = Field(8, ge=1, description="rows per forward pass for bits per byte")
     sample_tokens: int = Field(24, ge=1, description="greedy tokens generated per fixed sample prompt")
     core_source: Literal["auto", "bundle", "pack"] = Field(
-        "auto", description="CORE tasks: DCLM's eval bundle, the pack's tasks (our config), or auto (bundle when "
-                            "on disk or reachable, else pack)")
-    core_tasks: list[str] | None = Field(None, description="CORE task labels to run; default all of the source's")
-    max_per_task: int | None = Field(None, ge=1, description="items per CORE task (a seeded sample); default all")
+        "auto", description="CORE tasks: DCLM's eval bundle, the pack's tasks (our config), or auto "
+                            "(bundle when on disk or reachable, else pack)")
+    core_tasks: list[str] | None = Field(None,
+                                         description="CORE task labels to run; default all of the source's")
+    max_per_task: int | None = Field(None, ge=1,
+                                     description="items per CORE task (a seeded sample); default all")
     bundle_dir: str | None = Field(None, description="where the eval bundle is unpacked; default "
                                                      "$NANOCHAT_HOME/eval_bundle")
     bundle_timeout_s: float = Field(10.0, gt=0, description="seconds to wait for the bundle's server before "
                                                             "giving up (offline: fail fast)")
     chat_source: Literal["auto", "hub", "pack"] = Field(
-        "auto", description="chat evaluation sets: the Hugging Face hub, the embedded pack (GSM8K: its held-out "
-                            "half), or auto (hub when reachable)")
-    chat_tasks: list[str] | None = Field(None, description="chat tasks to run (arc_easy, arc_challenge, mmlu, "
-                                                           "gsm8k, humaneval); default all five (ChatCORE)")
+        "auto", description="chat evaluation sets: the Hugging Face hub, the embedded pack "
+                            "(GSM8K: its held-out half), or auto (hub when reachable)")
+    chat_tasks: list[str] | None = Field(None, description="chat tasks to run (arc_easy, arc_challenge, "
+                                                           "mmlu, gsm8k, humaneval); default all five "
+                                                           "(ChatCORE)")
     chat_max_per_task: int | None = Field(None, ge=1, description="items per chat task (a seeded sample); "
                                                                   "default all")
-    num_samples: int = Field(1, ge=1, description="sampled answers per GSM8K/HumanEval item: pass@k with k = this")
+    num_samples: int = Field(1, ge=1,
+                             description="sampled answers per GSM8K/HumanEval item: pass@k with k = this")
     max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per GSM8K/HumanEval answer")
-    temperature: float = Field(0.0, ge=0, description="sampling temperature of generative answers (0 = greedy; "
-                                                      "needs > 0 when num_samples > 1)")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature of generative answers "
+                                                      "(0 = greedy; needs > 0 when num_samples > 1)")
     top_k: int = Field(50, ge=0, description="sample from the top k tokens of generative answers (0 = all)")
     chat_seed: int = Field(0, description="seed of generative sampling (each item draws from its own stream)")
     format_items: int = Field(200, ge=0, description="fixed multiple-choice items for the format metric "
                                                      "(chat.format_rate); 0 skips it")
-    sandbox_actors: int = Field(1, ge=1, description="sandbox actors for GSM8K's Python tool and HumanEval checks")
-    sandbox_cpus: float = Field(0.25, ge=0, description="Ray CPUs each sandbox actor reserves (set aside before "
-                                                        "the evaluation actors are sized)")
+    sandbox_actors: int = Field(1, ge=1,
+                                description="sandbox actors for GSM8K's Python tool and HumanEval checks")
+    sandbox_cpus: float = Field(0.25, ge=0, description="Ray CPUs each sandbox actor reserves (set aside "
+                                                        "before the evaluation actors are sized)")
     humaneval_timeout_s: float = Field(10.0, gt=0, description="wall-clock seconds per HumanEval check")
     num_actors: int = Field(2, ge=1, description="evaluation actors (with GPUs: at most one per GPU)")
     cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs per actor; cut to fit the cluster, "
-                                                         "fractions allowed; torch threads = whole CPUs (>= 1)")
+                                                         "fractions allowed; torch threads = whole CPUs "
+                                                         "(>= 1)")
     gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor; default 1 when the cluster "
                                                                  "has GPUs, else 0")
 
@@ -114,11 +122,13 @@ class Work:
     sample: chat_eval.SampleSettings
 
 
-def stage_inputs(storage: RunStorage, stage: str, cfg: EvaluateConfig) -> tuple[str, str | None, dict[str, Any]]:
+def stage_inputs(storage: RunStorage, stage: str,
+                 cfg: EvaluateConfig) -> tuple[str, str | None, dict[str, Any]]:
     """(model URI, tokenizer URI or None when it is exported beside the model, the stage's meta);
     errors name the stage to run first."""
     ref = find_model(storage, stage, cfg.model_dir)  # errors say which stage to run first
-    meta = storage.read_meta(stage) if storage.is_complete(stage) else {}  # an explicit model_dir needs no stage
+    # an explicit model_dir needs no stage
+    meta = storage.read_meta(stage) if storage.is_complete(stage) else {}
     return ref.model, None if ref.tokenizer_beside else ref.tokenizer, meta
 
 
@@ -158,7 +168,8 @@ def run_chat(pool: EvalPool, sandbox: SandboxPool | None, work: Work, cfg: Evalu
 
     results = chat_eval.check_answers(ordered, answers, work.chat, humaneval if sandbox is not None else None)
     doc = chat_eval.chat_results(work.chat, aggregate(results), answers, work.sample.num_samples)
-    doc["examples"] = {name: [{"question": r.conversation["messages"][-2]["content"][:300], "answers": list(a.texts)}
+    doc["examples"] = {name: [{"question": r.conversation["messages"][-2]["content"][:300],
+                               "answers": list(a.texts)}
                               for r, a in zip(ordered, answers, strict=True) if r.task == name][:2]
                        for name in work.chat}
     return doc
@@ -166,9 +177,11 @@ def run_chat(pool: EvalPool, sandbox: SandboxPool | None, work: Work, cfg: Evalu
 
 def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -> dict[str, Any]:
     """Run bpb and CORE (pretrain) or the chat tasks, and the format metric, on an evaluation pool."""
-    model_uri, tokenizer_uri, meta = stage_inputs(storage, stage, cfg)  # checked again: cheap, and callable alone
+    # checked again: cheap, and callable alone
+    model_uri, tokenizer_uri, meta = stage_inputs(storage, stage, cfg)
     val = validation_shards(cfg)
-    core_requests = [r for task in work.core.tasks for r in build_requests(task, cfg.max_per_task)] if work.core else []
+    core_requests = ([r for task in work.core.tasks for r in build_requests(task, cfg.max_per_task)]
+                     if work.core else [])
     import ray
 
     t0 = time.time()
@@ -182,15 +195,18 @@ def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -
     timings: dict[str, float] = {}
     doc: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(EvalPool(functools.partial(load_from_storage, model_uri, tokenizer_uri), spec))  # 2.
-        sandbox = stack.enter_context(SandboxPool(cfg.sandbox_actors, cfg.sandbox_cpus)) if need_sandbox else None
+        pool = stack.enter_context(EvalPool(functools.partial(load_from_storage, model_uri, tokenizer_uri),
+                                            spec))  # 2.
+        sandbox = (stack.enter_context(SandboxPool(cfg.sandbox_actors, cfg.sandbox_cpus))
+                   if need_sandbox else None)
         actors = pool.ready()
         timings["load_s"] = round(time.time() - t0, 3)
         t1 = time.time()
         bpb_ref = pool.submit(0, val_bpb, val, cfg.bpb_tokens, cfg.device_batch_size)  # 3.
         if work.core is not None:
             samples_ref = pool.submit(1, sample_completions, list(SAMPLE_PROMPTS), cfg.sample_tokens)
-            core = core_results([t.meta for t in work.core.tasks], aggregate(pool.map(score_requests, core_requests, label="CORE")))
+            core = core_results([t.meta for t in work.core.tasks],
+                                aggregate(pool.map(score_requests, core_requests, label="CORE")))
             doc["core"] = {"label": work.core.label, "source": work.core.source, "note": work.core.note,
                            "max_per_task": cfg.max_per_task, **core}  # 4.
             doc["samples"] = pool.get(samples_ref, "sampling the fixed prompts")
@@ -199,7 +215,8 @@ def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -
         if work.chat:
             timings["chat_s"] = round(time.time() - t1, 3)
         if work.format_requests:
-            chat.update(chat_eval.format_summary(pool.map(chat_eval.check_format, work.format_requests, label="format")))
+            chat.update(chat_eval.format_summary(pool.map(chat_eval.check_format, work.format_requests,
+                                                          label="format")))
         bpb = pool.get(bpb_ref, "computing bpb")
         timings["total_s"] = round(time.time() - t0, 3)
         t_end = time.time()
@@ -220,8 +237,8 @@ def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -
 
 
 def print_summary(doc: dict[str, Any]) -> None:
-    print(f"[evaluate] {doc['stage']}: evaluation bpb {doc[EVAL_BPB]:.4f} over {doc['eval_bpb_tokens']} tokens "
-          "(validation documents as one stream)")
+    print(f"[evaluate] {doc['stage']}: evaluation bpb {doc[EVAL_BPB]:.4f} over "
+          f"{doc['eval_bpb_tokens']} tokens (validation documents as one stream)")
     for s in doc.get("samples", []):
         print(f"[evaluate] sample: {s['prompt']!r} -> {s['completion']!r}")
     if "core" in doc:
@@ -233,7 +250,8 @@ def print_summary(doc: dict[str, Any]) -> None:
     chat = doc.get("chat", {})
     for name, t in chat.get("tasks", {}).items():
         print(f"[evaluate] {name:20s} {t['metric']:9s} {t['accuracy']:.4f}  centred {t['centered']:+.4f}  "
-              f"({t['num_items']} items, {t['prompts_truncated']} prompts cut, {t['actor_seconds']:.1f} actor-s)")
+              f"({t['num_items']} items, {t['prompts_truncated']} prompts cut, "
+              f"{t['actor_seconds']:.1f} actor-s)")
     if "chatcore" in chat:
         print(f"[evaluate] {chat['label']}: {chat['chatcore']:.4f}")
     if "format_rate" in chat:
@@ -254,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = storage.stage_path("evaluate")
         out = f"{out_dir}/{args.stage}.json"
         if storage.exists(out) and not args.force:
-            print(f"[evaluate] {storage.stage_uri('evaluate')}/{args.stage}.json is complete; skipped (--force reruns)")
+            print(f"[evaluate] {storage.stage_uri('evaluate')}/{args.stage}.json is complete; "
+                  "skipped (--force reruns)")
             return 0
         storage.check_writable()
         stage_inputs(storage, args.stage, cfg)  # a missing checkpoint fails here, before anything is loaded
@@ -266,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[evaluate] chat task {name}: {task.describe()}", flush=True)
         doc = evaluate(storage, args.stage, cfg, work)
         storage.fs.create_dir(out_dir, recursive=True)
-        write_text_atomic(storage.fs, out, json.dumps(doc, indent=2, default=str))  # last: the completion marker
+        # last: the completion marker
+        write_text_atomic(storage.fs, out, json.dumps(doc, indent=2, default=str))
     except (EvalPoolError, SandboxPoolError) as e:  # the pool failed: say so without the actors' tracebacks
         print(f"error: {e}", file=sys.stderr)
         return 1

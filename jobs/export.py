@@ -42,9 +42,12 @@ class ExportConfig(StageConfig):
     """The `export:` section of a preset."""
 
     stage: Literal["auto", "pretrain", "midtrain", "sft", "rl"] = Field(
-        "auto", description="which stage's model to export; auto: the last complete of rl, sft, midtrain, pretrain")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the saved weights")
-    max_shard_mb: int = Field(5000, ge=1, description="safetensors shard size limit in MB (above it: shards + index)")
+        "auto", description="which stage's model to export; auto: the last complete of rl, sft, midtrain, "
+                            "pretrain")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32",
+                                                             description="dtype of the saved weights")
+    max_shard_mb: int = Field(5000, ge=1,
+                              description="safetensors shard size limit in MB (above it: shards + index)")
 
 
 class ExportError(NanochatError, ValueError):
@@ -86,7 +89,8 @@ def card_numbers(storage: RunStorage, stage: str) -> list[tuple[str, str]]:
             for b, m in inf.get("batches", {}).items():
                 rows.append((f"our engine, batch {b}: TTFT / time per token / tokens/s ({inf.get('device')})",
                              f"{m['ttft_ms']:.1f} ms / {m['tpot_ms']:.2f} ms / {m['tokens_per_s']:.1f}"))
-            rows.append(("peak memory while measuring", f"{inf.get('peak_memory_mib')} MiB ({inf.get('memory_kind')})"))
+            rows.append(("peak memory while measuring",
+                         f"{inf.get('peak_memory_mib')} MiB ({inf.get('memory_kind')})"))
     return rows
 
 
@@ -107,8 +111,10 @@ def export_run(storage: RunStorage, cfg: ExportConfig, out: Path) -> dict[str, A
 @entrypoint
 def main(argv: list[str] | None = None) -> int:
     p = stage_argparser(STAGE, __doc__.splitlines()[0])
-    p.add_argument("--stage", default=None, help="auto|pretrain|midtrain|sft|rl (overrides the config's stage)")
-    p.add_argument("--out", default=None, help="output directory or s3:// / gs:// URI (default: {run}/export/)")
+    p.add_argument("--stage", default=None,
+                   help="auto|pretrain|midtrain|sft|rl (overrides the config's stage)")
+    p.add_argument("--out", default=None,
+                   help="output directory or s3:// / gs:// URI (default: {run}/export/)")
     args = p.parse_args(argv)
     overrides = args.overrides + ([f"stage={args.stage}"] if args.stage else [])
     cfg = load_stage_config(ExportConfig, STAGE, args.preset, overrides)
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             w.extra.update(info)
             w.commit()
         where = storage.stage_uri(STAGE)
-    print(f"[export] {info['stage']} model of run {args.run} ({info['num_params']:,} parameters) written to {where}")
+    print(f"[export] {info['stage']} model of run {args.run} ({info['num_params']:,} parameters) "
+          f"written to {where}")
     return 0
 
 

@@ -62,7 +62,8 @@ def ensure_data(preset: dict) -> str:
 def _job_env() -> dict[str, str]:
     """What a stage's job needs from the submitting environment (never the Ray auth token), and
     the moment it is submitted (the start of the stage's timeline, nanochat/timeline.py)."""
-    env = {"NANOCHAT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1", "NANOCHAT_SUBMITTED_AT": f"{time.time():.3f}"}
+    env = {"NANOCHAT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1",
+           "NANOCHAT_SUBMITTED_AT": f"{time.time():.3f}"}
     if os.environ.get("NANOCHAT_HOME"):
         env["NANOCHAT_HOME"] = os.environ["NANOCHAT_HOME"]
     return env
@@ -218,7 +219,8 @@ def run_pipeline(preset: str, run: str, *, storage_uri: str | None = None, stage
         else:
             run_stage_subprocess(cmd, stage.name)
         if not stage.is_complete(storage):
-            raise PipelineError(f"stage {stage.name} exited without writing {storage.stage_uri(stage.out_dir)}/meta.json")
+            raise PipelineError(f"stage {stage.name} exited without writing "
+                                f"{storage.stage_uri(stage.out_dir)}/meta.json")
         print(f"{banner}: done in {time.time() - t_stage:.0f}s", flush=True)
     print(f"pipeline {run} ({preset}) finished in {time.time() - t0:.0f}s; outputs in {storage.uri}/{run}/",
           flush=True)
@@ -245,21 +247,23 @@ def plan_text(preset: str, *, hourly_rate: float, mfu: float, overrides: list[st
     tokens = steps * spec.total_batch_tokens
     flops = plan.flops_per_token * tokens
     lines = [
-        f"preset {preset}: depth {m.n_layer}, width {m.n_embd}, {m.n_head} heads, {plan.num_params:,} parameters, "
-        f"vocab {m.vocab_size:,}, context {m.sequence_len}",
-        f"batch {spec.total_batch_tokens:,} tokens/step = {spec.group.num_workers} workers x {spec.device_batch_size} rows "
-        f"x {spec.sequence_len} tokens x {plan.loop.grad_accum_steps} accumulation",
+        f"preset {preset}: depth {m.n_layer}, width {m.n_embd}, {m.n_head} heads, "
+        f"{plan.num_params:,} parameters, vocab {m.vocab_size:,}, context {m.sequence_len}",
+        f"batch {spec.total_batch_tokens:,} tokens/step = {spec.group.num_workers} workers x "
+        f"{spec.device_batch_size} rows x {spec.sequence_len} tokens x "
+        f"{plan.loop.grad_accum_steps} accumulation",
         f"horizon {steps:,} steps = {tokens:,} tokens ({tokens / plan.num_params:.1f} per parameter), "
         f"{flops:.3g} training FLOPs",
     ]
     if spec.group.use_gpu:
         hours = flops / (spec.group.num_workers * H100_BF16_PEAK * mfu) / 3600
         gpu_hours = hours * spec.group.num_workers
-        lines.append(f"pretraining at {mfu:.0%} MFU on {spec.group.num_workers} x H100 (989 TFLOP/s bf16): {hours:.2f} h "
-                     f"wall, {gpu_hours:.1f} GPU-hours, ${gpu_hours * hourly_rate:,.2f} at ${hourly_rate:.2f}/GPU-hour "
-                     "(later stages add roughly 10-20%)")
+        lines.append(f"pretraining at {mfu:.0%} MFU on {spec.group.num_workers} x H100 (989 TFLOP/s bf16): "
+                     f"{hours:.2f} h wall, {gpu_hours:.1f} GPU-hours, ${gpu_hours * hourly_rate:,.2f} at "
+                     f"${hourly_rate:.2f}/GPU-hour (later stages add roughly 10-20%)")
     else:
-        lines.append(f"CPU preset: {spec.group.num_workers} worker(s) x {spec.group.cpus_per_worker:g} CPUs, no GPU-hours")
+        lines.append(f"CPU preset: {spec.group.num_workers} worker(s) x {spec.group.cpus_per_worker:g} CPUs, "
+                     "no GPU-hours")
     return "\n".join(lines)
 
 
@@ -285,12 +289,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a stage config field by section, e.g. --set pretrain.num_steps=10 "
                         "(evaluate.* applies to every evaluation, evaluate_pretrain.* to one)")
     p.add_argument("--no-submit", action="store_true", help="run stages as local processes, not Ray jobs")
-    p.add_argument("--address", default=None, help="Ray dashboard URL to submit to (default: the local cluster)")
+    p.add_argument("--address", default=None,
+                   help="Ray dashboard URL to submit to (default: the local cluster)")
     p.add_argument("--cluster-config", default=None,
-                   help="cluster.yaml or KubeRay manifest: node types the autoscaler may add (placement check)")
+                   help="cluster.yaml or KubeRay manifest: node types the autoscaler may add "
+                        "(placement check)")
     p.add_argument("--pending-timeout", type=float, default=1800.0,
-                   help="seconds a stage may wait for resources before it is stopped (cloud nodes boot in ~10 min)")
-    p.add_argument("--plan", action="store_true", help="print what the preset implies (size, steps, cost) and exit")
+                   help="seconds a stage may wait for resources before it is stopped "
+                        "(cloud nodes boot in ~10 min)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the preset implies (size, steps, cost) and exit")
     p.add_argument("--hourly-rate", type=float, default=3.0, help="--plan: dollars per GPU-hour")
     p.add_argument("--mfu", type=float, default=0.40, help="--plan: assumed model FLOPs utilisation")
     args = p.parse_args(argv)
@@ -298,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         if args.plan:
-            print(plan_text(args.preset, hourly_rate=args.hourly_rate, mfu=args.mfu, overrides=args.overrides))
+            print(plan_text(args.preset, hourly_rate=args.hourly_rate, mfu=args.mfu,
+                            overrides=args.overrides))
             return 0
         run_pipeline(args.preset, args.run, storage_uri=args.storage,
                      stages=[s for s in (args.stages or "").split(",") if s] or None,

@@ -28,23 +28,30 @@ from nanochat.errors import entrypoint
 class PretrainConfig(TrainingConfig):
     """Pretraining settings; `depth` derives the rest as in the seed."""
 
-    data: str | None = Field(None, description="directory or s3:// / gs:// prefix of the parquet shards (the last "
-                                                "one is the validation shard); default: the preset's data section")
-    tokenizer: str | None = Field(None, description="tokenizer directory URI; default: this run's tokenizer stage output")
-    depth: int = Field(20, ge=1, description="the one dial: layers; width = 64 x depth, heads = width / head_dim")
-    head_dim: int = Field(128, ge=2, description="channels per attention head (128 in the seed; smaller for CPU models)")
+    data: str | None = Field(None, description="directory or s3:// / gs:// prefix of the parquet shards "
+                                               "(the last one is the validation shard); default: the "
+                                               "preset's data section")
+    tokenizer: str | None = Field(None, description="tokenizer directory URI; default: this run's "
+                                                    "tokenizer stage output")
+    depth: int = Field(20, ge=1,
+                       description="the one dial: layers; width = 64 x depth, heads = width / head_dim")
+    head_dim: int = Field(128, ge=2,
+                          description="channels per attention head (128 in the seed; smaller for CPU models)")
     sequence_len: int = Field(2048, ge=1, description="context length in tokens of each training row")
-    norm_eps: float | None = Field(None, gt=0, description="RMSNorm epsilon; None: the activations' dtype's machine "
-                                                         "epsilon (the seed's); chat stages copy an imported model's")
+    norm_eps: float | None = Field(None, gt=0,
+                                   description="RMSNorm epsilon; None: the activations' dtype's machine "
+                                               "epsilon (the seed's); chat stages copy an imported model's")
     total_batch_tokens: int = Field(524_288, ge=1, description="tokens per optimizer step over all workers; "
                                                             "gradient accumulation makes up the difference")
     flops_budget: float = Field(-1.0, description="horizon from a training FLOPs budget if > 0")
-    target_param_data_ratio: float = Field(20.0, description="horizon: tokens per parameter (20 = Chinchilla, as the seed)")
+    target_param_data_ratio: float = Field(20.0, description="horizon: tokens per parameter (20 = "
+                                                             "Chinchilla, as the seed)")
     seed: int = Field(42, description="seed of the model initialisation (identical on every worker)")
     eval_tokens: int = Field(20 * 524_288, ge=1, description="validation tokens per evaluation")
     tokenizer_actors: int = Field(1, ge=1, description="Ray Data tokenizer actors per worker")
-    tokenizer_actor_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each tokenizer actor (fractional "
-                                                             "so they fit beside the Train workers)")
+    tokenizer_actor_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each tokenizer actor "
+                                                                "(fractional so they fit beside the Train "
+                                                                "workers)")
     prefetch_batches: int = Field(4, ge=0, description="micro-batches Ray Data prepares ahead of each worker")
 
     @model_validator(mode="after")
@@ -52,8 +59,8 @@ class PretrainConfig(TrainingConfig):
         width = 64 * self.depth
         if width % self.head_dim or self.head_dim % 2:
             raise ValueError(f"depth {self.depth} gives width {width}, which does not split into heads of "
-                             f"head_dim {self.head_dim}: pick a depth whose 64 x depth divides by head_dim, or "
-                             "another (even) head_dim")
+                             f"head_dim {self.head_dim}: pick a depth whose 64 x depth divides by "
+                             "head_dim, or another (even) head_dim")
         return self
 
     def to_spec(self, preset: str) -> PretrainSpec:
@@ -61,11 +68,13 @@ class PretrainConfig(TrainingConfig):
         train = TrainSpec(depth=self.depth, head_dim=self.head_dim, sequence_len=self.sequence_len,
                           norm_eps=self.norm_eps, device_batch_size=self.device_batch_size,
                           total_batch_tokens=self.total_batch_tokens, num_iterations=self.num_iterations,
-                          flops_budget=self.flops_budget, target_param_data_ratio=self.target_param_data_ratio,
+                          flops_budget=self.flops_budget,
+                          target_param_data_ratio=self.target_param_data_ratio,
                           seed=self.seed, lrs=self.learning_rates(), schedule=self.schedule(),
                           group=self.worker_group())
         reading = ShardReading(eval_tokens=self.eval_tokens, tokenizer_actors=self.tokenizer_actors,
-                               tokenizer_actor_cpus=self.tokenizer_actor_cpus, prefetch_batches=self.prefetch_batches)
+                               tokenizer_actor_cpus=self.tokenizer_actor_cpus,
+                               prefetch_batches=self.prefetch_batches)
         return PretrainSpec(train=train, reading=reading, data=data_location(preset, self.data),
                             tokenizer=self.tokenizer)
 

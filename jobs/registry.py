@@ -41,7 +41,8 @@ class Stage:
             return self.complete(storage)
         return storage.is_complete(self.out_dir)
 
-    def command(self, preset: str, run: str, storage_uri: str, overrides: list[str] | None = None) -> list[str]:
+    def command(self, preset: str, run: str, storage_uri: str,
+                overrides: list[str] | None = None) -> list[str]:
         cmd = ["python", "-m", self.module, *self.args, "--preset", preset, "--run", run,
                "--storage", storage_uri]
         for o in overrides or []:
@@ -67,7 +68,8 @@ def get_stage(name: str) -> Stage:
     for s in STAGES:
         if s.name == name:
             return s
-    raise ConfigError(f"unknown stage {name!r}; known stages: {', '.join(s.name for s in STAGES) or '(none)'}")
+    raise ConfigError(f"unknown stage {name!r}; known stages: "
+                      f"{', '.join(s.name for s in STAGES) or '(none)'}")
 
 
 def select(names: list[str] | None) -> list[Stage]:
@@ -95,7 +97,8 @@ register(Stage("evaluate_pretrain", "jobs.evaluate", inputs=("pretrain",), args=
 register(Stage("midtrain", "jobs.midtrain", inputs=("pretrain",),
                description="conversations, multiple choice and tool use, packed rows, from the base model"))
 register(Stage("evaluate_midtrain", "jobs.evaluate", inputs=("midtrain",), args=("--stage", "midtrain"),
-               output="evaluate", description="chat tasks (ARC, MMLU, GSM8K, HumanEval), ChatCORE, format rate",
+               output="evaluate",
+               description="chat tasks (ARC, MMLU, GSM8K, HumanEval), ChatCORE, format rate",
                complete=_evaluated("midtrain")))
 register(Stage("sft", "jobs.sft", inputs=("midtrain",),
                description="one conversation per row, loss on the assistant's tokens only"))
@@ -131,5 +134,5 @@ def _export_current(storage: RunStorage) -> bool:
 
 # Cheap (seconds: one model load and a file copy, no Ray work), so it runs in every pipeline.
 register(Stage("export", "jobs.export", inputs=("report",),
-               description="the final model as a transformers NanoChat directory (safetensors, tokenizer.json, "
-                           "chat template, model card)", complete=_export_current))
+               description="the final model as a transformers NanoChat directory (safetensors, "
+                           "tokenizer.json, chat template, model card)", complete=_export_current))

@@ -30,7 +30,8 @@ from nanochat.report import STAGE_ORDER, RunRecord, make_plots, render_report
 class ReportConfig(StageConfig):
     """The `report:` section of a preset."""
 
-    hourly_rate: float = Field(3.0, ge=0, description="price of one GPU-hour in dollars, for the cost estimate")
+    hourly_rate: float = Field(3.0, ge=0,
+                               description="price of one GPU-hour in dollars, for the cost estimate")
     inference: bool = Field(True, description="measure the final model's TTFT, time per token, tokens/s and "
                                               "peak memory with our engine")
     inference_batch_sizes: list[int] = Field([1, 8, 32], min_length=1, description="batch sizes measured")
@@ -60,7 +61,8 @@ def measure_final_model(storage: RunStorage, cfg: ReportConfig) -> dict | None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_model(localize(stage_model_uri(storage, stage)), device)
     figures = measure_inference(model, batch_sizes=tuple(cfg.inference_batch_sizes),
-                                prompt_tokens=cfg.inference_prompt_tokens, new_tokens=cfg.inference_new_tokens,
+                                prompt_tokens=cfg.inference_prompt_tokens,
+                                new_tokens=cfg.inference_new_tokens,
                                 special_from=model.config.vocab_size - len(SPECIAL_TOKENS))
     return {"stage": stage, **figures, "total_seconds": round(time.perf_counter() - t0, 2)}
 

@@ -1,4 +1,5 @@
-"""Stage `rl`: GRPO from the SFT model on the cluster (rollout actors + learner + verified sync) into {run}/rl/.
+"""Stage `rl`: GRPO from the SFT model on the cluster (rollout actors + learner + verified sync)
+into {run}/rl/.
 
     python -m jobs.rl --preset micro --run R [--storage S] [--set group_size=8 ...] [--force]
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
@@ -39,47 +40,59 @@ from nanochat.tasks.sources import hub_reachable
 class RLConfig(OptimizerSettings):
     """The `rl:` section of a preset (defaults: the seed's chat_rl)."""
 
-    model_dir: str | None = Field(None, description="exported model to start from (dir or URI); default {run}/sft/model")
-    task: Literal["gsm8k", "toy"] = Field("gsm8k", description="gsm8k: the seed's GSM8K RL (offline: the contaminated "
-                                                               "demo half of its test set); toy: end-letter task of "
-                                                               "nanochat/tasks/end_letter.py")
-    offline: bool | None = Field(None, description="GSM8K from the embedded pack (true) or the hub (false); null: "
-                                                   "the hub when reachable")
-    num_epochs: int = Field(1, ge=1, description="passes over the training prompts (used when num_steps <= 0)")
+    model_dir: str | None = Field(None, description="exported model to start from (dir or URI); default "
+                                                    "{run}/sft/model")
+    task: Literal["gsm8k", "toy"] = Field(
+        "gsm8k", description="gsm8k: the seed's GSM8K RL (offline: the contaminated demo half of its test "
+                             "set); toy: end-letter task of nanochat/tasks/end_letter.py")
+    offline: bool | None = Field(None, description="GSM8K from the embedded pack (true) or the hub (false); "
+                                                   "null: the hub when reachable")
+    num_epochs: int = Field(1, ge=1,
+                            description="passes over the training prompts (used when num_steps <= 0)")
     num_steps: int = Field(-1, description="RL steps if > 0, else num_epochs x prompts / examples_per_step")
     examples_per_step: int = Field(16, ge=1, description="prompts per step")
     group_size: int = Field(16, description="samples per prompt (G); advantages are relative to the group")
     max_new_tokens: int = Field(256, ge=1, description="tokens generated per sample, tool output included")
     temperature: float = Field(1.0, ge=0, description="sampling temperature of rollouts and pass@k samples")
     top_k: int = Field(50, ge=0, description="sample from the k most likely tokens (0: all)")
-    max_seq_len: int | None = Field(None, ge=2, description="engine context (prompt + completion); null: the model's "
-                                                           "training sequence length; prompts that do not fit are skipped")
+    max_seq_len: int | None = Field(None, ge=2, description="engine context (prompt + completion); "
+                                                           "null: the model's training sequence length; "
+                                                           "prompts that do not fit are skipped")
     device_batch_size: int = Field(8, ge=1, description="sequences per learner forward/backward")
-    init_lr_frac: float = Field(0.05, gt=0, description="every lr is multiplied by this, then decays linearly to 0")
-    normalize_std: bool = Field(False, description="divide advantages by the group's reward std (the seed: no)")
-    max_staleness: int = Field(0, ge=0, le=1, description="0: on-policy; 1: one-step-off-policy overlap (actors "
-                                                          "sample step t+1 while the learner trains step t)")
+    init_lr_frac: float = Field(0.05, gt=0,
+                                description="every lr is multiplied by this, then decays linearly to 0")
+    normalize_std: bool = Field(False,
+                                description="divide advantages by the group's reward std (the seed: no)")
+    max_staleness: int = Field(0, ge=0, le=1, description="0: on-policy; 1: one-step-off-policy overlap "
+                                                          "(actors sample step t+1 while the learner trains "
+                                                          "step t)")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip used when max_staleness = 1")
-    num_rollout_actors: int = Field(2, ge=1, description="rollout actors, each with a model copy and the engine")
-    rollout_cpus: float = Field(1.0, gt=0, description="CPUs per rollout actor (fractions allowed); torch threads = "
-                                                       "whole CPUs (>= 1)")
-    rollout_gpus: float | None = Field(None, ge=0, description="GPUs per rollout actor; null: 1 when the cluster has "
-                                                               "GPUs, else 0")
+    num_rollout_actors: int = Field(2, ge=1,
+                                    description="rollout actors, each with a model copy and the engine")
+    rollout_cpus: float = Field(1.0, gt=0, description="CPUs per rollout actor (fractions allowed); "
+                                                       "torch threads = whole CPUs (>= 1)")
+    rollout_gpus: float | None = Field(None, ge=0, description="GPUs per rollout actor; null: 1 when the "
+                                                               "cluster has GPUs, else 0")
     rollout_slots: int = Field(0, ge=0, description="engine KV-cache rows per actor; 0: 2 x group_size")
-    num_learners: int = Field(1, ge=1, description="learner ranks (torch.distributed group, sharded optimizers)")
+    num_learners: int = Field(1, ge=1,
+                              description="learner ranks (torch.distributed group, sharded optimizers)")
     learner_cpus: float = Field(1.0, gt=0, description="CPUs per learner rank")
-    learner_gpus: float | None = Field(None, ge=0, description="GPUs per learner rank; null: 1 when the cluster has "
-                                                               "GPUs, else 0")
-    sandbox_actors: int = Field(1, ge=0, description="sandbox actors running the model's Python tool calls (0: no tool)")
+    learner_gpus: float | None = Field(None, ge=0, description="GPUs per learner rank; null: 1 when the "
+                                                               "cluster has GPUs, else 0")
+    sandbox_actors: int = Field(1, ge=0, description="sandbox actors running the model's Python tool calls "
+                                                     "(0: no tool)")
     sandbox_cpus: float = Field(0.25, ge=0, description="CPUs reserved per sandbox actor")
     weight_sync: Literal["auto", "object_store", "broadcast"] = Field(
         "auto", description="auto: broadcast (NCCL) when learner and actors have GPUs, else the object store")
-    probe_atol: float = Field(1e-3, gt=0, description="largest allowed gap of probe log-probs between learner and "
-                                                      "an actor after a sync")
-    max_actor_restarts: int = Field(3, ge=0, description="rollout actors that may die and be replaced in one run")
-    eval_every: int = Field(60, description="steps between pass@k evaluations on held-out problems (<= 0: never)")
+    probe_atol: float = Field(1e-3, gt=0, description="largest allowed gap of probe log-probs between "
+                                                      "learner and an actor after a sync")
+    max_actor_restarts: int = Field(3, ge=0,
+                                    description="rollout actors that may die and be replaced in one run")
+    eval_every: int = Field(60, description="steps between pass@k evaluations on held-out problems "
+                                            "(<= 0: never)")
     eval_examples: int = Field(400, ge=1, description="held-out problems per evaluation")
-    eval_samples: int = Field(8, ge=1, description="samples per held-out problem: pass@1..pass@k with k = this")
+    eval_samples: int = Field(8, ge=1,
+                              description="samples per held-out problem: pass@1..pass@k with k = this")
     checkpoint_every: int = Field(60, description="steps between checkpoints (<= 0: the end only)")
     checkpoints_to_keep: int = Field(2, ge=1, description="most recent checkpoints kept")
     seed: int = Field(42, description="seed of the prompt order and of the sampling")
@@ -87,12 +100,12 @@ class RLConfig(OptimizerSettings):
     @model_validator(mode="after")
     def _check(self) -> RLConfig:
         if self.group_size < 2:
-            raise ValueError(f"group_size {self.group_size}: the advantage is the reward minus its group's mean, so "
-                             "with one sample per prompt every advantage is 0 and nothing is learned; use "
-                             "group_size >= 2 (the seed uses 16)")
+            raise ValueError(f"group_size {self.group_size}: the advantage is the reward minus its group's "
+                             "mean, so with one sample per prompt every advantage is 0 and nothing is "
+                             "learned; use group_size >= 2 (the seed uses 16)")
         if self.rollout_slots and self.rollout_slots < self.group_size:
-            raise ValueError(f"rollout_slots {self.rollout_slots} < group_size {self.group_size}: a group is sampled "
-                             "in one batch; raise rollout_slots or set it to 0")
+            raise ValueError(f"rollout_slots {self.rollout_slots} < group_size {self.group_size}: a group is "
+                             "sampled in one batch; raise rollout_slots or set it to 0")
         return self
 
     def to_spec(self, cluster_gpus: float) -> RLSpec:
@@ -116,9 +129,10 @@ class RLConfig(OptimizerSettings):
             rollout_slots=self.rollout_slots, num_learners=self.num_learners, learner_cpus=self.learner_cpus,
             learner_gpus=gpu if self.learner_gpus is None else self.learner_gpus,
             sandbox_actors=self.sandbox_actors, sandbox_cpus=self.sandbox_cpus, weight_sync=self.weight_sync,
-            probe_atol=self.probe_atol, max_actor_restarts=self.max_actor_restarts, eval_every=self.eval_every,
-            eval_examples=self.eval_examples, eval_samples=self.eval_samples,
-            checkpoint_every=self.checkpoint_every, checkpoints_to_keep=self.checkpoints_to_keep, seed=self.seed)
+            probe_atol=self.probe_atol, max_actor_restarts=self.max_actor_restarts,
+            eval_every=self.eval_every, eval_examples=self.eval_examples, eval_samples=self.eval_samples,
+            checkpoint_every=self.checkpoint_every, checkpoints_to_keep=self.checkpoints_to_keep,
+            seed=self.seed)
 
 
 def cluster_description() -> ClusterDescription:
@@ -163,9 +177,9 @@ def run_rl(cfg: RLConfig, storage: RunStorage, config: dict[str, Any], force: bo
     check_placeable(demand(spec), cluster_description())  # 2. before any actor exists
     if force:
         clear_stage(storage, STAGE)
-    print(f"rl {storage.run}: {spec.num_steps} steps of {spec.examples_per_step} prompts x {spec.group_size} samples "
-          f"on {spec.num_rollout_actors} rollout actors and {spec.num_learners} learner(s); sync "
-          f"{spec.sync_method}; from {model_uri}", flush=True)
+    print(f"rl {storage.run}: {spec.num_steps} steps of {spec.examples_per_step} prompts x "
+          f"{spec.group_size} samples on {spec.num_rollout_actors} rollout actors and "
+          f"{spec.num_learners} learner(s); sync {spec.sync_method}; from {model_uri}", flush=True)
     with storage.writer(STAGE, config, in_place=True) as writer:
         with RLRun(spec, storage, model_uri=model_uri, tokenizer_uri=tokenizer_uri) as run:  # 3. actors
             with writer.phase("start", "start-up"):
@@ -184,7 +198,7 @@ def run_rl(cfg: RLConfig, storage: RunStorage, config: dict[str, Any], force: bo
 
 @entrypoint
 def main(argv: list[str] | None = None) -> int:
-    args = stage_argparser("rl", __doc__.splitlines()[0]).parse_args(argv)
+    args = stage_argparser("rl", __doc__.split("\n\n")[0]).parse_args(argv)
     cfg = load_stage_config(RLConfig, "rl", args.preset, args.overrides)
     storage = RunStorage(args.run, args.storage)
     if storage.is_complete(STAGE) and not args.force:
@@ -193,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_rl(cfg, storage, {"preset": args.preset, **cfg.model_dump()}, force=args.force)
     m = meta["metrics"]
     print(f"rl done: step {m['final_step']}, reward {m.get('reward_mean_first', 0):.3f} -> "
-          f"{m.get('reward_mean_last', 0):.3f}, pass@1 {m.get('pass_at_1', float('nan')):.3f}, model at {meta['model']}")
+          f"{m.get('reward_mean_last', 0):.3f}, pass@1 {m.get('pass_at_1', float('nan')):.3f}, "
+          f"model at {meta['model']}")
     if "eval_reward_change" in m:
         print(f"rl held-out reward ({m['eval_prompts']} prompts): {m['eval_reward_first']:.3f} -> "
-              f"{m['eval_reward_last']:.3f}, change {m['eval_reward_change']:+.3f} +- {m['eval_reward_change_se']:.3f} "
-              "(standard error)")
+              f"{m['eval_reward_last']:.3f}, change {m['eval_reward_change']:+.3f} +- "
+              f"{m['eval_reward_change_se']:.3f} (standard error)")
     return 0
 
 

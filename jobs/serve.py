@@ -50,7 +50,8 @@ def model_specs(storage: RunStorage, stages: list[str]) -> list[dict[str, Any]]:
     specs = []
     for stage in stages:
         if not storage.is_complete(stage):
-            raise ConfigError(f"stage {stage!r} of run {storage.run!r} is not complete at {storage.stage_uri(stage)}: "
+            raise ConfigError(f"stage {stage!r} of run {storage.run!r} is not complete at "
+                              f"{storage.stage_uri(stage)}: "
                               f"run `python -m jobs.{stage} --run {storage.run}` first")
         ref = find_model(storage, stage)
         specs.append({"name": f"nanochat-{stage}", "model_uri": ref.model,
@@ -69,17 +70,20 @@ def build_config(preset: str, overrides: list[str], models: list[dict[str, Any]]
     try:
         return ServeConfig.model_validate(values)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+                             for err in e.errors())
         raise ConfigError(f"invalid serve config (preset {preset!r} + overrides): {problems}") from None
 
 
 def serve_config_yaml(config: ServeConfig) -> str:
     """A Serve config file for `serve run`/`serve deploy` with the same application."""
-    app = {"name": config.app_name, "route_prefix": config.route_prefix, "import_path": "serve_app.app:build_app",
+    app = {"name": config.app_name, "route_prefix": config.route_prefix,
+           "import_path": "serve_app.app:build_app",
            "args": config.model_dump(mode="json", exclude={"api_keys"})}
     doc = {"proxy_location": "EveryNode", "http_options": {"host": config.host, "port": config.port},
            "applications": [app]}
-    note = (f"# API keys are not written here: add them under args.api_keys or pass ${API_KEYS_ENV} to jobs.serve\n"
+    note = (f"# API keys are not written here: add them under args.api_keys or pass ${API_KEYS_ENV} "
+            "to jobs.serve\n"
             if config.api_keys else "")
     return note + yaml.safe_dump(doc, sort_keys=False)
 
@@ -112,11 +116,13 @@ def check_serve_port(config: ServeConfig) -> None:
 
     from cluster.local import port_open
 
-    serve_here = any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in ray.util.list_named_actors(all_namespaces=True))
+    serve_here = any(a["name"] == "SERVE_CONTROLLER_ACTOR"
+                     for a in ray.util.list_named_actors(all_namespaces=True))
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     if not serve_here and port_open(config.port, host):
-        raise ConfigError(f"port {config.port} on {host} is in use by another program (or another Ray cluster's "
-                          "Serve): stop it or pick another port with --set port=N (make demo SERVE_PORT=N)")
+        raise ConfigError(f"port {config.port} on {host} is in use by another program (or another Ray "
+                          "cluster's Serve): stop it or pick another port with --set port=N "
+                          "(make demo SERVE_PORT=N)")
 
 
 @entrypoint
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="stage whose exported model to serve (repeatable; default sft)")
     p.add_argument("--print-serve-config", action="store_true", help="print a Serve config YAML and exit")
     p.add_argument("--address", default=None,
-                   help="Ray cluster (GCS address); default $RAY_ADDRESS, else this NANOCHAT_HOME's local cluster")
+                   help="Ray cluster (GCS address); default $RAY_ADDRESS, else this NANOCHAT_HOME's "
+                        "local cluster")
     args = p.parse_args(argv)
     storage = RunStorage(args.run, args.storage)
     config = build_config(args.preset, args.overrides, model_specs(storage, args.stages or ["sft"]))
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving {', '.join(m.name for m in config.models)} at {url}/  (web chat: {url}/)")
     print(f"  curl {url}/v1/{route} -H 'Content-Type: application/json'{auth} -d '{json.dumps(payload)}'")
     dashboard = _dashboard_of(args.address)
-    shutdown = f"RAY_AUTH_MODE=token serve shutdown -y --address {dashboard}" if dashboard else "serve shutdown -y"
+    shutdown = (f"RAY_AUTH_MODE=token serve shutdown -y --address {dashboard}" if dashboard
+                else "serve shutdown -y")
     print(f"stop it with: {shutdown}  (or serve.delete({config.app_name!r}); `python -m cluster.local stop` "
           "ends the whole local cluster)")
     return 0

@@ -36,7 +36,8 @@ class SftConfig(ChatStageConfig):
     rows_per_step: int = Field(32, ge=1, description="conversations per optimizer step over all workers (a "
                                                      "multiple of device_batch_size x num_workers)")
     init_lr_frac: float = Field(0.02, gt=0, description="multiplier of all three lrs")
-    warmdown_ratio: float = Field(1.0, ge=0, le=1, description="fraction of steps at the end with linear lr decay")
+    warmdown_ratio: float = Field(1.0, ge=0, le=1,
+                                  description="fraction of steps at the end with linear lr decay")
     eval_every: int = Field(100, description="steps between validation evaluations (<= 0: end only)")
     checkpoint_every: int = Field(200, description="steps between checkpoints (<= 0: end only)")
 

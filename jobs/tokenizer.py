@@ -42,18 +42,24 @@ ONE_TASK_MAX_CHARS = 250_000_000
 class TokenizerConfig(StageConfig):
     """What the tokenizer stage reads and trains."""
 
-    data: str | None = Field(None, description="shard directory or s3://, gs:// prefix; default: the preset's data source")
+    data: str | None = Field(None, description="shard directory or s3://, gs:// prefix; default: the "
+                                               "preset's data source")
     vocab_size: int = Field(65536, ge=265, description="tokens in all: 256 bytes + merges + 9 special tokens")
-    max_chars: int = Field(2_000_000_000, gt=0, description="characters of training text to count (whole documents)")
+    max_chars: int = Field(2_000_000_000, gt=0,
+                           description="characters of training text to count (whole documents)")
     doc_cap: int = Field(10_000, gt=0, description="each document is cropped to this many characters")
-    min_blocks: int = Field(2, ge=1, description="count in at least this many blocks, each in its own Ray task")
-    one_task_max_chars: int = Field(ONE_TASK_MAX_CHARS, ge=0, description="budgets (max_chars) up to this many "
-                                    "characters are read, counted and trained in one Ray task instead of Ray Data "
-                                    "blocks (0: always blocks)")
+    min_blocks: int = Field(2, ge=1,
+                            description="count in at least this many blocks, each in its own Ray task")
+    one_task_max_chars: int = Field(ONE_TASK_MAX_CHARS, ge=0,
+                                    description="budgets (max_chars) up to this many characters are read, "
+                                                "counted and trained in one Ray task instead of Ray Data "
+                                                "blocks (0: always blocks)")
     count_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each counting task")
     train_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the merge-training task")
-    pattern: str | None = Field(None, description="pre-tokenizer split regex; default: GPT-4's with 1-2 digit numbers")
-    eval_chars: int = Field(5_000_000, ge=0, description="characters of the validation shard used for bytes/token")
+    pattern: str | None = Field(None, description="pre-tokenizer split regex; default: GPT-4's with 1-2 "
+                                                  "digit numbers")
+    eval_chars: int = Field(5_000_000, ge=0,
+                            description="characters of the validation shard used for bytes/token")
 
 
 def _count_block(batch: pa.Table, pattern: str | None) -> pa.Table:
@@ -116,7 +122,8 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
     shards = dataset.list_shards(data)
     train, val = dataset.train_val_split(shards)
     if not train:
-        raise dataset.ShardError(f"no training shards under {data}: need at least 2 shards (the last is validation)")
+        raise dataset.ShardError(f"no training shards under {data}: need at least 2 shards "
+                                 "(the last is validation)")
     with storage.writer("tokenizer", {**cfg.model_dump(), "data": data}) as w:
         if cfg.max_chars <= cfg.one_task_max_chars:
             with w.phase("train"):
@@ -131,7 +138,8 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
             from cluster.text_data import map_stage_counts, read_budgeted_text  # imports Ray Data: seconds
 
             with w.phase("read"):
-                text, n_docs, n_chars = read_budgeted_text(train, doc_cap=cfg.doc_cap, max_chars=cfg.max_chars,
+                text, n_docs, n_chars = read_budgeted_text(train, doc_cap=cfg.doc_cap,
+                                                           max_chars=cfg.max_chars,
                                                            min_blocks=cfg.min_blocks)
             with w.phase("count"):
                 counted = text.map_batches(_count_block, fn_kwargs={"pattern": cfg.pattern},
@@ -151,7 +159,8 @@ def run_tokenizer(cfg: TokenizerConfig, storage: RunStorage, data: str) -> dict:
         with w.phase("evaluate"):
             evaluation = evaluate_tokenizer(tok, val, cfg.eval_chars)
         w.metrics.update({"vocab_size": tok.vocab_size, "documents": n_docs, "chars": n_chars,
-                          "val_bytes_per_token": evaluation["bytes_per_token"].get("validation", {}).get("ours")})
+                          "val_bytes_per_token":
+                              evaluation["bytes_per_token"].get("validation", {}).get("ours")})
         w.extra["counting"] = counting
         w.extra["evaluation"] = evaluation
         meta = w.commit()
@@ -166,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_stage_config(TokenizerConfig, "tokenizer", args.preset, args.overrides)
     storage = RunStorage(args.run, args.storage)
     if storage.is_complete("tokenizer") and not args.force:
-        print(f"tokenizer of run {args.run} is complete ({storage.stage_uri('tokenizer')}); --force reruns it")
+        print(f"tokenizer of run {args.run} is complete ({storage.stage_uri('tokenizer')}); "
+              "--force reruns it")
         return 0
     data = data_location(args.preset, cfg.data)
     import ray
