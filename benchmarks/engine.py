@@ -57,8 +57,9 @@ def build_llama(seq_len: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=N_EMBD, intermediate_size=1024, num_hidden_layers=N_LAYER,
-                         num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD, max_position_embeddings=seq_len,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=N_EMBD, intermediate_size=1024,
+                         num_hidden_layers=N_LAYER, num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD,
+                         max_position_embeddings=seq_len,
                          tie_word_embeddings=False, attn_implementation="sdpa")
     return LlamaForCausalLM(config).eval()
 

@@ -126,7 +126,8 @@ def check_kv_cache(device: str) -> float:
 
 
 def print_table(rows: list[dict]) -> str:
-    header = f"{'depth':>5} {'params':>13} {'batch':>5} {'tok/s':>12} {'MFU % of 989T':>13} {'step ms':>9} {'mem GiB':>8}"
+    header = (f"{'depth':>5} {'params':>13} {'batch':>5} {'tok/s':>12} {'MFU % of 989T':>13} "
+              f"{'step ms':>9} {'mem GiB':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         mfu = "n/a" if r["mfu_percent"] is None else f"{r['mfu_percent']:.1f}"

@@ -67,7 +67,8 @@ def main() -> int:
     def run_theirs(prompts: torch.Tensor) -> tuple[float, list[int]]:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=gen_config)
+            out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                  generation_config=gen_config)
         return time.perf_counter() - t0, out[0, args.prompt:].tolist()
 
     gen = torch.Generator().manual_seed(1)
@@ -79,7 +80,8 @@ def main() -> int:
         times: dict[str, list[float]] = {"ours": [], "hf": []}
         same = True
         for r in range(args.repeats):
-            order = (("ours", run_ours), ("hf", run_theirs)) if r % 2 == 0 else (("hf", run_theirs), ("ours", run_ours))
+            order = ((("ours", run_ours), ("hf", run_theirs)) if r % 2 == 0
+                     else (("hf", run_theirs), ("ours", run_ours)))
             first = {}
             for name, fn in order:
                 wall, first[name] = fn(prompts)
@@ -88,7 +90,8 @@ def main() -> int:
         tps = {k: b * args.new / statistics.median(v) for k, v in times.items()}
         rows.append((b, tps["ours"], tps["hf"], tps["ours"] / tps["hf"], same))
     print(f"depth {args.depth} (width {width}, {ours.num_params():,} parameters), prompt {args.prompt}, "
-          f"{args.new} new tokens, {args.threads} torch threads, median of {args.repeats}, torch {torch.__version__}, "
+          f"{args.new} new tokens, {args.threads} torch threads, median of {args.repeats}, "
+          f"torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     print("| batch | ours tok/s | transformers generate tok/s | ours / transformers | same greedy tokens |")
     print("|---|---|---|---|---|")

@@ -44,7 +44,8 @@ def stand_in_model(root: Path, depth: int, vocab: int, sequence_len: int) -> str
     dest = root / "bench" / "sft" / "model"
     tok = Tokenizer.train_from_iterator(CORPUS, vocab_size=vocab)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_depth(depth, vocab_size=tok.vocab_size, sequence_len=sequence_len, head_dim=64))
+    model = GPT(GPTConfig.from_depth(depth, vocab_size=tok.vocab_size, sequence_len=sequence_len,
+                                     head_dim=64))
     model.init_weights()
     save_model(dest, model, {"step": 0})
     tok.save(dest / "tokenizer")
@@ -73,7 +74,8 @@ def measure(spec: RLSpec, root: Path, model: str, rounds: int) -> dict[str, list
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=4, help="model depth (width 64 x depth, heads of 64)")
-    p.add_argument("--vocab", type=int, default=300, help="tokenizer vocabulary (the small corpus allows <= 333)")
+    p.add_argument("--vocab", type=int, default=300,
+                   help="tokenizer vocabulary (the small corpus allows <= 333)")
     p.add_argument("--prompts", type=int, default=8, help="prompts per round")
     p.add_argument("--group", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -81,30 +83,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local cluster")
     p.add_argument("--address", default=None, help="connect to this cluster instead of starting one")
     args = p.parse_args(argv)
-    ray.init(address=args.address or "local", num_cpus=None if args.address else args.num_cpus, log_to_driver=False)
+    ray.init(address=args.address or "local", num_cpus=None if args.address else args.num_cpus,
+             log_to_driver=False)
     root = Path(tempfile.mkdtemp(prefix="rl-bench-"))
     try:
         model = stand_in_model(root, args.depth, args.vocab, sequence_len=256)
         def spec(*more: str) -> RLSpec:  # the micro preset's RL, as a user would override it
-            overrides = ["task=toy", "num_steps=1", f"examples_per_step={args.prompts}", f"group_size={args.group}",
-                         f"max_new_tokens={args.max_new_tokens}", "top_k=0", "rollout_cpus=1.0", "learner_cpus=1.0",
+            overrides = ["task=toy", "num_steps=1", f"examples_per_step={args.prompts}",
+                         f"group_size={args.group}", f"max_new_tokens={args.max_new_tokens}", "top_k=0",
+                         "rollout_cpus=1.0", "learner_cpus=1.0",
                          "sandbox_actors=0", f"rollout_slots={args.prompts * args.group}", "max_seq_len=null",
                          "eval_every=0", "checkpoint_every=0", *more]
             return load_stage_config(RLConfig, "rl", "micro", overrides).to_spec(cluster_gpus=0)
 
         runs = {k: measure(spec(f"num_rollout_actors={k}"), root, model, args.rounds) for k in (1, 2)}
-        runs["broadcast"] = measure(spec("num_rollout_actors=2", "weight_sync=broadcast"), root, model, args.rounds)
+        runs["broadcast"] = measure(spec("num_rollout_actors=2", "weight_sync=broadcast"), root, model,
+                                    args.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         ray.shutdown()
 
-    print(f"\nrollouts: depth {args.depth}, {args.prompts} prompts x {args.group} samples x {args.max_new_tokens} "
-          f"tokens per round, median of {args.rounds} rounds (reference: 1 actor)")
+    print(f"\nrollouts: depth {args.depth}, {args.prompts} prompts x {args.group} samples x "
+          f"{args.max_new_tokens} tokens per round, median of {args.rounds} rounds (reference: 1 actor)")
     print("| rollout actors | tokens/round | wall s | tokens/s | ratio |")
     print("|---|---|---|---|---|")
-    rate = {k: statistics.median(t / s for t, s in zip(runs[k]["tokens"], runs[k]["wall_s"], strict=True)) for k in (1, 2)}
+    rate = {k: statistics.median(t / s for t, s in zip(runs[k]["tokens"], runs[k]["wall_s"], strict=True))
+            for k in (1, 2)}
     for k in (1, 2):
-        print(f"| {k} | {int(statistics.median(runs[k]['tokens']))} | {statistics.median(runs[k]['wall_s']):.3f} "
+        print(f"| {k} | {int(statistics.median(runs[k]['tokens']))} "
+              f"| {statistics.median(runs[k]['wall_s']):.3f} "
               f"| {rate[k]:,.0f} | {rate[k] / rate[1]:.2f}x |")
     print("\nweight sync per step to 2 actors, median (reference: object store)")
     print("| sync | sync ms | check ms | total ms | ratio |")

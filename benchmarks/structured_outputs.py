@@ -40,20 +40,23 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
 DOCS = {  # name -> (schema, a valid document)
-    "nested": ({"type": "object", "additionalProperties": False, "required": ["user", "active"], "properties": {
+    "nested": ({"type": "object", "additionalProperties": False,
+                "required": ["user", "active"], "properties": {
         "user": {"type": "object", "additionalProperties": False, "required": ["name", "age"],
                  "properties": {"name": {"type": "string", "maxLength": 32},
                                 "age": {"type": "integer", "minimum": 0, "maximum": 120}}},
         "active": {"type": "boolean"}}},
         {"user": {"name": "Rosalind of the Forest of Arden", "age": 19}, "active": True}),
-    "array_enum": ({"type": "object", "additionalProperties": False, "required": ["tags", "color"], "properties": {
+    "array_enum": ({"type": "object", "additionalProperties": False,
+                    "required": ["tags", "color"], "properties": {
         "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
         "color": {"enum": ["red", "green", "blue"]}}},
         {"tags": ["the", "quality of mercy", "is not strained", "it droppeth"], "color": "green"}),
     "free_text": ({"type": "object", "additionalProperties": False, "required": ["text"],
                    "properties": {"text": {"type": "string"}}},
-                  {"text": "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
-                           "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles."}),
+                  {"text": "To be, or not to be, that is the question: whether 'tis nobler in the mind "
+                           "to suffer the slings and arrows of outrageous fortune, "
+                           "or to take arms against a sea of troubles."}),
 }
 SPECIAL_COUNT = 9
 
@@ -159,8 +162,8 @@ def mask_costs(tok: Tokenizer, passes: int) -> dict[str, float]:
             if lib == "llguidance":
                 ours[name] = median_us
             ratio = f"{median_us / ours[name]:.2f}x" if name in ours else "-"
-            print(f"{name:<12} {lib:<14} {len(tokens):>6} {1000 * compile_s:>11.1f} {median_us:>10.1f} {p90:>8.1f} "
-                  f"{mean_us:>8.1f} {ratio:>21}")
+            print(f"{name:<12} {lib:<14} {len(tokens):>6} {1000 * compile_s:>11.1f} {median_us:>10.1f} "
+                  f"{p90:>8.1f} {mean_us:>8.1f} {ratio:>21}")
     return ours
 
 
@@ -193,7 +196,8 @@ def mixed_batch(tok: Tokenizer, layers: int, width: int, new_tokens: int, repeat
 
         def accept(self, token: int) -> None:
             self.c.accept(token)
-    prompts = [tok.encode(f"Scene {i}. Enter the ghost of Hamlet's father.", prepend="<|bos|>") for i in range(16)]
+    prompts = [tok.encode(f"Scene {i}. Enter the ghost of Hamlet's father.", prepend="<|bos|>")
+               for i in range(16)]
     mask_times: list[float] = []
 
     def run(constrained: int) -> tuple[float, list[list[int]]]:
@@ -232,15 +236,16 @@ def mixed_batch(tok: Tokenizer, layers: int, width: int, new_tokens: int, repeat
             tokens[constrained] = toks
     assert tokens[4] == tokens[0][:12], "free rows changed when neighbours were constrained"
     free_tokens = 12 * new_tokens
-    print(f"\n2. mixed batch: GPT {layers} x {width}, vocab {tok.vocab_size}, 16 rows, {new_tokens} new tokens, "
-          f"temperature 1 (best of {repeats})")
-    print(f"{'batch':<26} {'wall s':>8} {'free tok/s':>11} {'ratio':>7} {'cpu s':>8} {'free tok/cpu-s':>15} {'ratio':>7}")
+    print(f"\n2. mixed batch: GPT {layers} x {width}, vocab {tok.vocab_size}, 16 rows, "
+          f"{new_tokens} new tokens, temperature 1 (best of {repeats})")
+    print(f"{'batch':<26} {'wall s':>8} {'free tok/s':>11} {'ratio':>7} {'cpu s':>8} "
+          f"{'free tok/cpu-s':>15} {'ratio':>7}")
     for k, label in ((0, "16 free (reference)"), (4, "12 free + 4 constrained")):
         wall, cpu = best[k]
         print(f"{label:<26} {wall:>8.2f} {free_tokens / wall:>11.1f} {best[0][0] / wall:>7.3f} {cpu:>8.2f} "
               f"{free_tokens / cpu:>15.1f} {best[0][1] / cpu:>7.3f}")
-    print(f"mask fill + apply inside the engine: {1e6 * statistics.median(mask_times):.1f} us per constrained "
-          f"row-step (median of {len(mask_times)} steps)")
+    print(f"mask fill + apply inside the engine: {1e6 * statistics.median(mask_times):.1f} us "
+          f"per constrained row-step (median of {len(mask_times)} steps)")
 
 
 def main() -> None:
@@ -258,8 +263,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tok = train_tokenizer(args.vocab, args.docs)
-    print(f"tokenizer: {tok.vocab_size} tokens trained on {args.docs} pack documents in {time.perf_counter() - t0:.1f} s;"
-          f" torch threads {args.threads}")
+    print(f"tokenizer: {tok.vocab_size} tokens trained on {args.docs} pack documents in "
+          f"{time.perf_counter() - t0:.1f} s; torch threads {args.threads}")
     mask_costs(tok, args.passes)
     if not args.skip_mixed:
         mixed_batch(tok, args.layers, args.width, args.tokens, args.repeats)

@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-EMBEDDED = Path(os.environ.get("NANOCHAT_HOME", Path.home() / ".cache" / "nanochat-ray")) / "data" / "embedded"
+EMBEDDED = (Path(os.environ.get("NANOCHAT_HOME", Path.home() / ".cache" / "nanochat-ray"))
+            / "data" / "embedded")
 
 
 def load_parquet(directory: Path) -> tuple[list[str], list[str]]:
@@ -32,7 +33,8 @@ def load_parquet(directory: Path) -> tuple[list[str], list[str]]:
 
     shards = sorted(directory.glob("*.parquet"))
     if len(shards) < 2:
-        raise SystemExit(f"{directory} needs at least 2 parquet shards (training + validation), found {len(shards)}")
+        raise SystemExit(f"{directory} needs at least 2 parquet shards (training + validation), "
+                         f"found {len(shards)}")
     read = [pq.read_table(s, columns=["text"])["text"].to_pylist() for s in shards]
     return [t for shard in read[:-1] for t in shard], read[-1]
 
@@ -124,15 +126,16 @@ def main() -> None:
     print(f"rustbpe training split: count_chunks {t_count:.2f} s ({len(counts)} distinct chunks), "
           f"merges {t_merge:.2f} s; HF vocab {hf.get_vocab_size()}, rustbpe vocab {tok.vocab_size}")
 
-    enc = tiktoken.Encoding("rustbpe", pat_str=tok.get_pattern(), mergeable_ranks=dict(tok.get_mergeable_ranks()),
-                            special_tokens={})
+    enc = tiktoken.Encoding("rustbpe", pat_str=tok.get_pattern(),
+                            mergeable_ranks=dict(tok.get_mergeable_ranks()), special_tokens={})
     t_tk, ids_tk = best_time(lambda: enc.encode_ordinary_batch(val, num_threads=args.threads), args.repeat)
     t_rb, ids_rb = best_time(lambda: tok.encode_batch(val, num_threads=args.threads), args.repeat)
     t_rb1, _ = best_time(lambda: tok.encode_batch(val, num_threads=1), args.repeat)
     t_tk1, _ = best_time(lambda: enc.encode_ordinary_batch(val, num_threads=1), args.repeat)
     rows.append(("encode", f"tiktoken encode_ordinary_batch, {args.threads} threads (reference)", t_tk,
                  mb(val) / t_tk, 1.0))
-    rows.append(("encode", f"rustbpe encode_batch, {args.threads} threads", t_rb, mb(val) / t_rb, t_tk / t_rb))
+    rows.append(("encode", f"rustbpe encode_batch, {args.threads} threads", t_rb, mb(val) / t_rb,
+                 t_tk / t_rb))
     rows.append(("encode", "tiktoken encode_ordinary_batch, 1 thread", t_tk1, mb(val) / t_tk1, t_tk / t_tk1))
     rows.append(("encode", "rustbpe encode_batch, 1 thread", t_rb1, mb(val) / t_rb1, t_tk / t_rb1))
 

@@ -49,7 +49,8 @@ def main() -> None:
     for path, limit in (("one task", cfg.max_chars), ("blocks", 0)):
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            meta = run_tokenizer(cfg.model_copy(update={"one_task_max_chars": limit}), RunStorage("bench", d), data)
+            meta = run_tokenizer(cfg.model_copy(update={"one_task_max_chars": limit}), RunStorage("bench", d),
+                                 data)
             took = time.perf_counter() - t0
             merges = Tokenizer.load(RunStorage("bench", d).local_path("tokenizer")).core.get_merges()
             rows.append((path, meta, took, merges == local.core.get_merges()))
@@ -61,8 +62,8 @@ def main() -> None:
     print(f"| one process (train_from_iterator) | {t_local:.2f} | {mb / t_local:.2f} | 1.00x | - | - |")
     for path, meta, took, same in rows:
         c = meta["counting"]
-        print(f"| stage, {path} ({c['tasks']} counting task(s)) | {took:.2f} | {mb / took:.2f} | {t_local / took:.2f}x "
-              f"| {same} | {meta['timings']} |")
+        print(f"| stage, {path} ({c['tasks']} counting task(s)) | {took:.2f} | {mb / took:.2f} "
+              f"| {t_local / took:.2f}x | {same} | {meta['timings']} |")
     fixed = rows[1][2] - t_local
     print(f"blocks path's fixed cost: {fixed:.1f} s = {fixed * mb / t_local:.0f} MB of one-process training "
           f"at {mb / t_local:.1f} MB/s")

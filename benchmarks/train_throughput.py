@@ -73,9 +73,10 @@ def spec_for(steps: int, compile: bool | None, data: str | None = None) -> Pretr
     """The tiny preset's pretraining (depth 4, 8 x 256-token rows per step, 2 CPUs), as a user would set it:
     the preset plus overrides for the horizon, no intermediate evaluations or checkpoints, no retries."""
     overrides = [f"num_iterations={steps}", "eval_every=0", "checkpoint_every=0", "max_failures=0",
-                 f"cpus_per_worker={THREADS}", f"compile={'null' if compile is None else str(compile).lower()}"]
-    return load_stage_config(PretrainConfig, "pretrain", "tiny", overrides + ([f"data={data}"] if data else [])
-                             ).to_spec("tiny")
+                 f"cpus_per_worker={THREADS}",
+                 f"compile={'null' if compile is None else str(compile).lower()}"]
+    return load_stage_config(PretrainConfig, "pretrain", "tiny",
+                             overrides + ([f"data={data}"] if data else [])).to_spec("tiny")
 
 
 def plain_loop(pretrain: PretrainSpec, tokenizer_dir: str, data: str) -> list[dict[str, Any]]:
@@ -91,7 +92,8 @@ def plain_loop(pretrain: PretrainSpec, tokenizer_dir: str, data: str) -> list[di
     batches = RowBatcher(local_row_chunks(plan_row_groups(train), tok, spec.sequence_len + 1, start, 1),
                          spec.device_batch_size, start)
     batches.prime()
-    val_rows = validation_rows(val, tok, spec.sequence_len + 1, max(1, pretrain.reading.eval_tokens // spec.sequence_len))
+    val_rows = validation_rows(val, tok, spec.sequence_len + 1,
+                               max(1, pretrain.reading.eval_tokens // spec.sequence_len))
     val_batches = rank_batches(val_rows, spec.device_batch_size, 0, 1)
     token_bytes = tok.token_bytes()
 
@@ -119,8 +121,8 @@ def summary(steps: list[dict[str, Any]], skip: int) -> tuple[float, float, float
     """(median tokens/s, mean data-wait share) over the steps after the warm-up, final val bpb."""
     kept = [s for s in steps if s["step"] > skip and s.get("tokens_per_sec")]
     final = next((s["val_bpb"] for s in reversed(steps) if s.get("val_bpb") is not None), None)
-    return (statistics.median(s["tokens_per_sec"] for s in kept), statistics.mean(s["data_wait_frac"] for s in kept),
-            final)
+    return (statistics.median(s["tokens_per_sec"] for s in kept),
+            statistics.mean(s["data_wait_frac"] for s in kept), final)
 
 
 def paired_steps(steps: int, tokenizer_dir: str, data: str) -> dict[str, list[float]]:
@@ -137,8 +139,8 @@ def paired_steps(steps: int, tokenizer_dir: str, data: str) -> dict[str, list[fl
     for name in ("eager", "compiled"):
         model = build_model(plan.model, "cpu", spec.seed)
         start = DataPosition(0)
-        batches = RowBatcher(local_row_chunks(items, tok, spec.sequence_len + 1, start, 1), spec.device_batch_size,
-                             start)
+        batches = RowBatcher(local_row_chunks(items, tok, spec.sequence_len + 1, start, 1),
+                             spec.device_batch_size, start)
         batches.prime()
         forward = torch.compile(model, dynamic=False) if name == "compiled" else model
         sides[name] = (model, forward, model.setup_optimizers(spec.lrs, DistInfo()), batches)
@@ -163,8 +165,8 @@ def compile_cost(args: argparse.Namespace, tokenizer_dir: str, data: str, tmp: s
     import sys
 
     cache = f"{tmp}/inductor-cache"
-    print(f"\ncompile cost and gain, plain loop, {args.steps} paired steps (eager and compiled alternating in one "
-          f"process), vocab {args.vocab_size}, {THREADS} threads; medians over steps > {args.skip}")
+    print(f"\ncompile cost and gain, plain loop, {args.steps} paired steps (eager and compiled alternating "
+          f"in one process), vocab {args.vocab_size}, {THREADS} threads; medians over steps > {args.skip}")
     print("| inductor cache | compile: first compiled step beyond its median s | median eager step s | "
           "median compiled/eager (paired) | time saved per step |")
     print("|---|---:|---:|---:|---:|")
@@ -178,7 +180,8 @@ def compile_cost(args: argparse.Namespace, tokenizer_dir: str, data: str, tmp: s
         eager, compiled = t["eager"][args.skip:], t["compiled"][args.skip:]
         ratio = statistics.median(c / e for c, e in zip(compiled, eager, strict=True))
         compile_s = t["compiled"][0] - statistics.median(compiled)
-        print(f"| {label} | {compile_s:.1f} | {statistics.median(eager):.3f} | {ratio:.3f} | {1 - ratio:.1%} |")
+        print(f"| {label} | {compile_s:.1f} | {statistics.median(eager):.3f} | {ratio:.3f} "
+              f"| {1 - ratio:.1%} |")
     flops = GPT(make_plan(spec_for(1, None).train, args.vocab_size, 1).model).estimate_flops() * 2048
     print(f"training FLOPs per step: {flops:.3e}; eager FLOP/s = FLOPs / median eager step")
 
@@ -192,7 +195,8 @@ def main() -> None:
     p.add_argument("--stage-compile", choices=("auto", "on", "off"), default="auto",
                    help="the stage's compile setting (auto: the stage's own rule for this many steps)")
     p.add_argument("--diagnose", action="store_true", help="also the reference beside an idle Ray cluster")
-    p.add_argument("--compile-cost", action="store_true", help="measure compile time (cold/warm cache) instead")
+    p.add_argument("--compile-cost", action="store_true",
+                   help="measure compile time (cold/warm cache) instead")
     args = p.parse_args()
     data = str(get_source("embedded").directory)
     tmp = tempfile.mkdtemp(prefix="nc-bench-", dir="/tmp")
@@ -226,7 +230,8 @@ def main() -> None:
         starts.append(time.perf_counter() - t0)
         try:
             if args.diagnose:
-                add("plain, compiled, Ray idle", plain_loop(spec_for(args.steps, True, data), tokenizer_dir, data))
+                add("plain, compiled, Ray idle",
+                    plain_loop(spec_for(args.steps, True, data), tokenizer_dir, data))
             steps, took = stage_path(spec_for(args.steps, stage_compile, data), tokenizer_dir, f"{tmp}/runs",
                                      f"bench{i}")
             compiled_stage.append(bool(steps and steps[-1].get("compiled")))
@@ -235,11 +240,12 @@ def main() -> None:
             ray.shutdown()
 
     refs = [r[0] for r in results["plain, compiled"]]
-    print(f"\nparity config (depth 4, seq 256, 2,048-token steps, vocab {args.vocab_size}), {THREADS} torch threads, "
-          f"{args.steps} steps, median tokens/s over steps > {args.skip}, {args.repeats} repeats; cluster start "
-          f"{statistics.median(starts):.0f} s; the stage compiled: {compiled_stage}")
-    print("| path | tokens/s (each repeat) | ratio vs plain compiled (each repeat) | median ratio | data-wait share "
-          "| final val bpb | wall s per run |")
+    print(f"\nparity config (depth 4, seq 256, 2,048-token steps, vocab {args.vocab_size}), "
+          f"{THREADS} torch threads, {args.steps} steps, median tokens/s over steps > {args.skip}, "
+          f"{args.repeats} repeats; cluster start {statistics.median(starts):.0f} s; "
+          f"the stage compiled: {compiled_stage}")
+    print("| path | tokens/s (each repeat) | ratio vs plain compiled (each repeat) | median ratio "
+          "| data-wait share | final val bpb | wall s per run |")
     print("|---|---|---|---:|---:|---:|---:|")
     for name, runs in results.items():
         ratios = [r[0] / ref for r, ref in zip(runs, refs, strict=True)]
@@ -248,9 +254,10 @@ def main() -> None:
         wait = statistics.mean(r[1] for r in runs)
         bpb = ", ".join(f"{r[2]:.4f}" if r[2] is not None else "-" for r in runs)
         wall = ", ".join(f"{t:.0f}" for t in timings.get(name, [])) or "-"
-        print(f"| {name} | {each} | {each_ratio} | {statistics.median(ratios):.3f}x | {100 * wait:.2f}% | {bpb} "
-              f"| {wall} |")
-    print("| nanochat (its own code, compiled on CPU; issue 21, not run here) | ~4,000 | - | - | - | 1.8093 | - |")
+        print(f"| {name} | {each} | {each_ratio} | {statistics.median(ratios):.3f}x | {100 * wait:.2f}% "
+              f"| {bpb} | {wall} |")
+    print("| nanochat (its own code, compiled on CPU; issue 21, not run here) | ~4,000 | - | - | - "
+          "| 1.8093 | - |")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def localize(uri: str) -> str:
         target = _cache_root / hashlib.sha256(uri.encode()).hexdigest()[:16]
         partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=_cache_root))
         try:
-            pafs.copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(path, str(partial), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
             os.replace(partial, target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
@@ -142,8 +143,9 @@ def find_model(storage: RunStorage, stage: str, explicit: str | None = None) -> 
         storage.read_meta(stage)  # "... (run the <stage> stage first)" when it is not complete
         model = stage_model_uri(storage, stage)
         if not exists(f"{model}/{ckpt.CONFIG_FILE}"):
-            raise NotFoundError(f"stage {stage!r} of run {storage.run!r} has no exported model at {model} (its "
-                                f"{ckpt.CONFIG_FILE} is missing): rerun the {stage} stage (with --force) to export it")
+            raise NotFoundError(f"stage {stage!r} of run {storage.run!r} has no exported model at {model} "
+                                f"(its {ckpt.CONFIG_FILE} is missing): rerun the {stage} stage "
+                                "(with --force) to export it")
     if exists(f"{model}/{ckpt.TOKENIZER_DIR}"):
         return ModelRef(model, f"{model}/{ckpt.TOKENIZER_DIR}", True)
     if exists(f"{model}/{HF_TOKENIZER_FILE}"):  # a transformers directory holds its tokenizer.json
@@ -170,7 +172,8 @@ def checkpoint_name(step: int) -> str:
 
 
 def is_complete(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
-    """state.json of the checkpoint directory at `path` if every file the core requires is there, else None."""
+    """state.json of the checkpoint directory at `path` if every file the core requires is there,
+    else None."""
     try:
         with fs.open_input_stream(f"{path}/{ckpt.STATE_FILE}") as f:
             state = json.loads(f.read().decode())
@@ -191,7 +194,8 @@ def _candidates(storage: RunStorage, stage: str) -> list[tuple[int, str, str]]:
             continue
         for info in storage.fs.get_file_info(pafs.FileSelector(base, recursive=False)):
             name = info.base_name
-            if info.type == pafs.FileType.Directory and name.startswith(prefix) and name[len(prefix):].isdigit():
+            if (info.type == pafs.FileType.Directory and name.startswith(prefix)
+                    and name[len(prefix):].isdigit()):
                 uri = f"{root_uri}/{sub}/{name}" if sub else f"{root_uri}/{name}"
                 out.append((int(name[len(prefix):]), info.path, uri))
     return sorted(out, key=lambda c: c[0], reverse=True)
@@ -207,7 +211,8 @@ def latest_checkpoint(storage: RunStorage, stage: str) -> FoundCheckpoint | None
 
 
 def checkpoints(storage: RunStorage, stage: str) -> list[str]:
-    """URIs of every checkpoint-named directory of the stage, oldest first (retention deletes from the front)."""
+    """URIs of every checkpoint-named directory of the stage, oldest first (retention deletes from the
+    front)."""
     return [uri for _, _, uri in reversed(_candidates(storage, stage))]
 
 
@@ -222,7 +227,8 @@ def upload_dir(local: str | Path, dest_uri: str, last: tuple[str, ...] = ()) -> 
     if not local.is_dir():
         raise StorageError(f"cannot upload {local}: not a directory")
     fs.create_dir(dest, recursive=True)
-    first = [p for p in sorted(local.rglob("*")) if p.is_file() and p.relative_to(local).as_posix() not in last]
+    first = [p for p in sorted(local.rglob("*"))
+             if p.is_file() and p.relative_to(local).as_posix() not in last]
     on_disk = isinstance(fs, pafs.LocalFileSystem)
     for p in first + [local / n for n in last if (local / n).is_file()]:
         rel = p.relative_to(local).as_posix()

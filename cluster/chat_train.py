@@ -56,18 +56,20 @@ class ChatSource:
 
     def train_batches(self, spec: TrainSpec, dist: DistInfo, tokenizer_uri: str, tokenizer: Any,
                       start: DataPosition) -> Batcher:
-        return self.data.batcher(tokenizer, spec.sequence_len + 1, spec.device_batch_size, start, dist.world_size)
+        return self.data.batcher(tokenizer, spec.sequence_len + 1, spec.device_batch_size, start,
+                                 dist.world_size)
 
     def val_batches(self, spec: TrainSpec, dist: DistInfo, tokenizer: Any, plan: Plan) -> list[Batch] | None:
         if self.data.val_conversations == 0:
             return None  # no validation loss: the metrics carry none
-        return self.data.validation_batches(tokenizer, spec.sequence_len + 1, spec.device_batch_size, dist.rank,
-                                            dist.world_size)
+        return self.data.validation_batches(tokenizer, spec.sequence_len + 1, spec.device_batch_size,
+                                            dist.rank, dist.world_size)
 
 
 # The TrainSpec fields a chat stage does not configure, and where they come from.
 CHAT_DERIVED = {
-    "depth": "the initial model's n_layer", "head_dim": "its n_embd / n_head", "sequence_len": "its sequence_len",
+    "depth": "the initial model's n_layer", "head_dim": "its n_embd / n_head",
+    "sequence_len": "its sequence_len",
     "norm_eps": "its norm_eps", "total_batch_tokens": "rows_per_step x sequence_len",
     "num_iterations": "chat_horizon: num_iterations, else num_epochs over the training rows",
     "flops_budget": "unused (-1): the horizon is in num_iterations",
@@ -85,7 +87,8 @@ def chat_train_spec(chat: ChatStageSpec, model_config: dict[str, Any], num_steps
     per_pass = chat.device_batch_size * chat.group.num_workers
     if chat.rows_per_step % per_pass:
         raise ConfigError(f"rows_per_step {chat.rows_per_step} is not a multiple of device_batch_size "
-                         f"{chat.device_batch_size} x num_workers {chat.group.num_workers}: change one of them")
+                         f"{chat.device_batch_size} x num_workers {chat.group.num_workers}: "
+                         "change one of them")
     return TrainSpec(depth=depth, head_dim=width // heads, sequence_len=model_config["sequence_len"],
                      norm_eps=model_config.get("norm_eps"), device_batch_size=chat.device_batch_size,
                      total_batch_tokens=chat.rows_per_step * model_config["sequence_len"],

@@ -58,7 +58,8 @@ def plan_pool(num_actors: int, cpus_per_actor: float, resources: dict[str, float
     gpus_per_actor None: 1 when the cluster has GPUs, else 0. With GPUs, at most as many actors as
     GPUs fit. CPUs per actor are cut so all actors fit in the cluster's CPUs at once."""
     if num_actors < 1 or cpus_per_actor <= 0:
-        raise ConfigError(f"need num_actors >= 1 and cpus_per_actor > 0, got {num_actors} and {cpus_per_actor}")
+        raise ConfigError(f"need num_actors >= 1 and cpus_per_actor > 0, got {num_actors} and "
+                          f"{cpus_per_actor}")
     total_cpus = float(resources.get("CPU", 0.0))
     total_gpus = float(resources.get("GPU", 0.0))
     if total_cpus <= 0:
@@ -85,7 +86,8 @@ class EvalActor:
         import torch
 
         torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
+        # Ray sets CUDA_VISIBLE_DEVICES per actor
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         t0 = time.perf_counter()
         self.state = loader(self.device)
         self.load_seconds = time.perf_counter() - t0
@@ -106,7 +108,8 @@ class EvalPool:
 
     def __init__(self, loader: Callable[[str], Any], spec: PoolSpec) -> None:
         if not ray.is_initialized():
-            raise EvalPoolError("Ray is not initialised: call ray.init() (or run as a Ray job) before EvalPool")
+            raise EvalPoolError("Ray is not initialised: call ray.init() (or run as a Ray job) "
+                                "before EvalPool")
         self.spec = spec
         remote = ray.remote(EvalActor).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
         self.actors = [remote.remote(loader, spec.threads) for _ in range(spec.num_actors)]
@@ -133,7 +136,8 @@ class EvalPool:
         self.ready()
         if not items:
             return []
-        chunks = [c for c in shard_items(items, min(len(items), self.spec.num_actors * chunks_per_actor)) if c]
+        chunks = [c for c in shard_items(items, min(len(items), self.spec.num_actors * chunks_per_actor))
+                  if c]
         pool = ActorPool(self.actors)
         outputs, done, t0 = [], 0, time.time()
         try:

@@ -99,7 +99,8 @@ def ray_row_chunks(
     while True:
         items = [item + k * world_size for k in range(per_pass)]
         ds = rank_dataset(plan, items, skip, tokenizer_uri, row_len, actors=actors, actor_cpus=actor_cpus)
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches):
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                     prefetch_batches=prefetch_batches):
             yield batch["tokens"], batch["item"], batch["row"]
         item, skip = item + per_pass * world_size, 0
 

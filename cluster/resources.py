@@ -25,6 +25,9 @@ their type's `max_workers`.
 The placement is first-fit decreasing over node shapes, like the autoscaler's own bin packing:
 exact for the uniform worker bundles stages ask for; for mixed bundles it may refuse a packing a
 cleverer search would find (the message says which bundles did not pack).
+
+The file is over 500 lines, kept whole: the pending watcher judges what a job waits for with the same
+placement check (`placement_problem`) and resource helpers as the check before submitting.
 """
 
 from __future__ import annotations
@@ -61,15 +64,18 @@ class Demand:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"placement strategy {self.strategy!r} of stage {self.stage} is not one of {STRATEGIES}")
+            raise ConfigError(f"placement strategy {self.strategy!r} of stage {self.stage} "
+                              f"is not one of {STRATEGIES}")
         for b in self.bundles:
             bad = {k: v for k, v in b.items() if not isinstance(v, int | float) or v < 0 or math.isnan(v)}
             if bad:
-                raise ConfigError(f"stage {self.stage} asks for invalid amounts {bad}: amounts are numbers >= 0")
+                raise ConfigError(f"stage {self.stage} asks for invalid amounts {bad}: "
+                                  "amounts are numbers >= 0")
 
     @classmethod
     def workers(cls, stage: str, num_workers: int, per_worker: Resources, strategy: str = "PACK") -> Demand:
-        """`num_workers` identical bundles, e.g. a TorchTrainer's ScalingConfig (its controller takes 0 CPU)."""
+        """`num_workers` identical bundles, e.g. a TorchTrainer's ScalingConfig (its controller takes
+        0 CPU)."""
         if num_workers < 1:
             raise ConfigError(f"stage {stage} asks for {num_workers} workers; it needs at least 1")
         return cls(stage, tuple(dict(per_worker) for _ in range(num_workers)), strategy)
@@ -127,12 +133,14 @@ def check_placeable(demand: Demand, cluster: ClusterDescription) -> None:
     problem = placement_problem(demand, cluster)
     if problem:
         hint = "" if cluster.node_types else (
-            " No autoscaler node types are known: if this cluster autoscales, pass its config (cluster.yaml or "
-            "the KubeRay manifest) or set NANOCHAT_CLUSTER_CONFIG to it.")
+            " No autoscaler node types are known: if this cluster autoscales, pass its config "
+            "(cluster.yaml or the KubeRay manifest) or set NANOCHAT_CLUSTER_CONFIG to it.")
         raise UnplaceableError(
-            f"stage {demand.stage} can never be placed: {problem}. Seen on the cluster ({cluster.summary()}). "
+            f"stage {demand.stage} can never be placed: {problem}. "
+            f"Seen on the cluster ({cluster.summary()}). "
             f"Lower the workers or per-worker resources of stage {demand.stage} in the preset, or give the "
-            f"cluster bigger node types or a higher max_workers (cluster.yaml, or the KubeRay worker groups).{hint}")
+            "cluster bigger node types or a higher max_workers (cluster.yaml, or the KubeRay worker groups)."
+            f"{hint}")
 
 
 def placement_problem(demand: Demand, cluster: ClusterDescription) -> str | None:
@@ -146,7 +154,8 @@ def placement_problem(demand: Demand, cluster: ClusterDescription) -> str | None
     if demand.strategy == "STRICT_PACK":
         whole = _nonzero(demand.total())
         if not any(_fits(whole, s) for s in shapes):
-            return f"it asks for all of {_fmt(whole)} on one node (STRICT_PACK), but {_shortfall_one(whole, shapes)}"
+            return (f"it asks for all of {_fmt(whole)} on one node (STRICT_PACK), "
+                    f"but {_shortfall_one(whole, shapes)}")
         return None
     for name, need in sorted(demand.total().items(), key=lambda kv: _order(kv[0])):
         have = cluster.max_total(name)
@@ -162,7 +171,8 @@ def placement_problem(demand: Demand, cluster: ClusterDescription) -> str | None
 
 
 def _pack(bundles: list[Resources], cluster: ClusterDescription, one_per_node: bool) -> list[Resources]:
-    """First-fit decreasing: live nodes first, then new nodes of the cheapest fitting type; returns leftovers."""
+    """First-fit decreasing: live nodes first, then new nodes of the cheapest fitting type; returns
+    leftovers."""
     free = [dict(r) for _, r in cluster.nodes]
     used = [False] * len(free)
     room, per_type = cluster.global_room(), cluster.addable()
@@ -174,7 +184,8 @@ def _pack(bundles: list[Resources], cluster: ClusterDescription, one_per_node: b
             if room <= 0 or not fitting:
                 left.append(b)
                 continue
-            t = min(fitting, key=lambda t: (len(set(t.resources) - set(b)), [t.resources.get(k, 0.0) for k in sorted(b)]))
+            t = min(fitting, key=lambda t: (len(set(t.resources) - set(b)),
+                                            [t.resources.get(k, 0.0) for k in sorted(b)]))
             per_type[t.name] -= 1
             room -= 1
             free.append(dict(t.resources))
@@ -198,7 +209,8 @@ def _shortfall_one(b: Resources, shapes: list[Resources]) -> str:
     return "; ".join(parts) or "no single node offers all of it at once"
 
 
-def describe_cluster(address: str | None = None, config: str | Path | dict | None = None) -> ClusterDescription:
+def describe_cluster(address: str | None = None,
+                     config: str | Path | dict | None = None) -> ClusterDescription:
     """Live nodes at `address` (a dashboard URL) and the node types `config` lets the autoscaler add.
 
     `config` is a cluster launcher YAML (path or dict) or a KubeRay RayCluster/RayJob manifest; when
@@ -207,7 +219,8 @@ def describe_cluster(address: str | None = None, config: str | Path | dict | Non
     cluster). With neither `address` nor `config` the description is empty (every demand is refused).
     """
     if config is None:
-        config = os.environ.get("NANOCHAT_CLUSTER_CONFIG") or (BOOTSTRAP_CONFIG if BOOTSTRAP_CONFIG.is_file() else None)
+        config = (os.environ.get("NANOCHAT_CLUSTER_CONFIG")
+                  or (BOOTSTRAP_CONFIG if BOOTSTRAP_CONFIG.is_file() else None))
     desc = ClusterDescription()
     sources = []
     head: Resources | None = None
@@ -231,7 +244,9 @@ def describe_cluster(address: str | None = None, config: str | Path | dict | Non
     return desc
 
 
-def node_types_from_config(config: str | Path | dict) -> tuple[Resources, dict[str, NodeType], int | None, str]:
+def node_types_from_config(
+    config: str | Path | dict,
+) -> tuple[Resources, dict[str, NodeType], int | None, str]:
     """(head resources, worker node types, global max_workers or None, a label of the source)."""
     where = "config dict"
     if not isinstance(config, dict):
@@ -244,8 +259,8 @@ def node_types_from_config(config: str | Path | dict) -> tuple[Resources, dict[s
         return (*_from_kuberay(config, where), where)
     types = config.get("available_node_types")
     if not types or config.get("head_node_type") not in types:
-        raise ConfigError(f"{where} is neither a cluster launcher config (available_node_types + head_node_type) "
-                         "nor a KubeRay RayCluster/RayJob manifest")
+        raise ConfigError(f"{where} is neither a cluster launcher config "
+                         "(available_node_types + head_node_type) nor a KubeRay RayCluster/RayJob manifest")
     out = {}
     for name, t in types.items():
         res = {k: float(v) for k, v in (t.get("resources") or {}).items()}
@@ -276,7 +291,8 @@ def _group_resources(group: dict, where: str) -> Resources:
     cpu = params.get("num-cpus", limits.get("cpu"))
     gpu = params.get("num-gpus", limits.get("nvidia.com/gpu"))
     if cpu is None and gpu is None:
-        raise ConfigError(f"{where}: no cpu/gpu limits and no num-cpus/num-gpus, so its resources are unknown")
+        raise ConfigError(f"{where}: no cpu/gpu limits and no num-cpus/num-gpus, "
+                          "so its resources are unknown")
     res: Resources = {}
     if cpu is not None:
         res["CPU"] = float(math.floor(_k8s_quantity(cpu)))  # Ray rounds a fractional CPU limit down
@@ -308,7 +324,8 @@ def _live_nodes(address: str) -> list[tuple[bool, str, Resources]]:
     _use_token_auth()
     from ray.util.state import list_nodes
 
-    nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+    nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True,
+                       raise_on_missing_output=False)
     out = []
     for n in nodes:
         res = {k: float(v) for k, v in n.resources_total.items() if not _internal(k)}
@@ -372,14 +389,17 @@ class RayStateSource:
             if pg.creator_job_id == job_id:
                 bundles = tuple(_nonzero(b["unit_resources"]) for b in pg.bundles)
                 infeasible = (pg.stats or {}).get("scheduling_state") == "INFEASIBLE"
-                out.append(Waiting(f"pg {pg.placement_group_id}", f"placement group {pg.placement_group_id[:8]} "
-                                   f"({len(bundles)} bundles)", bundles, infeasible))
+                out.append(Waiting(f"pg {pg.placement_group_id}",
+                                   f"placement group {pg.placement_group_id[:8]} ({len(bundles)} bundles)",
+                                   bundles, infeasible))
         for a in list_actors(filters=[("state", "=", "PENDING_CREATION"), ("job_id", "=", job_id)], **kw):
             if not a.placement_group_id:  # actors of a pending group wait for the group, listed above
-                out.append(Waiting(f"actor {a.actor_id}", f"actor {a.class_name}", (_nonzero(a.required_resources),)))
+                out.append(Waiting(f"actor {a.actor_id}", f"actor {a.class_name}",
+                                   (_nonzero(a.required_resources),)))
         for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT"), ("job_id", "=", job_id)],
                             limit=200, **kw):
-            out.append(Waiting(f"task {t.task_id}", f"task {t.name}", (_nonzero(t.required_resources or {}),)))
+            out.append(Waiting(f"task {t.task_id}", f"task {t.name}",
+                               (_nonzero(t.required_resources or {}),)))
         return out
 
 
@@ -471,7 +491,8 @@ def _num(x: float) -> str:
 
 
 def _fmt(r: Resources) -> str:
-    return "{" + ", ".join(f"{k}: {_num(v)}" for k, v in sorted(r.items(), key=lambda kv: _order(kv[0]))) + "}"
+    return ("{" + ", ".join(f"{k}: {_num(v)}" for k, v in sorted(r.items(), key=lambda kv: _order(kv[0])))
+            + "}")
 
 
 @entrypoint
@@ -491,11 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "describe":
             print(cluster.summary())
             return 0
-        demand = Demand.workers(args.stage, args.workers, _nonzero({"CPU": args.cpu, "GPU": args.gpu}), args.strategy)
+        demand = Demand.workers(args.stage, args.workers, _nonzero({"CPU": args.cpu, "GPU": args.gpu}),
+                                args.strategy)
         check_placeable(demand, cluster)
     except OSError as e:  # an unreadable config file, or a cluster that does not answer
         raise ConfigError(f"cannot describe the cluster ({args.config or args.address}): {e}") from e
-    print(f"stage {args.stage}: {args.workers} x {_fmt(demand.bundles[0])} can be placed on {cluster.summary()}")
+    print(f"stage {args.stage}: {args.workers} x {_fmt(demand.bundles[0])} can be placed on "
+          f"{cluster.summary()}")
     return 0
 
 

@@ -125,8 +125,10 @@ class RLRun:
             restored = ray.get([w.restore.remote(found.uri) for w in self.learners])[0]
             self.start_step, self.learner_version = restored["step"], restored["version"]
             self.restarts = int(restored["loop"].get("actor_restarts", 0))
-            print(f"rl: resuming from step {self.start_step} (weights version {self.learner_version})", flush=True)
-        self._rollout_cls = ray.remote(RolloutWorker).options(num_cpus=s.rollout_cpus, num_gpus=s.rollout_gpus)
+            print(f"rl: resuming from step {self.start_step} (weights version {self.learner_version})",
+                  flush=True)
+        self._rollout_cls = ray.remote(RolloutWorker).options(num_cpus=s.rollout_cpus,
+                                                              num_gpus=s.rollout_gpus)
         self.actors = [self._new_actor() for _ in range(s.num_rollout_actors)]  # 2. rollout actors
         self._prepare_items()
         self.probe = rl.probe_batch(self.model_config["vocab_size"], rows=4,
@@ -147,14 +149,15 @@ class RLRun:
         for split in ("train", "eval"):
             task = rl_task(self.spec.task, split, self.spec.offline)
             limit = len(task) if split == "train" else min(len(task), self.spec.eval_examples)
-            fits = [i for i in range(len(task)) if len(tokenizer.render_for_completion(task.get(i))) < context]
+            fits = [i for i in range(len(task))
+                    if len(tokenizer.render_for_completion(task.get(i))) < context]
             if not fits:
-                raise ConfigError(f"no prompt of {task.describe()} fits the engine context of {context} tokens; "
-                                 "raise max_seq_len")
+                raise ConfigError(f"no prompt of {task.describe()} fits the engine context of {context} "
+                                 "tokens; raise max_seq_len")
             self.items[split] = fits[:limit]
             if len(fits) < len(task) and split == "train":
-                print(f"rl: {len(task) - len(fits)} of {len(task)} prompts of {task.describe()} are longer than "
-                      f"the context ({context} tokens) and are skipped", flush=True)
+                print(f"rl: {len(task) - len(fits)} of {len(task)} prompts of {task.describe()} are longer "
+                      f"than the context ({context} tokens) and are skipped", flush=True)
 
     def step_items(self, step: int) -> list[int]:
         """Task items of `step`: a seeded shuffle per epoch, so a resumed run draws the same prompts."""
@@ -206,8 +209,8 @@ class RLRun:
         self.restarts += 1
         if self.restarts > self.spec.max_actor_restarts:
             raise RuntimeError(f"rollout actor {slot} failed: {why}; {self.restarts} replacements exceed "
-                               f"max_actor_restarts = {self.spec.max_actor_restarts}: look at the actors' logs "
-                               "(out of memory? a crashing node?) or raise the limit")
+                               f"max_actor_restarts = {self.spec.max_actor_restarts}: look at the actors' "
+                               "logs (out of memory? a crashing node?) or raise the limit")
         print(f"rl: replacing rollout actor {slot}: {why}", flush=True)
         ray.kill(self.actors[slot], no_restart=True)
         self.actors[slot] = self._new_actor()
@@ -231,7 +234,8 @@ class RLRun:
         else:
             if self.regroup:
                 self._regroup()
-            ray.get([m.broadcast_weights.remote(self.learner_version) for m in [self.learners[0], *self.actors]])
+            ray.get([m.broadcast_weights.remote(self.learner_version)
+                     for m in [self.learners[0], *self.actors]])
         sync_s = time.perf_counter() - t0
         self.actor_version = self.learner_version
         return {"sync_s": sync_s, **self.verify_sync()}
@@ -253,32 +257,36 @@ class RLRun:
         version, want = ray.get(self.learners[0].checksums.remote())
         _, reference = ray.get(self.learners[0].probe.remote(*self.probe))
         slots = list(range(len(self.actors))) if slots is None else slots
-        refs = {i: (self.actors[i].checksums.remote(), self.actors[i].probe.remote(*self.probe)) for i in slots}
+        refs = {i: (self.actors[i].checksums.remote(), self.actors[i].probe.remote(*self.probe))
+                for i in slots}
         worst = 0.0
         for slot, pair in refs.items():
             try:
                 (got_version, got), (_, logp) = ray.get(list(pair))
             except ray.exceptions.RayActorError as e:
-                self._replace(slot, f"it died during the sync check ({type(e).__name__})")  # checks its successor
+                # checks its successor
+                self._replace(slot, f"it died during the sync check ({type(e).__name__})")
                 continue
             where = f"rollout actor {slot} (weights version {got_version}, learner version {version})"
             if got_version != version:
-                raise WeightSyncError(f"weight sync check failed: {where} did not receive the learner's weights; "
-                                      "the run stops rather than train on rollouts of another policy")
+                raise WeightSyncError(f"weight sync check failed: {where} did not receive the learner's "
+                                      "weights; the run stops rather than train on rollouts of another "
+                                      "policy")
             problems = rl.checksum_mismatches(want, got)
             if problems:
                 raise WeightSyncError(
                     f"weight sync check failed: {where} differs from the learner in {len(problems)} of "
                     f"{len(want)} tensors although it reports the same version: {'; '.join(problems[:3])}. "
-                    f"Its rollouts would train the learner on another policy, so the run stops. The sync path "
-                    f"({self.spec.sync_method}) delivered different bits: check for dtype casts, partial loads "
-                    "or a tensor written after the sync")
+                    "Its rollouts would train the learner on another policy, so the run stops. "
+                    f"The sync path ({self.spec.sync_method}) delivered different bits: "
+                    "check for dtype casts, partial loads or a tensor written after the sync")
             gap = rl.logprob_gap(reference, logp)
             if gap > self.spec.probe_atol:
                 raise WeightSyncError(
-                    f"weight sync check failed: {where} has identical checksums but its probe log-probs differ "
-                    f"from the learner's by {gap:.3g} > probe_atol {self.spec.probe_atol}: the two forward passes "
-                    "differ (device, dtype or code version); fix that or raise probe_atol if the gap is expected")
+                    f"weight sync check failed: {where} has identical checksums but its probe log-probs "
+                    f"differ from the learner's by {gap:.3g} > probe_atol {self.spec.probe_atol}: "
+                    "the two forward passes differ (device, dtype or code version); "
+                    "fix that or raise probe_atol if the gap is expected")
             worst = max(worst, gap)
         return {"verify_s": time.perf_counter() - t0, "probe_gap": worst}
 
@@ -293,7 +301,8 @@ class RLRun:
         refs = [w.train_step.remote(batch_ref, step) for w in self.learners]
         rewards = [x.reward for g in rollouts.groups for x in g]
         flat = [g for g in rollouts.groups if len({x.reward for x in g}) == 1]
-        return refs, {"reward_mean": sum(rewards) / len(rewards), "staleness": staleness, "samples": len(rewards),
+        return refs, {"reward_mean": sum(rewards) / len(rewards), "staleness": staleness,
+                      "samples": len(rewards),
                       "trained_tokens": batch.num_tokens, "flat_groups": len(flat) / len(rollouts.groups),
                       "completion_len": rollouts.tokens / len(rewards)}
 
@@ -342,11 +351,14 @@ class RLRun:
             step += 1
             record.update({
                 "step": step, "version": self.learner_version, "loss": sum(r["loss"] for r in ranks),
-                "lr_multiplier": rl.rl_lr_multiplier(step - 1, s.num_steps), "rollout_tokens": rollouts.tokens,
-                "rollout_s": rollouts.seconds, "rollout_wall_s": rollouts.wall_s, "rollout_tokens_per_s": rollouts.tokens / max(rollouts.seconds, 1e-9),
+                "lr_multiplier": rl.rl_lr_multiplier(step - 1, s.num_steps),
+                "rollout_tokens": rollouts.tokens, "rollout_s": rollouts.seconds,
+                "rollout_wall_s": rollouts.wall_s,
+                "rollout_tokens_per_s": rollouts.tokens / max(rollouts.seconds, 1e-9),
                 "learner_s": max(r["seconds"] for r in ranks), "actor_restarts": self.restarts})
             if sum(r.get("tokens", 0) for r in ranks) and s.max_staleness > 0:
-                record["clip_frac"] = sum(r.get("clipped_tokens", 0) for r in ranks) / sum(r["tokens"] for r in ranks)
+                record["clip_frac"] = (sum(r.get("clipped_tokens", 0) for r in ranks)
+                                       / sum(r["tokens"] for r in ranks))
             if s.eval_every > 0 and (step % s.eval_every == 0 or step == s.num_steps):
                 record.update(self.evaluate())  # 6.
             if s.checkpoint_every > 0 and (step % s.checkpoint_every == 0 or step == s.num_steps):
@@ -356,7 +368,8 @@ class RLRun:
             if step >= s.num_steps:
                 rollouts = None
             else:
-                rollouts = following if following is not None else self.gather(self._launch_step(step, on_dispatch))
+                rollouts = (following if following is not None
+                            else self.gather(self._launch_step(step, on_dispatch)))
         return self.summary()
 
     def _record(self, log: Any, gauges: StageMetrics | None, record: dict[str, Any]) -> None:
@@ -366,7 +379,8 @@ class RLRun:
         self.history.append(record)
         if gauges is not None:
             k = self.spec.eval_samples
-            gauges.record({**record, "pass_at_k": record.get(f"pass_at_{k}")}, count=record.get("rollout_tokens") or 0)
+            gauges.record({**record, "pass_at_k": record.get(f"pass_at_{k}")},
+                          count=record.get("rollout_tokens") or 0)
         parts = [f"rl step {record['step']:>5}/{self.spec.num_steps}"]
         if "reward_mean" in record:
             parts += [f"reward {record['reward_mean']:.3f}", f"loss {record['loss']:+.4f}",
@@ -388,9 +402,11 @@ class RLRun:
                        verify_s=sum(r["verify_s"] for r in steps) / len(steps))
         if evals:
             out.update({k: v for k, v in evals[-1].items() if k.startswith("pass_at_")})
-            out.update(eval_reward_first=evals[0]["eval_reward_mean"], eval_reward_last=evals[-1]["eval_reward_mean"],
+            out.update(eval_reward_first=evals[0]["eval_reward_mean"],
+                       eval_reward_last=evals[-1]["eval_reward_mean"],
                        eval_prompts=len(self.eval_rewards[-1]) if self.eval_rewards else 0)
-        if len(self.eval_rewards) >= 2:  # same prompts first and last: the paired change and its standard error
+        # same prompts first and last: the paired change and its standard error
+        if len(self.eval_rewards) >= 2:
             first, last = self.eval_rewards[0], self.eval_rewards[-1]
             diffs = [b - a for a, b in zip(first, last, strict=True)]
             se = rl.standard_error(diffs)

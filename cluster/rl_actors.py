@@ -50,7 +50,8 @@ class WeightSyncError(RuntimeError):
 
 def loss_config(spec: RLSpec) -> rl.GRPOConfig:
     """The GRPO loss of a run: the clipped importance ratio only when rollouts may be one version old."""
-    return rl.GRPOConfig(spec.normalize_std, spec.clip_eps if spec.max_staleness > 0 else None, spec.advantage_sign)
+    return rl.GRPOConfig(spec.normalize_std, spec.clip_eps if spec.max_staleness > 0 else None,
+                         spec.advantage_sign)
 
 
 def _threads(cpus: float) -> int:
@@ -124,7 +125,8 @@ class _WeightsHolder:
 class RolloutWorker(_WeightsHolder):
     """A model copy with the engine (wrapped by ray.remote in RLRun); weights arrive by sync."""
 
-    def __init__(self, model_config: dict[str, Any], tokenizer_uri: str, spec: RLSpec, tool: SandboxPool | None) -> None:
+    def __init__(self, model_config: dict[str, Any], tokenizer_uri: str, spec: RLSpec,
+                 tool: SandboxPool | None) -> None:
         self.threads = _threads(spec.rollout_cpus)
         self.device = _device(spec.rollout_gpus)
         with torch.device("meta"):
@@ -140,10 +142,12 @@ class RolloutWorker(_WeightsHolder):
         tool_use = None
         if tool is not None:
             sp = self.tokenizer.encode_special
-            tool_use = ToolUse(tool.tool(), self.tokenizer.encode, self.tokenizer.decode, sp("<|python_start|>"),
-                               sp("<|python_end|>"), sp("<|output_start|>"), sp("<|output_end|>"))
+            tool_use = ToolUse(tool.tool(), self.tokenizer.encode, self.tokenizer.decode,
+                               sp("<|python_start|>"), sp("<|python_end|>"), sp("<|output_start|>"),
+                               sp("<|output_end|>"))
         self.engine = Engine(self.model, max_batch_size=spec.rollout_slots or 2 * spec.group_size,
-                             max_seq_len=spec.max_seq_len, tool_use=tool_use, dtype=compute_dtype(self.device))
+                             max_seq_len=spec.max_seq_len, tool_use=tool_use,
+                             dtype=compute_dtype(self.device))
 
     def load_weights(self, payload: dict[str, Any]) -> int:
         """Object-store sync: {"version", "state"} from the learner."""
@@ -159,7 +163,8 @@ class RolloutWorker(_WeightsHolder):
         convs = [task.get(i) for i in items]
         prompts = [self.tokenizer.render_for_completion(c) for c in convs]
         params = SamplingParams(max_new_tokens=self.spec.max_new_tokens, temperature=self.spec.temperature,
-                                top_k=self.spec.top_k, seed=seed, n=n, stop_token_ids=self.stops, logprobs=True)
+                                top_k=self.spec.top_k, seed=seed, n=n, stop_token_ids=self.stops,
+                                logprobs=True)
         t0 = time.perf_counter()
         with autocast_context(self.device):
             gens = self.engine.generate(prompts, params)
@@ -196,8 +201,9 @@ class LearnerWorker(_WeightsHolder):
         """Join the learner process group (world > 1) and load the starting model."""
         if self.world > 1:
             backend = "nccl" if self.device == "cuda" else "gloo"
-            torch_dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank,
-                                          world_size=self.world, timeout=datetime.timedelta(minutes=10))
+            torch_dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}",
+                                          rank=self.rank, world_size=self.world,
+                                          timeout=datetime.timedelta(minutes=10))
         self.dist = DistInfo(self.rank, self.world, 0, self.device)
         self.model, _ = ckpt.load_model(localize(model_uri), self.device)
         self.model.train()
@@ -210,7 +216,8 @@ class LearnerWorker(_WeightsHolder):
 
     def restore(self, checkpoint_uri: str) -> dict[str, Any]:
         """Load weights and this rank's optimizer state (re-sharded) from an RL checkpoint."""
-        state = ckpt.load_training_checkpoint(localize(checkpoint_uri), self.model, self.optimizers, self.dist)
+        state = ckpt.load_training_checkpoint(localize(checkpoint_uri), self.model, self.optimizers,
+                                              self.dist)
         self.version = int(state.loop.get("version", state.step))
         return {"step": state.step, "version": self.version, "loop": state.loop}
 
@@ -218,15 +225,16 @@ class LearnerWorker(_WeightsHolder):
         """One optimizer step on this rank's shard of the step's batch; the weights become version + 1."""
         t0 = time.perf_counter()
         stats = rl.policy_gradient_step(
-            self.model, self.optimizers, batch.shard(self.rank, self.world), loss_config(self.spec), self.dist,
-            total_tokens=batch.num_tokens, micro_batch_size=self.spec.device_batch_size,
+            self.model, self.optimizers, batch.shard(self.rank, self.world), loss_config(self.spec),
+            self.dist, total_tokens=batch.num_tokens, micro_batch_size=self.spec.device_batch_size,
             lr_multiplier=rl.rl_lr_multiplier(step, self.spec.num_steps))
         self.version += 1
         return {**stats, "version": self.version, "seconds": time.perf_counter() - t0}
 
     def weights(self) -> dict[str, Any]:
         """{"version", "state"}: the weights as CPU tensors, for the object store."""
-        return {"version": self.version, "state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
+        return {"version": self.version,
+                "state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
 
     def open_sync_store(self) -> tuple[str, int]:
         """Host the rendezvous store of the broadcast group (rank 0); returns its address."""

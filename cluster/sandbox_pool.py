@@ -66,7 +66,8 @@ class SandboxActor:
     def check_humaneval(self, problem: dict[str, str], timeout_s: float | None) -> CheckResult:
         self._count()
         return check_completion(lambda program: self.sandbox.run(program, timeout_s=timeout_s),
-                                problem["prompt"], problem["completion"], problem["test"], problem["entry_point"])
+                                problem["prompt"], problem["completion"], problem["test"],
+                                problem["entry_point"])
 
 
 class SandboxPool:
@@ -81,7 +82,8 @@ class SandboxPool:
             raise ConfigError(f"need num_actors >= 1, max_concurrency >= 1 and num_cpus >= 0, got "
                              f"{num_actors}, {max_concurrency} and {num_cpus}")
         if not ray.is_initialized():
-            raise SandboxPoolError("Ray is not initialised: call ray.init() (or run as a Ray job) before SandboxPool")
+            raise SandboxPoolError("Ray is not initialised: call ray.init() (or run as a Ray job) "
+                                   "before SandboxPool")
         self.max_concurrency = max_concurrency
         remote = ray.remote(SandboxActor).options(
             num_cpus=num_cpus, max_concurrency=max_concurrency, scheduling_strategy="SPREAD")
@@ -126,14 +128,17 @@ class SandboxPool:
         """Execute every code, spread over the actors; results in the order of `codes`."""
         return self._dispatch("run", [(code, timeout_s) for code in codes], "running code")
 
-    def check_humaneval(self, problems: Sequence[dict[str, str]], timeout_s: float | None = 10.0) -> list[CheckResult]:
+    def check_humaneval(self, problems: Sequence[dict[str, str]],
+                        timeout_s: float | None = 10.0) -> list[CheckResult]:
         """Score completions: each problem is a dict with prompt, completion, test and entry_point
         (nanochat/evals/humaneval_check.py); results in order."""
         for i, p in enumerate(problems):
             missing = {"prompt", "completion", "test", "entry_point"} - set(p)
             if missing:
-                raise ConfigError(f"problem {i} lacks {sorted(missing)}; give prompt, completion, test and entry_point")
-        return self._dispatch("check_humaneval", [(dict(p), timeout_s) for p in problems], "checking HumanEval")
+                raise ConfigError(f"problem {i} lacks {sorted(missing)}; "
+                                  "give prompt, completion, test and entry_point")
+        return self._dispatch("check_humaneval", [(dict(p), timeout_s) for p in problems],
+                              "checking HumanEval")
 
     def close(self) -> None:
         """Kill the actors (running executions are torn down with them)."""

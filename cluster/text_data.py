@@ -43,11 +43,13 @@ def read_budgeted_text(shards: list[str], *, doc_cap: int, max_chars: int, min_b
     """
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the budget is a prefix: order must be kept
-    ds = ray.data.read_parquet(shards, override_num_blocks=max(min_blocks, len(shards))).select_columns([TEXT_COLUMN])
+    ds = (ray.data.read_parquet(shards, override_num_blocks=max(min_blocks, len(shards)))
+          .select_columns([TEXT_COLUMN]))
     ds = ds.map_batches(_crop, fn_kwargs={"doc_cap": doc_cap}, batch_format="pyarrow", batch_size=None)
     ds = ds.materialize()
     lengths = np.concatenate(
-        [np.asarray(b["n"]) for b in ds.select_columns(["n"]).iter_batches(batch_format="numpy", batch_size=None)]
+        [np.asarray(b["n"])
+         for b in ds.select_columns(["n"]).iter_batches(batch_format="numpy", batch_size=None)]
         or [np.zeros(0, dtype=np.int64)]
     )
     k = _budget_count(lengths, max_chars)
