@@ -77,21 +77,22 @@ class TrainingConfig(OptimizerSettings):
                                                    "(nanochat/train.py)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters); with "
                                                   "min_workers, the most the run grows to")
-    min_workers: int | None = Field(None, ge=1, description="elastic training: the fewest workers the run goes "
-                                                            "on with when hosts are lost (null: exactly "
-                                                            "num_workers); total_batch_tokens must divide for "
-                                                            "every size between")
-    resize_check_s: float = Field(60.0, gt=0, description="elastic training: seconds between Ray Train's checks "
-                                                          "for capacity to grow back to num_workers")
-    max_preemptions: int = Field(-1, ge=-1, description="restarts after spot preemptions (node drains with "
-                                                        "reason PREEMPTION), counted apart from max_failures "
-                                                        "(-1: unlimited)")
-    preemption_poll_every: int = Field(1, ge=0, description="steps between polls for a preemption notice; on "
-                                                            "one every worker saves a checkpoint at once (0: "
-                                                            "never poll)")
-    async_checkpoints: bool = Field(False, description="regular checkpoints upload in the background while "
-                                                       "training goes on (the last one and a preemption's are "
-                                                       "synchronous)")
+    min_workers: int | None = Field(
+        None, ge=1, description="elastic training: the fewest workers the run goes on with when hosts are "
+                                "lost (null: exactly num_workers); total_batch_tokens must divide for "
+                                "every size between")
+    resize_check_s: float = Field(
+        60.0, gt=0, description="elastic training: seconds between Ray Train's checks for capacity to grow "
+                                "back to num_workers")
+    max_preemptions: int = Field(
+        -1, ge=-1, description="restarts after spot preemptions (node drains with reason PREEMPTION), "
+                               "counted apart from max_failures (-1: unlimited)")
+    preemption_poll_every: int = Field(
+        1, ge=0, description="steps between polls for a preemption notice; on one every worker saves a "
+                             "checkpoint at once (0: never poll)")
+    async_checkpoints: bool = Field(
+        False, description="regular checkpoints upload in the background while training goes on (the last "
+                           "one and a preemption's are synchronous)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; on CPU also torch's thread count")
     use_gpu: bool = Field(False, description="give each worker one GPU and train in bf16 on it")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint after "
@@ -121,9 +122,12 @@ class TrainingConfig(OptimizerSettings):
         return WorkerGroup(num_workers=self.num_workers, min_workers=self.min_workers,
                            resize_check_s=self.resize_check_s, cpus_per_worker=self.cpus_per_worker,
                            use_gpu=self.use_gpu, max_failures=self.max_failures,
-                           max_preemptions=self.max_preemptions, preemption_poll_every=self.preemption_poll_every,
-                           async_checkpoints=self.async_checkpoints, checkpoints_to_keep=self.checkpoints_to_keep,
-                           storage_is_shared=self.storage_is_shared, metrics_interval_s=self.metrics_interval_s)
+                           max_preemptions=self.max_preemptions,
+                           preemption_poll_every=self.preemption_poll_every,
+                           async_checkpoints=self.async_checkpoints,
+                           checkpoints_to_keep=self.checkpoints_to_keep,
+                           storage_is_shared=self.storage_is_shared,
+                           metrics_interval_s=self.metrics_interval_s)
 
 
 def available_presets() -> list[str]:
