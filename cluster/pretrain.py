@@ -78,7 +78,8 @@ def preflight(pretrain: PretrainSpec, storage: RunStorage) -> Prepared:
     train, val = resolve_shards(pretrain.data)
     items = plan_row_groups(train)
     storage.check_writable()
-    return check_resume(Prepared(tok_uri, ShardSource(items, val, pretrain.reading), plan, STAGE), storage, spec)
+    prepared = Prepared(tok_uri, ShardSource(items, val, pretrain.reading), plan, STAGE)
+    return check_resume(prepared, storage, spec)
 
 
 def run_pretrain(spec: PretrainSpec, storage: RunStorage, *, config: dict[str, Any],

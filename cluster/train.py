@@ -96,7 +96,8 @@ def make_plan(spec: TrainSpec, vocab_size: int, world_size: int) -> Plan:
     accum = grad_accum_steps(spec.total_batch_tokens, spec.device_batch_size, spec.sequence_len, world_size)
     steps = num_steps_from(total_batch_tokens=spec.total_batch_tokens, num_params=num_params,
                            flops_per_token=flops, num_iterations=spec.num_iterations,
-                           flops_budget=spec.flops_budget, target_param_data_ratio=spec.target_param_data_ratio)
+                           flops_budget=spec.flops_budget,
+                           target_param_data_ratio=spec.target_param_data_ratio)
     return Plan(model, loop_config(spec.schedule, steps, accum), world_size, num_params, flops)
 
 
@@ -109,8 +110,8 @@ def plan_every_size(spec: TrainSpec, vocab_size: int) -> Plan:
         try:
             make_plan(spec, vocab_size, size)
         except ValueError as e:
-            raise ConfigError(f"the elastic range of {g.min_workers} to {g.num_workers} workers cannot keep the "
-                              f"global batch at {size} workers: {e}") from None
+            raise ConfigError(f"the elastic range of {g.min_workers} to {g.num_workers} workers cannot keep "
+                              f"the global batch at {size} workers: {e}") from None
     return make_plan(spec, vocab_size, g.num_workers)
 
 
@@ -192,13 +193,16 @@ class _Reporter:
             self.ema_step_s = dt if self.ema_step_s is None else 0.9 * self.ema_step_s + 0.1 * dt
         record = {**metrics, "tokens": step * self.spec.total_batch_tokens, "train_time_s": self.train_time,
                   "world_size": self.dist.world_size, "start_step": self.start_step, "time": time.time()}
-        if self.loop_started_at is not None:  # the first record of this attempt: where the timeline's work starts
+        if self.loop_started_at is not None:
+            # the first record of this attempt: where the timeline's work starts
             record["loop_started_at"], self.loop_started_at = self.loop_started_at, None
-        self.last = {k: v for k, v in {**self.last, **record}.items() if isinstance(v, (int, float, type(None)))}
+        self.last = {k: v for k, v in {**self.last, **record}.items()
+                     if isinstance(v, (int, float, type(None)))}
         if not self.dist.is_main:
             return
         self.log.append(record)
-        self.gauges.record(record, count=self.spec.total_batch_tokens * self.spec.schedule.log_every if dt else 0)
+        trained = self.spec.total_batch_tokens * self.spec.schedule.log_every if dt else 0
+        self.gauges.record(record, count=trained)
         _say(self._progress(record))
 
     def _progress(self, m: dict[str, Any]) -> str:
@@ -223,7 +227,8 @@ class _Reporter:
         background = self.spec.group.async_checkpoints and not sync and step < self.plan.loop.num_steps
         if self.saved_step == step:
             # already saved: a preemption notice right at a regular checkpoint's step does not save it again
-            # (if that one uploads in the background and the node goes first, the restart takes the one before)
+            # (if that one uploads in the background and the node goes first, the restart takes the one
+            # before)
             return
         self.saved_step = step
         tmp = tempfile.mkdtemp(prefix="nanochat-ckpt-")
@@ -262,17 +267,21 @@ class _Preemption:
         self.reporter.on_checkpoint(step, sync=True)
         if self.dist.is_main:
             left = None if info.deadline_ms is None else info.deadline_ms / 1000 - time.time()
-            self.reporter.log.append({"step": step, "preemption_notice": True, "deadline_ms": info.deadline_ms,
-                                      "preempted_ranks": info.preempted_ranks, "checkpoint_s": time.time() - t0,
+            took = time.time() - t0
+            self.reporter.log.append({"step": step, "preemption_notice": True,
+                                      "deadline_ms": info.deadline_ms,
+                                      "preempted_ranks": info.preempted_ranks, "checkpoint_s": took,
                                       "deadline_left_s": left, "start_step": self.reporter.start_step,
                                       "world_size": self.dist.world_size, "time": time.time()})
+            before = "" if left is None else f", {left:.1f} s before the deadline"
             _say(f"preemption notice at step {step} for ranks {info.preempted_ranks}: checkpoint saved in "
-                 f"{time.time() - t0:.1f} s" + ("" if left is None else f", {left:.1f} s before the deadline"))
+                 f"{took:.1f} s{before}")
         while ray.train.get_preemption_info() is not None:
             time.sleep(0.5)
 
 
-def _restore(model: GPT, optimizers: list, dist: DistInfo, num_steps: int) -> tuple[int, list[DataPosition], dict]:
+def _restore(model: GPT, optimizers: list, dist: DistInfo,
+             num_steps: int) -> tuple[int, list[DataPosition], dict]:
     """(start step, data positions of all ranks, loop state) from Ray Train's latest checkpoint."""
     latest = ray.train.get_checkpoint()
     if latest is None:
@@ -280,7 +289,8 @@ def _restore(model: GPT, optimizers: list, dist: DistInfo, num_steps: int) -> tu
     with latest.as_directory() as d:
         state = ckpt.load_training_checkpoint(d, model, optimizers, dist)
     if state.step > num_steps:
-        raise ckpt.CheckpointError(f"the checkpoint is at step {state.step}, past this run's horizon {num_steps}")
+        raise ckpt.CheckpointError(f"the checkpoint is at step {state.step}, past this run's horizon "
+                                   f"{num_steps}")
     positions = resume_positions([DataPosition.from_dict(p) for p in state.data], dist.world_size)
     if dist.is_main:
         how = "exact" if state.world_size == dist.world_size else "approximate (another world size)"
@@ -394,16 +404,19 @@ def build_trainer(spec: TrainSpec, storage: RunStorage, prepared: Prepared) -> T
     workers = g.num_workers if g.min_workers is None else (g.min_workers, g.num_workers)
     run_root = storage.stage_uri(prepared.stage).rsplit("/", 1)[0]
     config = {"spec": spec, "tokenizer": prepared.tokenizer, "source": prepared.source,
-              "init_from": prepared.init_from, "stage": prepared.stage, "run": storage.run, "storage": storage.uri}
+              "init_from": prepared.init_from, "stage": prepared.stage, "run": storage.run,
+              "storage": storage.uri}
     return TorchTrainer(
         train_worker,  # (1) the per-worker function
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=g.use_gpu,  # (2) workers: a count or a range
+        # (2) the workers: a count, or an elastic range
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=g.use_gpu,
                                      resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=g.resize_check_s),
         run_config=RunConfig(  # (3) storage, retries, retention
             name=prepared.stage, storage_path=run_root,
-            failure_config=FailureConfig(max_failures=g.max_failures, max_preemption_failures=g.max_preemptions),
+            failure_config=FailureConfig(max_failures=g.max_failures,
+                                         max_preemption_failures=g.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.group.checkpoints_to_keep),
             worker_runtime_env=_metrics_env(spec.group.metrics_interval_s),
         ),
@@ -429,7 +442,8 @@ def export_model(checkpoint: Checkpoint, storage: RunStorage, tokenizer: str, me
                         source_filesystem=tok_fs, destination_filesystem=storage.fs)
     with src_fs.open_input_stream(f"{src}/{ckpt.STATE_FILE}") as f:
         state = json.loads(f.read().decode())
-    write_text_atomic(storage.fs, f"{dest}/{ckpt.CONFIG_FILE}", ckpt.model_config_json(state["model_config"], meta))
+    write_text_atomic(storage.fs, f"{dest}/{ckpt.CONFIG_FILE}",
+                      ckpt.model_config_json(state["model_config"], meta))
     return f"{storage.stage_uri(stage)}/model"
 
 
@@ -463,7 +477,8 @@ def train_and_export(spec: TrainSpec, storage: RunStorage, prepared: Prepared,
     start = f"resuming from step {prepared.resume_step}" if prepared.resume_step else "starting"
     init = f" from {prepared.init_from}" if prepared.init_from else ""
     print(f"{stage} {storage.run}: {start}{init}; depth {spec.depth}, {plan.num_params:,} parameters, "
-          f"{plan.loop.num_steps} steps of {spec.total_batch_tokens:,} tokens, {spec.group.num_workers} workers "
+          f"{plan.loop.num_steps} steps of {spec.total_batch_tokens:,} tokens, "
+          f"{spec.group.num_workers} workers "
           f"x {plan.loop.grad_accum_steps} micro-batches of {spec.device_batch_size}x{spec.sequence_len}",
           flush=True)
     for note in prepared.notes:
@@ -479,7 +494,8 @@ def train_and_export(spec: TrainSpec, storage: RunStorage, prepared: Prepared,
             raise RuntimeError(f"training ended at step {final.get('step')} of {plan.loop.num_steps} "
                                "without a final checkpoint; relaunch the same run to resume it")
         summary = {"final_step": final["step"], "val_bpb": final.get("val_bpb"), "loss": final.get("loss"),
-                   "tokens": final["step"] * spec.total_batch_tokens, "train_time_s": final.get("train_time_s"),
+                   "tokens": final["step"] * spec.total_batch_tokens,
+                   "train_time_s": final.get("train_time_s"),
                    "num_params": plan.num_params, "tokens_per_param": final["step"] * spec.total_batch_tokens
                    / plan.num_params}
         with writer.phase("export", "writing"):
