@@ -57,6 +57,7 @@ Tests: `python -m pytest tests/test_engine.py` (mock model + byte tokenizer, and
 from __future__ import annotations
 
 import codecs
+import inspect
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -260,6 +261,18 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
+@dataclass
+class _PackedDecode:
+    """The decode rows of a packed forward: count, positions (R_d,), key length, rows, mask."""
+
+    count: int
+    pos: torch.Tensor
+    keys: int
+    span: slice | None
+    mask: torch.Tensor | None
+    rows: torch.Tensor | None = None
+
+
 class SlotCache(KVCache):
     """The engine's KVCache: the same contract (nanochat/kv_cache.py), cheaper for how the engine
     feeds it. On CPU the advanced-index write and the gather of the active rows cost more than
@@ -267,13 +280,88 @@ class SlotCache(KVCache):
     group, a batch without holes) are read as views; new keys/values are written with one slice
     copy when every fed row is at the same position, else one slice copy per row on CPU (one
     index_put kernel elsewhere, where a copy per row would be a kernel launch per row); positions
-    and mask are computed once per forward instead of once per layer."""
+    and mask are computed once per forward instead of once per layer.
+
+    Packed feeding (`set_packed`, for a mixed step): the model gets one sequence (1, N) made of
+    one token for each decoding row, then a piece of each prefilling row; `token_positions` and
+    `attend` split it again: the decode rows attend as one batch (R_d, H, 1, keys), each piece
+    alone (1, H, n, keys). So decodes ride along with a prefill chunk in one forward pass (one
+    read of the weights, one step's overhead) and nothing is padded."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.set_active(None)
 
+    def set_packed(self, decode_rows: Sequence[int], piece_rows: Sequence[int], piece_lengths: Sequence[int]) -> None:
+        """Feed the next forward as one packed sequence: a token for each of decode_rows, then
+        piece_lengths[i] tokens for piece_rows[i]; stays until set_active."""
+        self.set_active(list(decode_rows) + list(piece_rows))
+        pos = self.pos[self.active_rows()].tolist()  # one host sync per forward
+        d = len(decode_rows)
+        lengths = [1] * d + list(piece_lengths)
+        if max(p + n for p, n in zip(pos, lengths, strict=True)) > self.seq_len:
+            raise ValueError(f"KV cache full: a packed row would pass seq_len {self.seq_len}")
+        dev = self.device
+        dec = _PackedDecode(d, torch.tensor(pos[:d], device=dev), max(pos[:d], default=0) + 1, None, None)
+        if d:
+            rows_d = list(decode_rows)
+            first = rows_d[0]
+            dec.span = slice(first, first + d) if rows_d == list(range(first, first + d)) else None
+            dec.rows = torch.tensor(rows_d, device=dev)
+            if min(pos[:d]) != max(pos[:d]):  # ragged: each row sees its own keys only
+                dec.mask = (torch.arange(dec.keys, device=dev)[None, :] <= dec.pos[:, None])[:, None, None, :]
+        pieces = []
+        for row, start, n in zip(piece_rows, pos[d:], piece_lengths, strict=True):
+            mask = None
+            if start:  # query i sees keys 0 .. start + i
+                mask = (torch.arange(start + n, device=dev)[None, :]
+                        <= start + torch.arange(n, device=dev)[:, None])[None, None]  # (1, 1, n, start+n)
+            pieces.append((row, start, n, mask))
+        self._packed = (dec, pieces)
+        self._packed_pos = torch.cat([dec.pos] + [torch.arange(p, p + n, device=dev) for _, p, n, _ in pieces])
+        self._packed_lengths = torch.tensor(lengths, device=dev)
+
+    def token_positions(self, t_new: int) -> torch.Tensor:
+        if self._packed is None:
+            return super().token_positions(t_new)
+        return self._packed_pos[None]  # (1, N)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               enable_gqa: bool = False) -> torch.Tensor:
+        if self._packed is None:  # rows that all start at 0: SDPA's causal kernel, faster than a mask
+            k_all, v_all, mask = self.insert_kv(layer_idx, k, v)
+            causal = self._from_zero and k.size(2) > 1  # right-padding never precedes a real token
+            return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
+                                                  attn_mask=None if causal else mask, is_causal=causal,
+                                                  enable_gqa=enable_gqa)
+        dec, pieces = self._packed  # q (1, H, N, D), k/v (1, H_kv, N, D)
+        out = []
+        if dec.count:
+            d = dec.count
+            self.k[layer_idx, dec.rows, :, dec.pos] = k[0, :, :d].transpose(0, 1)  # (R_d, H_kv, D)
+            self.v[layer_idx, dec.rows, :, dec.pos] = v[0, :, :d].transpose(0, 1)
+            rows = dec.span if dec.span is not None else dec.rows
+            k_all = self.k[layer_idx, rows, :, : dec.keys].to(q.dtype)  # (R_d, H_kv, keys, D)
+            v_all = self.v[layer_idx, rows, :, : dec.keys].to(q.dtype)
+            y = F.scaled_dot_product_attention(q[0, :, :d].transpose(0, 1)[:, :, None], k_all, v_all,
+                                               attn_mask=dec.mask, enable_gqa=enable_gqa)  # (R_d, H, 1, D)
+            out.append(y[:, :, 0].transpose(0, 1))  # (H, R_d, D)
+        offset = dec.count
+        for row, start, n, mask in pieces:
+            self.k[layer_idx, row, :, start: start + n] = k[0, :, offset: offset + n]
+            self.v[layer_idx, row, :, start: start + n] = v[0, :, offset: offset + n]
+            k_all = self.k[layer_idx, row: row + 1, :, : start + n].to(q.dtype)
+            v_all = self.v[layer_idx, row: row + 1, :, : start + n].to(q.dtype)
+            y = F.scaled_dot_product_attention(q[:, :, offset: offset + n], k_all, v_all, attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=enable_gqa)
+            out.append(y[0])  # (H, n, D)
+            offset += n
+        if layer_idx == self.num_layers - 1:
+            self.pos[self.active_rows()] += self._packed_lengths
+        return torch.cat(out, dim=1)[None]  # (1, H, N, D)
+
     def set_active(self, rows: RowsLike | None) -> None:
+        self._packed = None
         super().set_active(rows)
         if rows is None:
             self._row_list = list(range(self.batch_size))
@@ -305,6 +393,7 @@ class SlotCache(KVCache):
             )
         self._t_new = t_new
         self._uniform = self._span is not None and min(self._start) == max(self._start)
+        self._from_zero = max(self._start) == 0
         if self._uniform and t_new == 1:  # every row sees all keys up to its new one: no mask
             self._mask = None
             return
@@ -395,6 +484,9 @@ class Engine:
         self._pool: ThreadPoolExecutor | None = None
         self.prefix_cache = PrefixCache(self.cache, prefix_cache_bytes, prefix_block_size) if prefix_cache_bytes else None
         self._params = list(model.parameters()) if hasattr(model, "parameters") else []
+        # a model whose forward takes logits_at (nanochat's GPT) also goes through KVCache.attend and
+        # token_positions, so it can be fed packed rows; others (test mocks) get padded forwards
+        self._model_packs = "logits_at" in inspect.signature(getattr(model, "forward", model)).parameters
         self.weights_version = 0
         self._cached_version: tuple | None = None  # the version the prefix cache's blocks belong to
 
@@ -535,27 +627,34 @@ class Engine:
             self._collect_tool_results(block=True)
             running = [s for s, e in self._slots.items() if e.state == "running"]
         chunked = self.prefill_chunk_tokens > 0 and bool(running)
-        prefill, ends = self._prefill_feed(waiting, self.prefill_chunk_tokens if chunked else None)
+        prefill, ends = self._prefill_feed(waiting, self.prefill_chunk_tokens if chunked else None,
+                                           packed=chunked and self._model_packs)
         decode = None
         if running and (chunked or prefill is None):
             last = torch.tensor([[self._slots[s].tokens[-1]] for s in running], dtype=torch.long)
             decode = Feed(tuple(running), last.to(self.device), (1,) * len(running))
         return StepPlan(decode, prefill, ends)
 
-    def _prefill_feed(self, waiting: list[int], chunk: int | None) -> tuple[Feed | None, tuple[bool, ...]]:
-        """The next piece of each waiting prompt that fits one padded batch: whole prompts within
+    def _prefill_feed(self, waiting: list[int], chunk: int | None,
+                      packed: bool = False) -> tuple[Feed | None, tuple[bool, ...]]:
+        """The next piece of each waiting prompt that fits one batch: whole prompts within
         max_prefill_tokens (chunk None), or pieces of at most `chunk` tokens within `chunk`. Rows
-        start where their KV row ends (after a restored prefix or earlier pieces); a row joins only
-        if the padded length fits its context."""
+        start where their KV row ends (after a restored prefix or earlier pieces). Padded (rows x
+        longest piece counts, and a row joins only if the padded length fits its context) unless
+        `packed` (pieces of a packed mixed step: their sum counts)."""
         budget = chunk or self.max_prefill_tokens
         chosen: list[int] = []
         pieces: list[int] = []
         longest = furthest = 0
         for s in waiting:
             e = self._slots[s]
-            piece = len(e.prompt) - e.fed if chunk is None else min(len(e.prompt) - e.fed, chunk)
+            remaining = len(e.prompt) - e.fed
+            piece = remaining if chunk is None else min(remaining, chunk - sum(pieces) if packed else chunk)
             new_longest, new_furthest = max(longest, piece), max(furthest, e.fed)
-            if chosen and (new_longest * (len(chosen) + 1) > budget or new_furthest + new_longest > self.max_seq_len):
+            if packed:
+                if piece < 1:
+                    break
+            elif chosen and (new_longest * (len(chosen) + 1) > budget or new_furthest + new_longest > self.max_seq_len):
                 break
             chosen.append(s)
             pieces.append(piece)
@@ -575,12 +674,15 @@ class Engine:
         """Run the plan's forward passes (the decode rows, then the prefill pieces); returns the
         logits (R, V) after each emitting row's last real token, in `plan.slots` order. After a
         padded prefill, rolls each row back to its true length."""
+        if plan.decode is not None and plan.prefill is not None and self._model_packs:
+            return self._forward_packed(plan)
         out = []
         if plan.decode is not None:
             out.append(self._forward(plan.decode)[:, -1])
         if plan.prefill is not None:
             feed = plan.prefill
-            logits = self._forward(feed)  # (R, T, V)
+            last = torch.tensor(feed.lengths, device=self.device)[:, None] - 1  # (R, 1)
+            logits = self._forward(feed, last)[:, 0]  # (R, V) after each row's last real token
             starts = [self._slots[s].fed for s in feed.slots]
             for s, n in zip(feed.slots, feed.lengths, strict=True):
                 self._slots[s].fed += n
@@ -588,16 +690,39 @@ class Engine:
             self.cache.pos[torch.tensor(feed.slots, device=self.device)] = ends.to(self.device)  # drop the pads' keys
             done = [i for i, end in enumerate(plan.ends) if end]
             if done:
-                last = torch.tensor([feed.lengths[i] - 1 for i in done], device=self.device)
-                out.append(logits[torch.tensor(done, device=self.device), last])
+                out.append(logits[torch.tensor(done, device=self.device)])
         return torch.cat(out) if len(out) > 1 else out[0] if out else torch.empty(0, self.vocab_size)
 
-    def _forward(self, feed: Feed) -> torch.Tensor:
+    def _forward(self, feed: Feed, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (R, T, V), or (R, 1, V) at `last` (R, 1) when the model can skip the others."""
         self.cache.set_active(feed.slots)
         try:
-            return self.model(feed.tokens, kv_cache=self.cache)  # (R, T, V)
+            if self._model_packs and last is not None:
+                return self.model(feed.tokens, kv_cache=self.cache, logits_at=last)
+            logits = self.model(feed.tokens, kv_cache=self.cache)  # (R, T, V)
+            return logits if last is None else logits.gather(1, last[:, :, None].expand(-1, -1, logits.size(-1)))
         finally:
             self.cache.set_active(None)
+
+    def _forward_packed(self, plan: StepPlan) -> torch.Tensor:
+        """A mixed step in one forward: decode tokens then prompt pieces as one sequence (1, N)."""
+        decode, feed = plan.decode, plan.prefill
+        d = len(decode.slots)
+        parts = [decode.tokens[:, 0]] + [feed.tokens[i, :n] for i, n in enumerate(feed.lengths)]
+        ends, offset = [], d
+        for n, end in zip(feed.lengths, plan.ends, strict=True):
+            offset += n
+            if end:
+                ends.append(offset - 1)
+        at = torch.tensor(list(range(d)) + ends, device=self.device)[None]  # (1, K)
+        self.cache.set_packed(decode.slots, feed.slots, feed.lengths)
+        try:
+            logits = self.model(torch.cat(parts)[None], kv_cache=self.cache, logits_at=at)[0]  # (K, V)
+        finally:
+            self.cache.set_active(None)
+        for s, n in zip(feed.slots, feed.lengths, strict=True):
+            self._slots[s].fed += n
+        return logits
 
     def update_from_output(self, plan: StepPlan, logits: torch.Tensor) -> list[StepOutput]:
         """Choose each row's next token (forced tool output, else sampled), record it, and

@@ -208,3 +208,40 @@ def test_chunked_prefill_interleaves_with_decodes_and_gives_the_same_tokens() ->
     # chunked: the long prompt is prefilled 32 tokens per step while both streams decode, and is
     # not starved: it takes ceil(199 / 32) = 7 steps
     assert kinds[3:10] == ["mixed"] * 7 and kinds[10] == "decode"
+
+
+def test_packed_mixed_steps_give_the_logits_of_a_full_recompute() -> None:
+    model = gpt(seq_len=256)
+    engine = Engine(model, max_batch_size=4, prefill_chunk_tokens=24, prefix_cache_bytes=MB)
+    run(engine, list(range(30, 90)) + [5])  # stores a prefix the third prompt restores
+    seqs = {engine.add_request(p, GREEDY): list(p) for p in ([1, 2, 3], [4, 5, 6, 7])}
+    kinds = []
+    with torch.no_grad():
+        while engine.has_unfinished():
+            if len(kinds) == 2:  # two prompts join the decoding pair: one new, one mostly cached
+                for p in (list(range(100, 150)), list(range(30, 90)) + [9, 9]):
+                    seqs[engine.add_request(p, GREEDY)] = list(p)
+            plan = engine.schedule()
+            kinds.append(plan.kind)
+            logits = engine.execute(plan)
+            for i, slot in enumerate(plan.slots):
+                full = model(torch.tensor([seqs[slot]]))[0, -1]
+                torch.testing.assert_close(logits[i], full, atol=1e-4, rtol=1e-4)
+            for out in engine.update_from_output(plan, logits):
+                seqs[out.slot].append(out.token)
+    assert kinds.count("mixed") >= 3  # 50 new tokens + 14 uncached ones, 24 per step, beside 2 decodes
+
+
+def test_chunked_prefill_without_packing_reads_the_right_prefix() -> None:
+    """A model that cannot take packed rows (the mock) gets the decode and the pieces as two forwards."""
+    def drive(engine: Engine) -> list[list[int]]:
+        slots = [engine.add_request([1, 2, 3], GREEDY)]
+        engine.step()
+        slots.append(engine.add_request(list(range(10, 40)), GREEDY))
+        while engine.has_unfinished():
+            engine.step()
+        return [engine.result(s).tokens for s in slots]
+
+    model = PrefixModel(digit_sum)
+    assert drive(Engine(model, max_batch_size=2, prefill_chunk_tokens=8)) == drive(Engine(model, max_batch_size=2))
+    assert (2, 8) not in model.calls and (1, 8) in model.calls  # pieces of 8, never padded with the decode row
