@@ -271,6 +271,7 @@ class _PackedDecode:
     span: slice | None
     mask: torch.Tensor | None
     rows: torch.Tensor | None = None
+    cover_idx: torch.Tensor | None = None  # with holes: each row's index in the covering span
 
 
 class SlotCache(KVCache):
@@ -280,7 +281,10 @@ class SlotCache(KVCache):
     group, a batch without holes) are read as views; new keys/values are written with one slice
     copy when every fed row is at the same position, else one slice copy per row on CPU (one
     index_put kernel elsewhere, where a copy per row would be a kernel launch per row); positions
-    and mask are computed once per forward instead of once per layer.
+    and mask are computed once per forward instead of once per layer. A decode whose rows have
+    holes between them (finished slots) attends over the covering range of rows as a view, the
+    holes' queries zero and their outputs dropped, when the cover is at most twice the rows: a
+    gather of every row's keys costs more than attending over a few extra rows.
 
     Packed feeding (`set_packed`, for a mixed step): the model gets one sequence (1, N) made of
     one token for each decoding row, then a piece of each prefilling row; `token_positions` and
@@ -305,11 +309,20 @@ class SlotCache(KVCache):
         dec = _PackedDecode(d, torch.tensor(pos[:d], device=dev), max(pos[:d], default=0) + 1, None, None)
         if d:
             rows_d = list(decode_rows)
-            first = rows_d[0]
-            dec.span = slice(first, first + d) if rows_d == list(range(first, first + d)) else None
+            lo, hi = min(rows_d), max(rows_d) + 1
             dec.rows = torch.tensor(rows_d, device=dev)
-            if min(pos[:d]) != max(pos[:d]):  # ragged: each row sees its own keys only
-                dec.mask = (torch.arange(dec.keys, device=dev)[None, :] <= dec.pos[:, None])[:, None, None, :]
+            key_idx = torch.arange(dec.keys, device=dev)
+            if rows_d == list(range(lo, hi)):
+                dec.span = slice(lo, hi)
+                if min(pos[:d]) != max(pos[:d]):  # ragged: each row sees its own keys only
+                    dec.mask = (key_idx[None, :] <= dec.pos[:, None])[:, None, None, :]
+            elif hi - lo <= 2 * d:  # holes: attend over the covering rows (see the class docstring)
+                dec.span, dec.cover_idx = slice(lo, hi), dec.rows - lo
+                cover_pos = torch.zeros(hi - lo, dtype=torch.long, device=dev)
+                cover_pos[dec.cover_idx] = dec.pos
+                dec.mask = (key_idx[None, :] <= cover_pos[:, None])[:, None, None, :]
+            else:
+                dec.mask = (key_idx[None, :] <= dec.pos[:, None])[:, None, None, :]
         pieces = []
         for row, start, n in zip(piece_rows, pos[d:], piece_lengths, strict=True):
             mask = None
@@ -328,8 +341,15 @@ class SlotCache(KVCache):
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                enable_gqa: bool = False) -> torch.Tensor:
-        if self._packed is None:  # rows that all start at 0: SDPA's causal kernel, faster than a mask
-            k_all, v_all, mask = self.insert_kv(layer_idx, k, v)
+        if self._packed is None:
+            k_all, v_all, mask = self._insert(layer_idx, k, v, cover=True)
+            if self._span is None and self._cover is not None:  # queries of the holes are zeros, dropped after
+                q_cover = q.new_zeros((k_all.size(0),) + q.shape[1:])
+                q_cover[self._cover_idx] = q
+                y = F.scaled_dot_product_attention(q_cover, k_all.to(q.dtype), v_all.to(q.dtype),
+                                                   attn_mask=self._cover_mask, enable_gqa=enable_gqa)
+                return y[self._cover_idx]
+            # rows that all start at 0: SDPA's causal kernel, faster than a mask
             causal = self._from_zero and k.size(2) > 1  # right-padding never precedes a real token
             return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
                                                   attn_mask=None if causal else mask, is_causal=causal,
@@ -341,10 +361,16 @@ class SlotCache(KVCache):
             self.k[layer_idx, dec.rows, :, dec.pos] = k[0, :, :d].transpose(0, 1)  # (R_d, H_kv, D)
             self.v[layer_idx, dec.rows, :, dec.pos] = v[0, :, :d].transpose(0, 1)
             rows = dec.span if dec.span is not None else dec.rows
-            k_all = self.k[layer_idx, rows, :, : dec.keys].to(q.dtype)  # (R_d, H_kv, keys, D)
+            k_all = self.k[layer_idx, rows, :, : dec.keys].to(q.dtype)  # (R_d or cover, H_kv, keys, D)
             v_all = self.v[layer_idx, rows, :, : dec.keys].to(q.dtype)
-            y = F.scaled_dot_product_attention(q[0, :, :d].transpose(0, 1)[:, :, None], k_all, v_all,
-                                               attn_mask=dec.mask, enable_gqa=enable_gqa)  # (R_d, H, 1, D)
+            q_dec = q[0, :, :d].transpose(0, 1)[:, :, None]  # (R_d, H, 1, D)
+            if dec.cover_idx is not None:
+                q_cover = q_dec.new_zeros((k_all.size(0),) + q_dec.shape[1:])
+                q_cover[dec.cover_idx] = q_dec
+                q_dec = q_cover
+            y = F.scaled_dot_product_attention(q_dec, k_all, v_all, attn_mask=dec.mask, enable_gqa=enable_gqa)
+            if dec.cover_idx is not None:
+                y = y[dec.cover_idx]  # (R_d, H, 1, D)
             out.append(y[:, :, 0].transpose(0, 1))  # (H, R_d, D)
         offset = dec.count
         for row, start, n, mask in pieces:
@@ -394,6 +420,16 @@ class SlotCache(KVCache):
         self._t_new = t_new
         self._uniform = self._span is not None and min(self._start) == max(self._start)
         self._from_zero = max(self._start) == 0
+        self._cover = None
+        if self._span is None and t_new == 1:  # a decode with holes between its rows
+            lo, hi = min(self._row_list), max(self._row_list) + 1
+            if hi - lo <= 2 * len(self._row_list):  # attending over the holes costs less than a gather
+                self._cover = slice(lo, hi)
+                self._cover_idx = torch.tensor(self._row_list, device=self.device) - lo  # (R,)
+                cover_pos = torch.zeros(hi - lo, dtype=torch.long, device=self.device)  # holes see key 0 only
+                cover_pos[self._cover_idx] = pos
+                key_idx = torch.arange(self._keys_len, device=self.device)
+                self._cover_mask = (key_idx[None, :] <= cover_pos[:, None])[:, None, None, :]  # (R_cover, 1, 1, T)
         if self._uniform and t_new == 1:  # every row sees all keys up to its new one: no mask
             self._mask = None
             return
@@ -409,6 +445,12 @@ class SlotCache(KVCache):
         """As KVCache.insert_kv: write k, v (R, H_kv, T_new, D); return keys/values up to the
         longest fed row (R, H_kv, T_keys, D) and the mask (R, 1, T_new, T_keys), or None when
         every key may be attended (a decode step of rows all at the same position)."""
+        return self._insert(layer_idx, k, v, cover=False)
+
+    def _insert(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+                cover: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """insert_kv; with `cover`, a decode with holes returns the covering rows' views instead
+        of gathering the active ones (the caller attends over the cover, see attend)."""
         if layer_idx == 0:
             self._begin_forward(k)
         t = self._t_new
@@ -426,6 +468,8 @@ class SlotCache(KVCache):
         keys = slice(0, self._keys_len)
         if self._span is not None:
             k_all, v_all = self.k[layer_idx, self._span, :, keys], self.v[layer_idx, self._span, :, keys]
+        elif cover and self._cover is not None:
+            k_all, v_all = self.k[layer_idx, self._cover, :, keys], self.v[layer_idx, self._cover, :, keys]
         else:
             rows = self.active_rows()
             k_all, v_all = self.k[layer_idx, rows, :, keys], self.v[layer_idx, rows, :, keys]
@@ -622,10 +666,10 @@ class Engine:
         waiting for one."""
         self._collect_tool_results(block=False)
         waiting = [s for s, e in self._slots.items() if e.state == "prefill"]
-        running = [s for s, e in self._slots.items() if e.state == "running"]
+        running = sorted(s for s, e in self._slots.items() if e.state == "running")  # by slot: contiguous rows are views
         if not waiting and not running and any(e.state == "tool" for e in self._slots.values()):
             self._collect_tool_results(block=True)
-            running = [s for s, e in self._slots.items() if e.state == "running"]
+            running = sorted(s for s, e in self._slots.items() if e.state == "running")  # by slot: contiguous rows are views
         chunked = self.prefill_chunk_tokens > 0 and bool(running)
         prefill, ends = self._prefill_feed(waiting, self.prefill_chunk_tokens if chunked else None,
                                            packed=chunked and self._model_packs)

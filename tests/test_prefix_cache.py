@@ -245,3 +245,30 @@ def test_chunked_prefill_without_packing_reads_the_right_prefix() -> None:
     model = PrefixModel(digit_sum)
     assert drive(Engine(model, max_batch_size=2, prefill_chunk_tokens=8)) == drive(Engine(model, max_batch_size=2))
     assert (2, 8) not in model.calls and (1, 8) in model.calls  # pieces of 8, never padded with the decode row
+
+
+def test_decodes_with_holes_between_rows_give_the_logits_of_a_full_recompute() -> None:
+    """Finished slots leave holes; decode rows 0, 2, 4 attend over the covering rows 0..4 (alone
+    and packed beside a prompt piece), the holes' outputs dropped."""
+    model = gpt(seq_len=256)
+    engine = Engine(model, max_batch_size=5, prefill_chunk_tokens=16)
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    seqs = {engine.add_request(p, params): list(p) for p in ([1, 2], [3, 4, 5], [6], [7, 8, 9, 10], [11, 12])}
+    kinds = []
+    with torch.no_grad():
+        while engine.has_unfinished():
+            if len(kinds) == 1:
+                for slot in (1, 3):
+                    engine.remove(slot)
+                    del seqs[slot]
+            if len(kinds) == 3:
+                seqs[engine.add_request(list(range(40, 80)), params)] = list(range(40, 80))  # takes slot 1
+            plan = engine.schedule()
+            kinds.append((plan.kind, plan.decode.slots if plan.decode else ()))
+            logits = engine.execute(plan)
+            for i, slot in enumerate(plan.slots):
+                full = model(torch.tensor([seqs[slot]]))[0, -1]
+                torch.testing.assert_close(logits[i], full, atol=1e-4, rtol=1e-4)
+            for out in engine.update_from_output(plan, logits):
+                seqs[out.slot].append(out.token)
+    assert ("decode", (0, 2, 4)) in kinds and ("mixed", (0, 2, 4)) in kinds
