@@ -17,7 +17,7 @@ process) shares the machine's cores with the servers. Parts:
   TTFT p50/p95 (request -> first content chunk), inter-token latency p50/p95 (gaps between
   content chunks) and tok/s (completion tokens from `usage` / the level's wall time). Services:
   ours with prefix reuse, ours without (`prefix_cache_mb=0`), and transformers serve with its
-  defaults; the order rotates per level; one run per level. Ratios are vs transformers serve.
+  defaults but for its KV cache's memory (`--hf-memory-percent`); the order rotates per level; one run per level. Ratios are vs transformers serve.
 - join: in-process engine, no HTTP: 16 streams decode, then a 2,000-token prompt joins. The
   streams' inter-token p95 before the join and over the gaps that overlap the long prompt's
   prefill, and its TTFT, for each `--join-chunks` value (0 = chunking off).
@@ -52,7 +52,7 @@ NAME = "nanochat-chat"
 
 @dataclass
 class Turn:
-    ttft: float
+    ttft: float | None  # None: the reply was empty (the end of the turn came first)
     itl: list[float]
     tokens: int
     prompt_tokens: int
@@ -73,7 +73,8 @@ class Level:
         return sum(t.tokens for t in self.turns) / self.wall_s if self.wall_s else float("nan")
 
     def ms(self, what: str, q: float) -> float:
-        values = [t.ttft for t in self.turns] if what == "ttft" else [g for t in self.turns for g in t.itl]
+        values = ([t.ttft for t in self.turns if t.ttft is not None] if what == "ttft"
+                  else [g for t in self.turns for g in t.itl])
         return 1000 * pct(values, q)
 
 
@@ -125,10 +126,9 @@ async def chat_turn(session, url: str, model: str, messages: list[dict], max_tok
                         itl.append(now - last)
                     last = now
                     text.append(delta["content"])
-    if first is None:
-        raise RuntimeError("the stream ended without any content")
     details = usage.get("prompt_tokens_details") or {}
-    return Turn(first - t0, itl, usage.get("completion_tokens", len(text)), usage.get("prompt_tokens", 0),
+    # a random model may sample the end of its turn first: an empty reply, no first token to time
+    return Turn(None if first is None else first - t0, itl, usage.get("completion_tokens", len(text)), usage.get("prompt_tokens", 0),
                 details.get("cached_tokens"), "".join(text))
 
 
@@ -224,8 +224,10 @@ def hf_service(model_dir: Path, args, root: Path) -> Iterator[tuple[str, str]]:
         raise SystemExit("the `transformers` CLI is missing: pip install 'transformers[serving]'")
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    # its other settings are its defaults; on CPU the default KV cache takes 60% of the free RAM (13.7 GB
+    # here, which got another process OOM-killed on this shared box), so the benchmark caps it
     cmd = [cli, "serve", str(model_dir), "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32"]
+           "--port", str(port), "--dtype", "float32", "--cb-max-memory-percent", str(args.hf_memory_percent)]
     with open(root / "hf_serve.log", "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -253,7 +255,7 @@ def part_second(services: dict, tokenizer, args) -> None:
             system = f"[{name} {k}] " + words(tokenizer, args.system_tokens, rng)  # never seen before
             level = asyncio.run(run_level(name, url, model, 1, system, [[words(tokenizer, args.user_tokens, rng)
                                                                           for _ in range(2)]], args.tokens))
-            if len(level.turns) == 2:
+            if len(level.turns) == 2 and None not in (level.turns[0].ttft, level.turns[1].ttft):
                 firsts.append(level.turns[0].ttft)
                 seconds.append(level.turns[1].ttft)
                 cached.append(level.turns[1].cached_tokens)
@@ -382,7 +384,9 @@ def part_ttft(url: str, model_dir: Path, tokenizer, args) -> None:
         for k in range(5):
             rng = random.Random(f"ttft/{n_tokens}/{k}")
             messages = [{"role": "user", "content": words(tokenizer, n_tokens, rng)}]
-            svc_t.append(asyncio.run(one(messages)).ttft)
+            ttft = asyncio.run(one(messages)).ttft
+            if ttft is not None:  # None: the reply was empty
+                svc_t.append(ttft)
             prompt = tokenizer.render_for_completion({"messages": messages})
             t0 = time.perf_counter()
             slot = engine.add_request(prompt, SamplingParams(temperature=1.0, max_new_tokens=2))
@@ -408,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--join-repeats", type=int, default=3, help="runs of each chunk size in the join part (median)")
     p.add_argument("--parts", default="second,multiturn,join,ttft", help="which parts to run, comma-separated")
     p.add_argument("--no-hf", action="store_true", help="leave transformers serve out")
+    p.add_argument("--hf-memory-percent", type=float, default=0.1,
+                   help="transformers serve's --cb-max-memory-percent (its CPU default, 0.6 of free RAM, is too "
+                        "much for a shared machine; 0.1 still holds every conversation of 32 clients)")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     if parts - {"second", "multiturn", "join", "ttft"}:
