@@ -58,6 +58,8 @@ class Turn:
     prompt_tokens: int
     cached_tokens: int | None
     text: str
+    start: float = 0.0  # time.monotonic() (one clock for every process of the machine)
+    first_at: float | None = None
 
 
 @dataclass
@@ -99,7 +101,7 @@ async def chat_turn(session, url: str, model: str, messages: list[dict], max_tok
     """Stream one chat completion; returns its timing, usage and text."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
             "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     first = last = None
     itl: list[float] = []
     text, usage = [], {}
@@ -119,7 +121,7 @@ async def chat_turn(session, url: str, model: str, messages: list[dict], max_tok
                     usage = chunk["usage"]
                 delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
                 if delta.get("content"):
-                    now = time.perf_counter()
+                    now = time.monotonic()
                     if first is None:
                         first = now
                     else:
@@ -128,8 +130,8 @@ async def chat_turn(session, url: str, model: str, messages: list[dict], max_tok
                     text.append(delta["content"])
     details = usage.get("prompt_tokens_details") or {}
     # a random model may sample the end of its turn first: an empty reply, no first token to time
-    return Turn(None if first is None else first - t0, itl, usage.get("completion_tokens", len(text)), usage.get("prompt_tokens", 0),
-                details.get("cached_tokens"), "".join(text))
+    return Turn(None if first is None else first - t0, itl, usage.get("completion_tokens", len(text)),
+                usage.get("prompt_tokens", 0), details.get("cached_tokens"), "".join(text), t0, first)
 
 
 async def conversation(session, url: str, model: str, system: str, users: list[str], max_tokens: int,
@@ -371,22 +373,33 @@ def part_ttft(url: str, model_dir: Path, tokenizer, args) -> None:
     torch.set_num_threads(args.threads)
     model, _ = load_model(model_dir, "cpu")
     engine = Engine(model.eval(), max_batch_size=2, max_seq_len=SEQ)
-    print("\n== first token: the service (HTTP, Serve, streaming) vs the engine in-process, one request at a time ==")
-    print(f"{'prompt':>7s} {'engine TTFT':>12s} {'service TTFT':>13s} {'ratio':>6s} {'added':>8s}")
+    print("\n== first token: the service (HTTP, Serve, streaming) vs the engine in-process, one request at a time; "
+          "the service's time split at its prefill step (the scheduler's step log, same monotonic clock) ==")
+    print(f"{'prompt':>7s} {'engine TTFT':>12s} {'service TTFT':>13s} {'ratio':>6s} {'added':>8s} "
+          f"{'in: to step':>12s} {'step':>8s} {'out: to client':>15s}")
     import aiohttp
 
-    async def one(messages: list[dict]) -> Turn:
+    base = url.rsplit("/v1/", 1)[0]
+
+    async def one(messages: list[dict]) -> tuple[Turn, dict | None]:
         async with aiohttp.ClientSession() as session:
-            return await chat_turn(session, url, NAME, messages, 2)
+            turn = await chat_turn(session, url, NAME, messages, 2)
+            async with session.get(f"{base}/debug/steps", params={"model": NAME, "last": "8"}) as r:
+                steps = (await r.json()).get("steps", []) if r.status == 200 else []
+        first = [st for st in steps if st["kind"] == "prefill" and turn.start <= st["start"]]
+        return turn, first[0] if first else None
 
     for n_tokens in (100, 1000):
-        eng_t, svc_t = [], []
+        eng_t, svc_t, split = [], [], []
         for k in range(5):
             rng = random.Random(f"ttft/{n_tokens}/{k}")
             messages = [{"role": "user", "content": words(tokenizer, n_tokens, rng)}]
-            ttft = asyncio.run(one(messages)).ttft
-            if ttft is not None:  # None: the reply was empty
-                svc_t.append(ttft)
+            turn, step = asyncio.run(one(messages))
+            if turn.ttft is not None:  # None: the reply was empty
+                svc_t.append(turn.ttft)
+                if step is not None:
+                    end = step["start"] + step["duration_ms"] / 1000
+                    split.append((step["start"] - turn.start, step["duration_ms"] / 1000, turn.first_at - end))
             prompt = tokenizer.render_for_completion({"messages": messages})
             t0 = time.perf_counter()
             slot = engine.add_request(prompt, SamplingParams(temperature=1.0, max_new_tokens=2))
@@ -395,7 +408,9 @@ def part_ttft(url: str, model_dir: Path, tokenizer, args) -> None:
             eng_t.append(time.perf_counter() - t0)
             engine.remove(slot)
         e, s = 1000 * statistics.median(eng_t), 1000 * statistics.median(svc_t)
-        print(f"{n_tokens:7d} {e:10.1f}ms {s:11.1f}ms {s / e:5.2f}x {s - e:6.1f}ms")
+        parts = [f"{1000 * statistics.median(x[i] for x in split):9.1f}ms" if split else f"{'-':>11s}" for i in range(3)]
+        print(f"{n_tokens:7d} {e:10.1f}ms {s:11.1f}ms {s / e:5.2f}x {s - e:6.1f}ms {parts[0]:>12s} {parts[1]:>8s} "
+              f"{parts[2]:>15s}")
 
 
 def main(argv: list[str] | None = None) -> int:
