@@ -20,7 +20,9 @@ process) shares the machine's cores with the servers. Parts:
   defaults but for its KV cache's memory (`--hf-memory-percent`); the order rotates per level; one run per level. Ratios are vs transformers serve.
 - join: in-process engine, no HTTP: 16 streams decode, then a 2,000-token prompt joins. The
   streams' inter-token p95 before the join and over the gaps that overlap the long prompt's
-  prefill, and its TTFT, for each `--join-chunks` value (0 = chunking off).
+  prefill, and its TTFT, for each `--join-chunks` value (0 = chunking off). By default timed in
+  CPU time of one torch thread (`--join-clock cpu`): on a machine shared with other work the wall
+  time of a step swung 10x between repeats; the CPU time is what the wall time is on an idle core.
 - ttft: one request at a time to our service (reuse off, so the prompt is prefilled) vs the same
   prompt on an Engine in this process with the same weights and threads: what the HTTP, Serve and
   streaming path adds to the first token.
@@ -306,20 +308,23 @@ def part_join(model_dir: Path, args) -> None:
 
     from nanochat.checkpoint import load_model
 
-    torch.set_num_threads(args.threads)
+    # clock "cpu": one torch thread and its CPU time (time.thread_time), which is what the wall time would
+    # be on an idle core and does not count the time other processes hold the core; "wall": args.threads
+    torch.set_num_threads(1 if args.join_clock == "cpu" else args.threads)
+    clock = time.thread_time if args.join_clock == "cpu" else time.perf_counter
     model, _ = load_model(model_dir, "cpu")
     model.eval()
     g = torch.Generator().manual_seed(0)
     stream_prompts = [torch.randint(0, VOCAB, (200,), generator=g).tolist() for _ in range(16)]
     long_prompt = torch.randint(0, VOCAB, (2000,), generator=g).tolist()
     print("\n== a 2,000-token prompt joins 16 decoding streams (engine in-process; ITL over the gaps that overlap "
-          "its prefill) ==")
+          f"its prefill; clock: {args.join_clock}, {torch.get_num_threads()} torch threads) ==")
     print(f"{'chunk':>6s} {'ITL p95 before':>15s} {'ITL p95 during':>15s} {'growth':>7s} {'long TTFT':>10s} "
           f"{'vs off':>7s} {'steps':>6s}")
     runs: dict[int, list[tuple[float, float, float, int]]] = {c: [] for c in args.join_chunks}
     for _ in range(args.join_repeats):  # the chunk sizes take turns, so the machine's load hits all alike
         for chunk in args.join_chunks:
-            runs[chunk].append(join_once(model, stream_prompts, long_prompt, chunk))
+            runs[chunk].append(join_once(model, stream_prompts, long_prompt, chunk, clock))
     ttft_off = None
     for chunk, rs in runs.items():
         b, d, ttft, steps = (statistics.median(r[i] for r in rs) for i in range(4))
@@ -330,7 +335,7 @@ def part_join(model_dir: Path, args) -> None:
               f"{int(steps):6d}")
 
 
-def join_once(model, stream_prompts: list[list[int]], long_prompt: list[int], chunk: int) -> tuple:
+def join_once(model, stream_prompts: list[list[int]], long_prompt: list[int], chunk: int, clock) -> tuple:
     """(streams' ITL p95 before the join, over the gaps overlapping the prefill, long TTFT, its steps)."""
     from nanochat.engine import Engine, SamplingParams
 
@@ -340,19 +345,19 @@ def join_once(model, stream_prompts: list[list[int]], long_prompt: list[int], ch
     before, gaps = [], []  # gaps: (start, end) of every stream's inter-token gap after the join
     for _ in range(12):  # prefill the streams, then settle into decoding
         engine.step()
-        now = time.perf_counter()
+        now = clock()
         for s in streams:
             if s in last:
                 before.append(now - last[s])
             last[s] = now
     before = before[-16 * 8:]  # the last 8 decode steps
-    t_join = time.perf_counter()
+    t_join = clock()
     long = engine.add_request(long_prompt, SamplingParams(temperature=0, max_new_tokens=2))
     t_first, steps = None, 0
     while t_first is None or any(last[s] < t_first for s in streams):
         outs = engine.step()
         steps += t_first is None
-        now = time.perf_counter()
+        now = clock()
         for o in outs:
             if o.slot == long:
                 t_first = t_first or now
@@ -424,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each service and of the engine parts")
     p.add_argument("--chunk", type=int, default=128, help="our prefill_chunk_tokens (0 = off)")
     p.add_argument("--join-chunks", type=ints, default=[0, 64, 128, 256], help="chunk sizes of the join part")
+    p.add_argument("--join-clock", choices=["cpu", "wall"], default="cpu",
+                   help="join part: 1 torch thread timed by its CPU time (robust to a shared machine), or wall time")
     p.add_argument("--join-repeats", type=int, default=3, help="runs of each chunk size in the join part (median)")
     p.add_argument("--parts", default="second,multiturn,join,ttft", help="which parts to run, comma-separated")
     p.add_argument("--no-hf", action="store_true", help="leave transformers serve out")
