@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/serve_multiturn.py                        # default sizes, a few minutes
     PYTHONPATH=. python benchmarks/serve_multiturn.py --clients 1,4,16,32    # the full sizes
         [--turns 3] [--system-tokens 1000] [--user-tokens 40] [--tokens 32] [--threads 2]
-        [--parts second,multiturn,join,ttft] [--chunk 128] [--join-chunks 0,64,128,256]
+        [--parts second,multiturn,join,ttft] [--chunk 128] [--join-chunks 0,32,128] [--join-repeats 2]
 
 One exported model serves both sides: a random GPT (6 layers x 384, 6 heads, vocab 8,192,
 sequence length 2,048; nanochat's architecture) written by `write_random_checkpoint` and
@@ -428,10 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="max tokens per reply")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each service and of the engine parts")
     p.add_argument("--chunk", type=int, default=128, help="our prefill_chunk_tokens (0 = off)")
-    p.add_argument("--join-chunks", type=ints, default=[0, 64, 128, 256], help="chunk sizes of the join part")
+    p.add_argument("--join-chunks", type=ints, default=[0, 32, 128],
+                   help="chunk sizes of the join part (the README's table: 0,32,64,128,256)")
     p.add_argument("--join-clock", choices=["cpu", "wall"], default="cpu",
                    help="join part: 1 torch thread timed by its CPU time (robust to a shared machine), or wall time")
-    p.add_argument("--join-repeats", type=int, default=3, help="runs of each chunk size in the join part (median)")
+    p.add_argument("--join-repeats", type=int, default=2, help="runs of each chunk size in the join part (median)")
     p.add_argument("--parts", default="second,multiturn,join,ttft", help="which parts to run, comma-separated")
     p.add_argument("--no-hf", action="store_true", help="leave transformers serve out")
     p.add_argument("--hf-memory-percent", type=float, default=0.1,

@@ -14,9 +14,11 @@ Notable:
   running row), or with chunked prefill (`prefill_chunk_tokens`) a mixed step: every running row
   decodes one token and waiting prompts advance by a piece of at most that many tokens, so a long
   prompt neither stalls the running streams for its whole prefill nor waits for them to finish.
-  A mixed step is two forward passes (the decode rows, then the pieces), not one packed batch:
-  the model takes (R, T) rows of equal length, and padding decode rows to the piece's length
-  would multiply their cost. Without chunking, prefill comes first: new requests start soon.
+  For nanochat's GPT a mixed step is one forward pass: SlotCache packs the decode tokens and the
+  pieces into one sequence (1, N) and splits attention per row (`SlotCache.set_packed`); a model
+  without `logits_at` in its forward (the tests' mocks) gets two passes, decode rows then pieces
+  (padding decode rows to a piece's length would multiply their cost). Prefills ask the model for
+  the logits of each row's last token only. Without chunking, prefill comes first.
 - prefix reuse (`prefix_cache_bytes`, nanochat/prefix_cache.py): a new prompt's longest stored
   prefix (whole blocks, never its last token) is copied into its slot and only the rest is
   prefilled; a prompt is stored when its prefill ends, a whole sequence (prompt and output but
