@@ -153,7 +153,13 @@ class RolloutWorker(_WeightsHolder):
         """Object-store sync: {"version", "state"} from the learner."""
         self.model.load_state_dict(payload["state"])
         self.version = int(payload["version"])
+        self.engine.set_weights_version(self.version)  # the engine reuses nothing computed before
         return self.version
+
+    def broadcast_weights(self, version: int) -> int:
+        """As _WeightsHolder.broadcast_weights, and the engine's weights version follows."""
+        self.engine.set_weights_version(super().broadcast_weights(version))
+        return version
 
     def rollout(self, split: Literal["train", "eval"], items: list[int], seed: int, n: int) -> dict[str, Any]:
         """n samples of each task item (item i sampled with seed + its position), scored by the task."""

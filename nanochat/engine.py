@@ -7,11 +7,27 @@ it never imports a tokenizer, Ray or a web framework.
 Notable:
 - slots: the KV cache has `max_batch_size` rows, one sequence each, each at its own position, so
   one batch mixes sequences of different lengths (continuous batching, ragged RL rollouts).
-- scheduler contract (as vLLM v1): `schedule()` picks the rows of the next forward, `execute(plan)`
-  runs exactly one forward pass, `update_from_output(plan, logits)` samples and advances state;
-  `step()` does all three. A step is either a prefill (new prompts, right-padded into one batch,
-  then each row's length is rolled back to its prompt so pads are never attended) or a decode
-  (one token for every running row). Prefill first: new requests get their first token soon.
+- scheduler contract (as vLLM v1): `schedule()` picks the rows of the next step, `execute(plan)`
+  runs its forward passes, `update_from_output(plan, logits)` samples and advances state; `step()`
+  does all three. A step is a prefill (prompts, right-padded into one batch, then each row's
+  length is rolled back to its prompt so pads are never attended), a decode (one token for every
+  running row), or with chunked prefill (`prefill_chunk_tokens`) a mixed step: every running row
+  decodes one token and waiting prompts advance by a piece of at most that many tokens, so a long
+  prompt neither stalls the running streams for its whole prefill nor waits for them to finish.
+  For nanochat's GPT a mixed step is one forward pass: SlotCache packs the decode tokens and the
+  pieces into one sequence (1, N) and splits attention per row (`SlotCache.set_packed`); a model
+  without `logits_at` in its forward (the tests' mocks) gets two passes, decode rows then pieces
+  (padding decode rows to a piece's length would multiply their cost). Prefills ask the model for
+  the logits of each row's last token only. Without chunking, prefill comes first.
+- prefix reuse (`prefix_cache_bytes`, nanochat/prefix_cache.py): a new prompt's longest stored
+  prefix (whole blocks, never its last token) is copied into its slot and only the rest is
+  prefilled; a prompt is stored when its prefill ends, a whole sequence (prompt and output but
+  its last token) when its slot is removed. Matching is on token ids only: a chat client sends
+  an assistant reply back as text, and its re-tokenised ids match the sampled ones as far as
+  they agree, then reuse stops (the ids a prompt is made of never depend on what the server
+  has seen). Blocks are keyed by the weights version: `set_weights_version` and any in-place
+  change of a parameter (its version counter) empty the store, and a sequence begun under
+  other weights is never stored. `cached_tokens(slot)`: prompt tokens restored, not prefilled.
 - `SlotCache` keeps the KVCache contract but reads contiguous active rows as views and writes by
   slices: on CPU the generic gather/index_put cost more than the attention of a decode step.
 - `add_group` prefills a prompt once and copies its cache row to n slots (n samples).
@@ -43,6 +59,7 @@ Tests: `python -m pytest tests/test_engine.py` (mock model + byte tokenizer, and
 from __future__ import annotations
 
 import codecs
+import inspect
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.kv_cache import KVCache, RowsLike
+from nanochat.prefix_cache import PrefixCache
 
 FinishReason = Literal["stop", "length"]
 
@@ -140,13 +158,36 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class StepPlan:
-    """What one forward pass feeds: `kind` prefill or decode, cache rows, and tokens (R, T)."""
+class Feed:
+    """One forward pass's rows: cache rows, their tokens (R, T) right-padded, real tokens per row."""
 
-    kind: Literal["prefill", "decode", "idle"]
-    slots: tuple[int, ...] = ()
-    tokens: torch.Tensor | None = None  # (R, T) long
-    lengths: tuple[int, ...] = ()  # real tokens per row (prefill rows are right-padded to T)
+    slots: tuple[int, ...]
+    tokens: torch.Tensor  # (R, T) long
+    lengths: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step feeds: a decode (one token for every running row), a prefill (a piece of
+    each chosen prompt, `ends[i]`: the piece finishes row i's prompt), or both (a mixed step of
+    chunked prefill). `slots`: the rows that emit a token after the step, in logits order."""
+
+    decode: Feed | None = None
+    prefill: Feed | None = None
+    ends: tuple[bool, ...] = ()
+
+    @property
+    def kind(self) -> Literal["prefill", "decode", "mixed", "idle"]:
+        if self.decode is not None:
+            return "mixed" if self.prefill is not None else "decode"
+        return "prefill" if self.prefill is not None else "idle"
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        decoded = self.decode.slots if self.decode is not None else ()
+        if self.prefill is None:
+            return decoded
+        return decoded + tuple(s for s, end in zip(self.prefill.slots, self.ends, strict=True) if end)
 
 
 @dataclass
@@ -164,6 +205,9 @@ class _Slot:
     tool_future: Future | None = None
     finish_reason: FinishReason | None = None
     constraint: TokenConstraint | None = None
+    fed: int = 0  # prompt tokens in the slot's KV row (a prefix restored from the prefix cache counts)
+    cached: int = 0  # of those, restored from the prefix cache
+    version: Any = None  # weights version at admission (the prefix cache never mixes versions)
 
 
 class IncrementalDecoder:
@@ -219,6 +263,19 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
+@dataclass
+class _PackedDecode:
+    """The decode rows of a packed forward: count, positions (R_d,), key length, rows, mask."""
+
+    count: int
+    pos: torch.Tensor
+    keys: int
+    span: slice | None
+    mask: torch.Tensor | None
+    rows: torch.Tensor | None = None
+    cover_idx: torch.Tensor | None = None  # with holes: each row's index in the covering span
+
+
 class SlotCache(KVCache):
     """The engine's KVCache: the same contract (nanochat/kv_cache.py), cheaper for how the engine
     feeds it. On CPU the advanced-index write and the gather of the active rows cost more than
@@ -226,13 +283,113 @@ class SlotCache(KVCache):
     group, a batch without holes) are read as views; new keys/values are written with one slice
     copy when every fed row is at the same position, else one slice copy per row on CPU (one
     index_put kernel elsewhere, where a copy per row would be a kernel launch per row); positions
-    and mask are computed once per forward instead of once per layer."""
+    and mask are computed once per forward instead of once per layer. A decode whose rows have
+    holes between them (finished slots) attends over the covering range of rows as a view, the
+    holes' queries zero and their outputs dropped, when the cover is at most twice the rows: a
+    gather of every row's keys costs more than attending over a few extra rows.
+
+    Packed feeding (`set_packed`, for a mixed step): the model gets one sequence (1, N) made of
+    one token for each decoding row, then a piece of each prefilling row; `token_positions` and
+    `attend` split it again: the decode rows attend as one batch (R_d, H, 1, keys), each piece
+    alone (1, H, n, keys). So decodes ride along with a prefill chunk in one forward pass (one
+    read of the weights, one step's overhead) and nothing is padded."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.set_active(None)
 
+    def set_packed(self, decode_rows: Sequence[int], piece_rows: Sequence[int], piece_lengths: Sequence[int]) -> None:
+        """Feed the next forward as one packed sequence: a token for each of decode_rows, then
+        piece_lengths[i] tokens for piece_rows[i]; stays until set_active."""
+        self.set_active(list(decode_rows) + list(piece_rows))
+        pos = self.pos[self.active_rows()].tolist()  # one host sync per forward
+        d = len(decode_rows)
+        lengths = [1] * d + list(piece_lengths)
+        if max(p + n for p, n in zip(pos, lengths, strict=True)) > self.seq_len:
+            raise ValueError(f"KV cache full: a packed row would pass seq_len {self.seq_len}")
+        dev = self.device
+        dec = _PackedDecode(d, torch.tensor(pos[:d], device=dev), max(pos[:d], default=0) + 1, None, None)
+        if d:
+            rows_d = list(decode_rows)
+            lo, hi = min(rows_d), max(rows_d) + 1
+            dec.rows = torch.tensor(rows_d, device=dev)
+            key_idx = torch.arange(dec.keys, device=dev)
+            if rows_d == list(range(lo, hi)):
+                dec.span = slice(lo, hi)
+                if min(pos[:d]) != max(pos[:d]):  # ragged: each row sees its own keys only
+                    dec.mask = (key_idx[None, :] <= dec.pos[:, None])[:, None, None, :]
+            elif hi - lo <= 2 * d:  # holes: attend over the covering rows (see the class docstring)
+                dec.span, dec.cover_idx = slice(lo, hi), dec.rows - lo
+                cover_pos = torch.zeros(hi - lo, dtype=torch.long, device=dev)
+                cover_pos[dec.cover_idx] = dec.pos
+                dec.mask = (key_idx[None, :] <= cover_pos[:, None])[:, None, None, :]
+            else:
+                dec.mask = (key_idx[None, :] <= dec.pos[:, None])[:, None, None, :]
+        pieces = []
+        for row, start, n in zip(piece_rows, pos[d:], piece_lengths, strict=True):
+            mask = None
+            if start:  # query i sees keys 0 .. start + i
+                mask = (torch.arange(start + n, device=dev)[None, :]
+                        <= start + torch.arange(n, device=dev)[:, None])[None, None]  # (1, 1, n, start+n)
+            pieces.append((row, start, n, mask))
+        self._packed = (dec, pieces)
+        self._packed_pos = torch.cat([dec.pos] + [torch.arange(p, p + n, device=dev) for _, p, n, _ in pieces])
+        self._packed_lengths = torch.tensor(lengths, device=dev)
+
+    def token_positions(self, t_new: int) -> torch.Tensor:
+        if self._packed is None:
+            return super().token_positions(t_new)
+        return self._packed_pos[None]  # (1, N)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               enable_gqa: bool = False) -> torch.Tensor:
+        if self._packed is None:
+            k_all, v_all, mask = self._insert(layer_idx, k, v, cover=True)
+            if self._span is None and self._cover is not None:  # queries of the holes are zeros, dropped after
+                q_cover = q.new_zeros((k_all.size(0),) + q.shape[1:])
+                q_cover[self._cover_idx] = q
+                y = F.scaled_dot_product_attention(q_cover, k_all.to(q.dtype), v_all.to(q.dtype),
+                                                   attn_mask=self._cover_mask, enable_gqa=enable_gqa)
+                return y[self._cover_idx]
+            # rows that all start at 0: SDPA's causal kernel, faster than a mask
+            causal = self._from_zero and k.size(2) > 1  # right-padding never precedes a real token
+            return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
+                                                  attn_mask=None if causal else mask, is_causal=causal,
+                                                  enable_gqa=enable_gqa)
+        dec, pieces = self._packed  # q (1, H, N, D), k/v (1, H_kv, N, D)
+        out = []
+        if dec.count:
+            d = dec.count
+            self.k[layer_idx, dec.rows, :, dec.pos] = k[0, :, :d].transpose(0, 1)  # (R_d, H_kv, D)
+            self.v[layer_idx, dec.rows, :, dec.pos] = v[0, :, :d].transpose(0, 1)
+            rows = dec.span if dec.span is not None else dec.rows
+            k_all = self.k[layer_idx, rows, :, : dec.keys].to(q.dtype)  # (R_d or cover, H_kv, keys, D)
+            v_all = self.v[layer_idx, rows, :, : dec.keys].to(q.dtype)
+            q_dec = q[0, :, :d].transpose(0, 1)[:, :, None]  # (R_d, H, 1, D)
+            if dec.cover_idx is not None:
+                q_cover = q_dec.new_zeros((k_all.size(0),) + q_dec.shape[1:])
+                q_cover[dec.cover_idx] = q_dec
+                q_dec = q_cover
+            y = F.scaled_dot_product_attention(q_dec, k_all, v_all, attn_mask=dec.mask, enable_gqa=enable_gqa)
+            if dec.cover_idx is not None:
+                y = y[dec.cover_idx]  # (R_d, H, 1, D)
+            out.append(y[:, :, 0].transpose(0, 1))  # (H, R_d, D)
+        offset = dec.count
+        for row, start, n, mask in pieces:
+            self.k[layer_idx, row, :, start: start + n] = k[0, :, offset: offset + n]
+            self.v[layer_idx, row, :, start: start + n] = v[0, :, offset: offset + n]
+            k_all = self.k[layer_idx, row: row + 1, :, : start + n].to(q.dtype)
+            v_all = self.v[layer_idx, row: row + 1, :, : start + n].to(q.dtype)
+            y = F.scaled_dot_product_attention(q[:, :, offset: offset + n], k_all, v_all, attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=enable_gqa)
+            out.append(y[0])  # (H, n, D)
+            offset += n
+        if layer_idx == self.num_layers - 1:
+            self.pos[self.active_rows()] += self._packed_lengths
+        return torch.cat(out, dim=1)[None]  # (1, H, N, D)
+
     def set_active(self, rows: RowsLike | None) -> None:
+        self._packed = None
         super().set_active(rows)
         if rows is None:
             self._row_list = list(range(self.batch_size))
@@ -264,6 +421,17 @@ class SlotCache(KVCache):
             )
         self._t_new = t_new
         self._uniform = self._span is not None and min(self._start) == max(self._start)
+        self._from_zero = max(self._start) == 0
+        self._cover = None
+        if self._span is None and t_new == 1:  # a decode with holes between its rows
+            lo, hi = min(self._row_list), max(self._row_list) + 1
+            if hi - lo <= 2 * len(self._row_list):  # attending over the holes costs less than a gather
+                self._cover = slice(lo, hi)
+                self._cover_idx = torch.tensor(self._row_list, device=self.device) - lo  # (R,)
+                cover_pos = torch.zeros(hi - lo, dtype=torch.long, device=self.device)  # holes see key 0 only
+                cover_pos[self._cover_idx] = pos
+                key_idx = torch.arange(self._keys_len, device=self.device)
+                self._cover_mask = (key_idx[None, :] <= cover_pos[:, None])[:, None, None, :]  # (R_cover, 1, 1, T)
         if self._uniform and t_new == 1:  # every row sees all keys up to its new one: no mask
             self._mask = None
             return
@@ -279,6 +447,12 @@ class SlotCache(KVCache):
         """As KVCache.insert_kv: write k, v (R, H_kv, T_new, D); return keys/values up to the
         longest fed row (R, H_kv, T_keys, D) and the mask (R, 1, T_new, T_keys), or None when
         every key may be attended (a decode step of rows all at the same position)."""
+        return self._insert(layer_idx, k, v, cover=False)
+
+    def _insert(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+                cover: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """insert_kv; with `cover`, a decode with holes returns the covering rows' views instead
+        of gathering the active ones (the caller attends over the cover, see attend)."""
         if layer_idx == 0:
             self._begin_forward(k)
         t = self._t_new
@@ -296,6 +470,8 @@ class SlotCache(KVCache):
         keys = slice(0, self._keys_len)
         if self._span is not None:
             k_all, v_all = self.k[layer_idx, self._span, :, keys], self.v[layer_idx, self._span, :, keys]
+        elif cover and self._cover is not None:
+            k_all, v_all = self.k[layer_idx, self._cover, :, keys], self.v[layer_idx, self._cover, :, keys]
         else:
             rows = self.active_rows()
             k_all, v_all = self.k[layer_idx, rows, :, keys], self.v[layer_idx, rows, :, keys]
@@ -319,17 +495,28 @@ class Engine:
         max_prefill_tokens: int = 4096,
         dtype: torch.dtype | None = None,
         cpu_prepack: bool = True,
+        prefill_chunk_tokens: int = 0,
+        prefix_cache_bytes: int = 0,
+        prefix_block_size: int = 16,
     ) -> None:
         """model: forward(idx (B, T) long, kv_cache=KVCache) -> logits (B, T, V), with `config`
         holding n_layer, n_head, n_kv_head, n_embd, sequence_len, vocab_size.
         max_prefill_tokens bounds rows x padded length of one prefill (its logits are (R, T, V)).
         cpu_prepack: on CPU, turn on the model's prepacked-weight linear path (GPT.set_cpu_prepack)
-        for this and every other user of the model (it only acts under no-grad)."""
+        for this and every other user of the model (it only acts under no-grad).
+        prefill_chunk_tokens: while rows are decoding, prefill at most this many (padded) prompt
+        tokens per step, in the same step as their decode (0 = off: whole prompts, prefill first).
+        prefix_cache_bytes: budget of the prefix cache (nanochat/prefix_cache.py; 0 = off), in
+        blocks of prefix_block_size tokens."""
+        if prefill_chunk_tokens < 0 or prefix_cache_bytes < 0:
+            raise ValueError(f"prefill_chunk_tokens ({prefill_chunk_tokens}) and prefix_cache_bytes "
+                             f"({prefix_cache_bytes}) must be >= 0 (0 = off)")
         cfg = model.config
         self.model = model
         self.vocab_size = cfg.vocab_size
         self.max_seq_len = max_seq_len or cfg.sequence_len
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.tool_use = tool_use
         param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         device = param.device if param is not None else torch.device("cpu")
@@ -341,6 +528,35 @@ class Engine:
         )
         self._slots: dict[int, _Slot] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self.prefix_cache = PrefixCache(self.cache, prefix_cache_bytes, prefix_block_size) if prefix_cache_bytes else None
+        self._params = list(model.parameters()) if hasattr(model, "parameters") else []
+        # a model whose forward takes logits_at (nanochat's GPT) also goes through KVCache.attend and
+        # token_positions, so it can be fed packed rows; others (test mocks) get padded forwards
+        self._model_packs = "logits_at" in inspect.signature(getattr(model, "forward", model)).parameters
+        self.weights_version = 0
+        self._cached_version: tuple | None = None  # the version the prefix cache's blocks belong to
+
+    # ---- weights version: what the prefix cache is keyed by --------------------------------------
+
+    def set_weights_version(self, version: int) -> None:
+        """Declare new weights (a reload, an RL weight sync): nothing computed before is reused.
+        In-place changes to the parameters (load_state_dict, copy_, an optimizer step, a broadcast
+        that bumps the version counters) are also seen without this call."""
+        self.weights_version = version
+
+    def _version(self) -> tuple:
+        """(declared version, each parameter's storage and in-place version counter); when it
+        differs from the prefix cache's, the cache is emptied."""
+        version = (self.weights_version, tuple((p.data_ptr(), p._version) for p in self._params))
+        if self.prefix_cache is not None and version != self._cached_version:
+            self.prefix_cache.clear()
+            self._cached_version = version
+        return version
+
+    def cached_tokens(self, slot: int) -> int:
+        """Prompt tokens of this slot's sequence restored from the prefix cache (not prefilled)."""
+        s = self._slots[slot]
+        return self._slots[s.leader].cached if s.leader in self._slots else s.cached
 
     # ---- slot management -----------------------------------------------------------------------
 
@@ -371,12 +587,19 @@ class Engine:
                 "remove finished slots first or build the Engine with a larger max_batch_size"
             )
         slots = free[: params.n]
+        version = self._version()
         for j, slot in enumerate(slots):
             rng = random.Random(f"{params.seed}/{j}") if params.seed is not None else random.Random()
             state = "prefill" if j == 0 else "copy"
             self._slots[slot] = _Slot(prompt, params, rng, state, leader=slots[0],
-                                      constraint=constraints[j] if constraints is not None else None)
+                                      constraint=constraints[j] if constraints is not None else None,
+                                      version=version)
         self.cache.reset_rows(slots)
+        if self.prefix_cache is not None:  # at least the last prompt token is fed: its logits are needed
+            leader = self._slots[slots[0]]
+            restored = self.prefix_cache.restore(version, prompt, self.cache, slots[0], len(prompt) - 1)
+            leader.fed = leader.cached = min(restored, len(prompt) - 1)
+            self.cache.pos[slots[0]] = leader.fed
         return slots
 
     def remove(self, slot: int) -> None:
@@ -384,6 +607,7 @@ class Engine:
         entry = self._slots.pop(slot, None)
         if entry is None:
             raise KeyError(f"slot {slot} is not in use")
+        self._store_prefix(slot, entry)
         if entry.tool_future is not None:
             entry.tool_future.cancel()
         followers = [s for s, e in self._slots.items() if e.state == "copy" and e.leader == slot]
@@ -436,57 +660,130 @@ class Engine:
         return self.update_from_output(plan, self.execute(plan))
 
     def schedule(self) -> StepPlan:
-        """Prefill waiting prompts in arrival order while rows x padded length fit max_prefill_tokens
-        (at least one), else decode all running rows. Blocks on tool calls only when every
-        unfinished row is waiting for one."""
+        """Pick the next step's rows. Unchunked (prefill_chunk_tokens 0): prefill waiting prompts in
+        arrival order while rows x padded length fit max_prefill_tokens (at least one), else decode
+        every running row. Chunked: decode every running row and, in the same step, prefill pieces
+        of waiting prompts of at most prefill_chunk_tokens (rows x padded length); with no row
+        decoding, prefill as unchunked. Blocks on tool calls only when every unfinished row is
+        waiting for one."""
         self._collect_tool_results(block=False)
         waiting = [s for s, e in self._slots.items() if e.state == "prefill"]
-        if waiting:
-            chosen, longest = [], 0
-            for s in waiting:
-                new_longest = max(longest, len(self._slots[s].prompt))
-                if chosen and new_longest * (len(chosen) + 1) > self.max_prefill_tokens:
-                    break
-                chosen, longest = chosen + [s], new_longest
-            lengths = tuple(len(self._slots[s].prompt) for s in chosen)
-            tokens = torch.zeros(len(chosen), longest, dtype=torch.long)  # pad id 0: never attended
-            for i, s in enumerate(chosen):
-                tokens[i, : lengths[i]] = torch.tensor(self._slots[s].prompt)
-            return StepPlan("prefill", tuple(chosen), tokens.to(self.device), lengths)
-        running = [s for s, e in self._slots.items() if e.state == "running"]
-        if not running and any(e.state == "tool" for e in self._slots.values()):
+        running = sorted(s for s, e in self._slots.items() if e.state == "running")  # by slot: contiguous rows are views
+        if not waiting and not running and any(e.state == "tool" for e in self._slots.values()):
             self._collect_tool_results(block=True)
-            running = [s for s, e in self._slots.items() if e.state == "running"]
-        if not running:
-            return StepPlan("idle")
-        last = torch.tensor([[self._slots[s].tokens[-1]] for s in running], dtype=torch.long)
-        return StepPlan("decode", tuple(running), last.to(self.device), (1,) * len(running))
+            running = sorted(s for s, e in self._slots.items() if e.state == "running")  # by slot: contiguous rows are views
+        chunked = self.prefill_chunk_tokens > 0 and bool(running)
+        prefill, ends = self._prefill_feed(waiting, self.prefill_chunk_tokens if chunked else None,
+                                           packed=chunked and self._model_packs)
+        decode = None
+        if running and (chunked or prefill is None):
+            last = torch.tensor([[self._slots[s].tokens[-1]] for s in running], dtype=torch.long)
+            decode = Feed(tuple(running), last.to(self.device), (1,) * len(running))
+        return StepPlan(decode, prefill, ends)
+
+    def _prefill_feed(self, waiting: list[int], chunk: int | None,
+                      packed: bool = False) -> tuple[Feed | None, tuple[bool, ...]]:
+        """The next piece of each waiting prompt that fits one batch: whole prompts within
+        max_prefill_tokens (chunk None), or pieces of at most `chunk` tokens within `chunk`. Rows
+        start where their KV row ends (after a restored prefix or earlier pieces). Padded (rows x
+        longest piece counts, and a row joins only if the padded length fits its context) unless
+        `packed` (pieces of a packed mixed step: their sum counts)."""
+        budget = chunk or self.max_prefill_tokens
+        chosen: list[int] = []
+        pieces: list[int] = []
+        longest = furthest = 0
+        for s in waiting:
+            e = self._slots[s]
+            remaining = len(e.prompt) - e.fed
+            piece = remaining if chunk is None else min(remaining, chunk - sum(pieces) if packed else chunk)
+            new_longest, new_furthest = max(longest, piece), max(furthest, e.fed)
+            if packed:
+                if piece < 1:
+                    break
+            elif chosen and (new_longest * (len(chosen) + 1) > budget or new_furthest + new_longest > self.max_seq_len):
+                break
+            chosen.append(s)
+            pieces.append(piece)
+            longest, furthest = new_longest, new_furthest
+        if not chosen:
+            return None, ()
+        tokens = torch.zeros(len(chosen), longest, dtype=torch.long)  # pad id 0: never attended
+        ends = []
+        for i, s in enumerate(chosen):
+            e = self._slots[s]
+            tokens[i, : pieces[i]] = torch.tensor(e.prompt[e.fed: e.fed + pieces[i]])
+            ends.append(e.fed + pieces[i] == len(e.prompt))
+        return Feed(tuple(chosen), tokens.to(self.device), tuple(pieces)), tuple(ends)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run the model once on the plan's rows; returns the logits (R, V) after each row's last
-        real token. After a padded prefill, rolls each row back to its true length."""
-        self.cache.set_active(plan.slots)
-        logits = self.model(plan.tokens, kv_cache=self.cache)  # (R, T, V)
-        self.cache.set_active(None)
-        if plan.kind == "decode":
-            return logits[:, -1]
-        last = torch.tensor(plan.lengths, device=self.device) - 1  # (R,)
-        self.cache.pos[torch.tensor(plan.slots, device=self.device)] = last + 1  # drop the pads' keys
-        return logits[torch.arange(len(plan.slots), device=self.device), last]
+        """Run the plan's forward passes (the decode rows, then the prefill pieces); returns the
+        logits (R, V) after each emitting row's last real token, in `plan.slots` order. After a
+        padded prefill, rolls each row back to its true length."""
+        if plan.decode is not None and plan.prefill is not None and self._model_packs:
+            return self._forward_packed(plan)
+        out = []
+        if plan.decode is not None:
+            out.append(self._forward(plan.decode)[:, -1])
+        if plan.prefill is not None:
+            feed = plan.prefill
+            last = torch.tensor(feed.lengths, device=self.device)[:, None] - 1  # (R, 1)
+            logits = self._forward(feed, last)[:, 0]  # (R, V) after each row's last real token
+            starts = [self._slots[s].fed for s in feed.slots]
+            for s, n in zip(feed.slots, feed.lengths, strict=True):
+                self._slots[s].fed += n
+            ends = torch.tensor([start + n for start, n in zip(starts, feed.lengths, strict=True)])
+            self.cache.pos[torch.tensor(feed.slots, device=self.device)] = ends.to(self.device)  # drop the pads' keys
+            done = [i for i, end in enumerate(plan.ends) if end]
+            if done:
+                out.append(logits[torch.tensor(done, device=self.device)])
+        return torch.cat(out) if len(out) > 1 else out[0] if out else torch.empty(0, self.vocab_size)
+
+    def _forward(self, feed: Feed, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (R, T, V), or (R, 1, V) at `last` (R, 1) when the model can skip the others."""
+        self.cache.set_active(feed.slots)
+        try:
+            if self._model_packs and last is not None:
+                return self.model(feed.tokens, kv_cache=self.cache, logits_at=last)
+            logits = self.model(feed.tokens, kv_cache=self.cache)  # (R, T, V)
+            return logits if last is None else logits.gather(1, last[:, :, None].expand(-1, -1, logits.size(-1)))
+        finally:
+            self.cache.set_active(None)
+
+    def _forward_packed(self, plan: StepPlan) -> torch.Tensor:
+        """A mixed step in one forward: decode tokens then prompt pieces as one sequence (1, N)."""
+        decode, feed = plan.decode, plan.prefill
+        d = len(decode.slots)
+        parts = [decode.tokens[:, 0]] + [feed.tokens[i, :n] for i, n in enumerate(feed.lengths)]
+        ends, offset = [], d
+        for n, end in zip(feed.lengths, plan.ends, strict=True):
+            offset += n
+            if end:
+                ends.append(offset - 1)
+        at = torch.tensor(list(range(d)) + ends, device=self.device)[None]  # (1, K)
+        self.cache.set_packed(decode.slots, feed.slots, feed.lengths)
+        try:
+            logits = self.model(torch.cat(parts)[None], kv_cache=self.cache, logits_at=at)[0]  # (K, V)
+        finally:
+            self.cache.set_active(None)
+        for s, n in zip(feed.slots, feed.lengths, strict=True):
+            self._slots[s].fed += n
+        return logits
 
     def update_from_output(self, plan: StepPlan, logits: torch.Tensor) -> list[StepOutput]:
         """Choose each row's next token (forced tool output, else sampled), record it, and
-        finish rows on stop tokens, max_new_tokens or a full context."""
+        finish rows on stop tokens, max_new_tokens or a full context. A prompt whose prefill
+        ended is stored in the prefix cache and copied to the other samples of its group."""
         rows = list(plan.slots)
         source = list(range(len(rows)))  # logits row of each slot
-        if plan.kind == "prefill":
-            for i, leader in enumerate(plan.slots):
-                followers = [s for s, e in self._slots.items() if e.state == "copy" and e.leader == leader]
-                if followers:
-                    self.cache.copy_row(leader, followers)
-                    rows += followers
-                    source += [i] * len(followers)
+        n_decode = len(plan.decode.slots) if plan.decode is not None else 0
+        for i, leader in enumerate(rows[n_decode:], start=n_decode):
+            self._store_prefix(leader, self._slots[leader])
+            followers = [s for s, e in self._slots.items() if e.state == "copy" and e.leader == leader]
+            if followers:
+                self.cache.copy_row(leader, followers)
+                rows += followers
+                source += [i] * len(followers)
         if len(source) > logits.size(0):
             logits = logits[torch.tensor(source, device=logits.device)]  # (R', V)
         slots = [self._slots[s] for s in rows]
@@ -514,6 +811,13 @@ class Engine:
                 for i, (slot, s, tok) in enumerate(zip(rows, slots, chosen, strict=True))]
 
     # ---- internals -------------------------------------------------------------------------------
+
+    def _store_prefix(self, slot: int, s: _Slot) -> None:
+        """Keep the computed part of a slot's sequence in the prefix cache (same weights only)."""
+        if self.prefix_cache is None or s.state == "copy" or s.version != self._version():
+            return
+        seq = s.prompt[: s.fed] if s.state == "prefill" else s.prompt + s.tokens[:-1]  # the last token is never fed
+        self.prefix_cache.insert(s.version, seq, self.cache, slot)
 
     def _constrain(self, logits: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
         """logits (R, V) with each constrained row's forbidden tokens at -inf (a copy; free rows

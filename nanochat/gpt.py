@@ -179,9 +179,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k_all, v_all, mask = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T_keys, D)
-            k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+            y = kv_cache.attend(self.layer_idx, q, k, v, enable_gqa=gqa)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -264,7 +262,7 @@ class GPT(nn.Module):
             )
         if kv_cache is None:
             return self.cos[None, :T, None, :], self.sin[None, :T, None, :]
-        positions = kv_cache.get_pos()[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+        positions = kv_cache.token_positions(T)  # (B, T)
         return self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
 
     def forward(
@@ -273,15 +271,20 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         loss_reduction: str = "mean",
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> float32 logits (B, T, V), or with targets (B, T) the
         cross-entropy loss (targets == -1 ignored): a scalar for "mean"/"sum", (B, T) for "none".
-        With a kv_cache, idx continues the cache's active rows (see nanochat/kv_cache.py)."""
+        With a kv_cache, idx continues the cache's active rows (see nanochat/kv_cache.py).
+        logits_at (B, K) long: only the logits at these positions of each row, (B, K, V) (a
+        prefill needs the last token's only; the output layer is a large share of its cost)."""
         cos, sin = self._rotary_for(idx, kv_cache)
         eps = self.config.norm_eps
         x = norm(self.transformer.wte(idx), eps)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
+        if logits_at is not None:
+            x = x[torch.arange(x.size(0), device=x.device)[:, None], logits_at]  # (B, K, C)
         x = norm(x, eps)
         logits = self.lm_head(x).float()  # (B, T, V)
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)

@@ -17,6 +17,11 @@ The contract the engine builds on (decided here, tested in tests/test_gpt.py):
   advances by T_new. A cache may return mask None when every returned key may be attended
   (the engine's SlotCache does for a decode step of rows at the same position); `dense_mask`
   gives the explicit form.
+- The model asks the cache for two things beyond insert_kv: `token_positions(T_new)`, the
+  position of every fed token (rotary), and `attend(layer_idx, q, k, v)`, which inserts k, v and
+  returns the attention output; the defaults here are insert_kv plus one masked SDPA. A cache
+  may feed rows another way (the engine's SlotCache packs rows of different lengths into one
+  sequence for a mixed decode+prefill step) by overriding both.
 - Slot reuse: `reset_rows(rows)` sets their length to 0 (old contents are simply overwritten).
   `copy_row(src, dst_rows)` duplicates one row's cache (n samples from one prefill);
   `prefill_from(other, src_row, dst_rows)` copies a row of another (e.g. batch-1) cache.
@@ -30,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 RowsLike = Sequence[int] | torch.Tensor
 
@@ -85,6 +91,18 @@ class KVCache:
     def get_pos(self) -> torch.Tensor:
         """(R,) position of the first token being fed now, for each active row."""
         return self.pos if self._rows is None else self.pos[self._rows]
+
+    def token_positions(self, t_new: int) -> torch.Tensor:
+        """(R, T_new) position of every token fed now (row i of idx continues active row i)."""
+        return self.get_pos()[:, None] + torch.arange(t_new, device=self.device)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               enable_gqa: bool = False) -> torch.Tensor:
+        """Insert k, v (R, H_kv, T_new, D) and attend q (R, H, T_new, D) to the row's keys up to
+        each query: (R, H, T_new, D)."""
+        k_all, v_all, mask = self.insert_kv(layer_idx, k, v)  # (R, H_kv, T_keys, D)
+        return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask,
+                                              enable_gqa=enable_gqa)
 
     def insert_kv(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor

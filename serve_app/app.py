@@ -264,7 +264,7 @@ class ChatServer:
                                      media_type="text/event-stream", headers={**SSE_HEADERS, **self._headers})
         choices = await self._collect(gen)
         return JSONResponse(R.chat_response(gen.request_id, int(time.time()), req.model, choices,
-                                            R.usage(gen.prompt_tokens, gen.completion_tokens), req.logprobs),
+                                            R.usage(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens), req.logprobs),
                             headers=self._headers)
 
     @api.post("/v1/completions")
@@ -290,7 +290,7 @@ class ChatServer:
                                      media_type="text/event-stream", headers={**SSE_HEADERS, **self._headers})
         choices = await self._collect(gen)
         return JSONResponse(R.completion_response(gen.request_id, int(time.time()), req.model, choices,
-                                                  R.usage(gen.prompt_tokens, gen.completion_tokens), logprobs),
+                                                  R.usage(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens), logprobs),
                             headers=self._headers)
 
     # ---- request checks ------------------------------------------------------------------------
@@ -446,7 +446,7 @@ class ChatServer:
             gen.cancel()  # closed early (client gone): free the slots now, not when the GC runs
         if with_usage:
             yield R.sse(R.usage_chunk(rid, created, model, "chat.completion.chunk",
-                                      R.usage(gen.prompt_tokens, gen.completion_tokens)))
+                                      R.usage(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens)))
         yield R.DONE
 
     async def _text_stream(self, gen: Generation, model: str, with_usage: bool, logprobs: bool) -> AsyncIterator[bytes]:
@@ -471,7 +471,7 @@ class ChatServer:
             gen.cancel()
         if with_usage:
             yield R.sse(R.usage_chunk(rid, created, model, "text_completion",
-                                      R.usage(gen.prompt_tokens, gen.completion_tokens)))
+                                      R.usage(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens)))
         yield R.DONE
 
 

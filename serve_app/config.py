@@ -84,6 +84,12 @@ class ServeConfig(_Strict):
     max_seq_len: int | None = Field(
         default=None, ge=16, description="context per sequence (prompt + output); None = the model's sequence_len")
     max_prefill_tokens: int = Field(default=4096, ge=16, description="rows x padded length of one prefill step")
+    prefill_chunk_tokens: int = Field(
+        default=128, ge=0, description="prompt tokens prefilled per step beside running decodes (0 = whole "
+        "prompts, prefill first); see README 'Prefix reuse and chunked prefill' for how the default was measured")
+    prefix_cache_mb: int = Field(
+        default=256, ge=0, description="memory for reused prompt prefixes per model (0 = no prefix reuse)")
+    prefix_block_size: int = Field(default=16, ge=1, description="tokens per prefix-cache block")
     max_waiting: int = Field(
         default=64, ge=0, description="requests waiting for an engine slot per model before 429")
     max_models_per_replica: int | None = Field(

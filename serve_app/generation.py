@@ -78,6 +78,11 @@ class Generation:
         return sum(len(p) for p in self.prompts)
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the engine restored from its prefix cache (known once admitted)."""
+        return sum(sub.cached_tokens for sub in self._subs)
+
+    @property
     def completion_tokens(self) -> int:
         return sum(c.tokens for c in self._choices)
 

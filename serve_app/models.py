@@ -90,7 +90,9 @@ class ServedModel:
         max_seq_len = config.max_seq_len or model.config.sequence_len
         max_seq_len = min(max_seq_len, getattr(model, "rotary_len", max_seq_len))  # rotary tables bound it
         engine = Engine(model, max_batch_size=config.max_batch_size, max_seq_len=max_seq_len,
-                        tool_use=tool_use, max_prefill_tokens=config.max_prefill_tokens)
+                        tool_use=tool_use, max_prefill_tokens=config.max_prefill_tokens,
+                        prefill_chunk_tokens=config.prefill_chunk_tokens,
+                        prefix_cache_bytes=config.prefix_cache_mb << 20, prefix_block_size=config.prefix_block_size)
         scheduler = Scheduler(engine, max_waiting=config.max_waiting, step_log_size=config.step_log_size,
                               name=spec.name)
         token_bytes = [b for b, _ in tokenizer.core.get_mergeable_ranks()] + [b""] * len(SPECIAL_TOKENS)

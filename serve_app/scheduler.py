@@ -7,8 +7,10 @@
 Notable:
 - not static batching: a request joins the running batch as soon as it has slots. Waiting
   requests are added to the engine (several at once when they arrive together) and the engine
-  prefills them in one padded forward (`Engine.schedule` puts prefill first); every other step
-  decodes one token for every running sequence, whatever request it belongs to.
+  prefills them in one padded forward; every other step decodes one token for every running
+  sequence, whatever request it belongs to. With chunked prefill a step that has both decodes
+  and prefills a piece of each waiting prompt beside the decode ("mixed"); a prompt whose start
+  is in the engine's prefix cache only prefills the rest (`Submission.cached_tokens`).
 - finished sequences free their slot in the step that finished them; a cancel (client gone,
   stop string matched) frees it before the next step.
 - backpressure: at most `max_waiting` sequences wait beyond the free slots; `submit` raises
@@ -60,7 +62,7 @@ class StepRecord:
     """What one engine step did."""
 
     index: int
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" | "decode" | "mixed" (decode rows and prefill pieces, chunked prefill)
     start: float  # time.monotonic() at the start of the step
     duration_s: float
     rows: tuple[str, ...]  # "request_id/choice" of every row that got a token
@@ -85,6 +87,7 @@ class Submission:
     submitted_at: float = field(default_factory=time.monotonic)
     slots: list[int] = field(default_factory=list)  # engine slots, set by the scheduler thread
     constraints: list[TokenConstraint] | None = None  # one per choice (structured output, tool calls)
+    cached_tokens: int = 0  # prompt tokens restored from the engine's prefix cache, set at admission
 
 
 class Scheduler:
@@ -196,6 +199,7 @@ class Scheduler:
         while self._admissible():
             sub = self._waiting.popleft()
             sub.slots = self.engine.add_group(sub.prompt, sub.params, sub.constraints)
+            sub.cached_tokens = self.engine.cached_tokens(sub.slots[0])
             for choice, slot in enumerate(sub.slots):
                 self._owner[slot] = (sub, choice)
             admitted.append(sub)

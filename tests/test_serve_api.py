@@ -88,6 +88,19 @@ def test_chat_non_streaming_and_streaming_agree(client) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_second_turn_reports_its_reused_prefix(client) -> None:
+    messages = hi("tell me about the prefix cache, " * 12)
+    first = client.chat.completions.create(model=CHAT, messages=messages, max_tokens=8, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens % 16 == 0  # whole blocks of 16 tokens
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, *hi("and then?")]
+    second = client.chat.completions.create(model=CHAT, messages=messages, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    usage = list(second)[-1].usage
+    # the first turn's prompt was stored when its prefill ended: at least its whole blocks come back
+    assert usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens // 16 * 16 > 0
+    assert usage.prompt_tokens > first.usage.prompt_tokens
+
+
 def test_completions_with_several_prompts_and_n(client) -> None:
     out = client.completions.create(model=BASE, prompt=["Once upon", "The cat"], max_tokens=6, n=2, seed=3,
                                     extra_body={"ignore_eos": True, "top_k": 20})

@@ -251,3 +251,38 @@ def test_generation_over_a_served_model_without_ray() -> None:
     assert len(choices) == 4 and all(finish in ("stop", "length") for _, finish in choices)
     assert whole.completion_tokens <= 4 * 12 and whole.prompt_tokens == sum(len(p) for p in prompts)
     assert len({"".join(p.text for p in pieces) for pieces, _ in choices}) > 1
+
+
+def test_a_repeated_prefix_is_reported_as_cached_tokens() -> None:
+    from nanochat.tokenizer import Tokenizer
+    from serve_app.config import ServeConfig
+    from serve_app.generation import Generation
+    from serve_app.models import ServedModel
+    from serve_app.responses import usage
+    from serve_app.testing import synthetic_texts
+
+    tok = Tokenizer.train_from_iterator(synthetic_texts(200), 300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=256, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    config = ServeConfig(models=[{"name": "m", "model_uri": "/unused", "tool_use": False}], max_batch_size=2,
+                         prefix_block_size=8)
+    served = ServedModel.from_objects(config.models[0], model.eval(), tok, config)
+    system = tok.encode("Ka lo mi ne ru sa ti vo ze pa. " * 4, prepend="<|bos|>")
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+
+    async def run(prompt: list[int]) -> Generation:
+        gen = Generation(served, "g", [prompt], params)
+        gen.start()
+        await gen.collect()
+        return gen
+
+    try:
+        first = asyncio.run(run(system + [1, 2]))
+        second = asyncio.run(run(system + [3, 4, 5]))
+    finally:
+        served.close()
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == len(system) // 8 * 8 > 0  # the shared start, in whole blocks
+    assert usage(second.prompt_tokens, 4, second.cached_tokens)["prompt_tokens_details"] == {
+        "cached_tokens": second.cached_tokens}
