@@ -26,8 +26,9 @@ import torch
 from cluster.artifacts import exists, find_model, load_tokenizer, localize, stage_model_uri
 from cluster.storage import RunStorage, StorageError
 from nanochat.checkpoint import CONFIG_FILE, load_model
-from nanochat.engine import Engine, IncrementalDecoder, SamplingParams, ToolUse
+from nanochat.engine import Engine, ToolUse
 from nanochat.errors import NanochatError, entrypoint
+from nanochat.sampling import IncrementalDecoder, SamplingParams
 from nanochat.sandbox import Sandbox, format_tool_output
 from nanochat.tokenizer import Tokenizer
 

@@ -28,8 +28,8 @@ Notable:
   has seen). Blocks are keyed by the weights version: `set_weights_version` and any in-place
   change of a parameter (its version counter) empty the store, and a sequence begun under
   other weights is never stored. `cached_tokens(slot)`: prompt tokens restored, not prefilled.
-- `SlotCache` keeps the KVCache contract but reads contiguous active rows as views and writes by
-  slices: on CPU the generic gather/index_put cost more than the attention of a decode step.
+- the cache is nanochat/kv_cache.py's `SlotCache`: the KVCache contract, read as views and written by
+  slices (on CPU the generic gather/index_put cost more than the attention of a decode step).
 - `add_group` prefills a prompt once and copies its cache row to n slots (n samples).
 - on CPU the engine turns on the model's prepacked-weight path (GPT.set_cpu_prepack: oneDNN
   packed linears, one fused q/k/v matmul): matmuls ~1.7x faster at batch 1 and ~2.2x at 16, for
@@ -52,60 +52,33 @@ Notable:
 - `stream()` yields every token as it is made; `generate()` collects whole generations; the
   IncrementalDecoder turns token bytes into text without ever splitting a UTF-8 character.
 
+Sampling (`SamplingParams`, `sample_tokens`, constraints' bitmask, `IncrementalDecoder`) is
+nanochat/sampling.py. This file is over 500 lines: `Engine` is one state machine over one slot
+table (admission, prefix reuse, chunked and packed prefill, decode, constraints, tool use), and each
+part reads and moves the same slots' state within one step; split, a step would span several files.
+
 One driver thread per Engine (the serving loop or a rollout worker); tool calls run in its pool.
 Tests: `python -m pytest tests/test_engine.py` (mock model + byte tokenizer, and a tiny real GPT).
 """
 
 from __future__ import annotations
 
-import codecs
 import inspect
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from nanochat.kv_cache import KVCache, RowsLike
+from nanochat.kv_cache import SlotCache
 from nanochat.prefix_cache import PrefixCache
+from nanochat.sampling import SamplingParams, TokenConstraint, apply_bitmask, sample_tokens
 
 FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request is sampled; validated on construction."""
-
-    max_new_tokens: int = 256  # emitted tokens, forced tool output included
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    top_p: float = 1.0  # keep the smallest set with this much probability; 1 = off
-    seed: int | None = None  # None = fresh entropy
-    stop_token_ids: tuple[int, ...] = ()  # a sampled stop token ends the sequence (and is kept)
-    n: int = 1  # samples per prompt (generate/add_group), sharing one prefill
-    logprobs: bool = False
-    top_logprobs: int = 0  # also report this many most likely tokens per step (raw distribution)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.n < 1:
-            problems.append(f"n must be >= 1, got {self.n}")
-        if self.top_logprobs < 0:
-            problems.append(f"top_logprobs must be >= 0, got {self.top_logprobs}")
-        if problems:
-            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -120,18 +93,6 @@ class ToolUse:
     output_start: int
     output_end: int
     max_workers: int = 4  # tool calls in flight at once
-
-
-class TokenConstraint(Protocol):
-    """Per-row hook of the sampler: which tokens may come next, and what was chosen."""
-
-    def fill_bitmask(self, words: torch.Tensor) -> None:
-        """Write the allowed next tokens into `words`, a contiguous CPU int32 tensor of
-        ceil(vocab_size / 32) words: bit j of word i set = token 32 * i + j allowed. At least one
-        token must stay allowed (a finished grammar allows its end-of-sequence tokens)."""
-
-    def accept(self, token: int) -> None:
-        """The token chosen for this row (always one the last bitmask allowed)."""
 
 
 @dataclass(frozen=True)
@@ -208,279 +169,6 @@ class _Slot:
     fed: int = 0  # prompt tokens in the slot's KV row (a prefix restored from the prefix cache counts)
     cached: int = 0  # of those, restored from the prefix cache
     version: Any = None  # weights version at admission (the prefix cache never mixes versions)
-
-
-class IncrementalDecoder:
-    """Token ids -> text for streaming; holds back bytes of an incomplete UTF-8 character."""
-
-    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
-        self._token_bytes = token_bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token: int) -> str:
-        """Text completed by this token ('' while a character is still incomplete)."""
-        return self._utf8.decode(self._token_bytes(token))
-
-    def flush(self) -> str:
-        """Whatever is held back, with U+FFFD for bytes that never became a character."""
-        return self._utf8.decode(b"", final=True)
-
-
-def sample_tokens(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-    uniforms: torch.Tensor,
-) -> torch.Tensor:
-    """Pick one token per row. logits (R, V) float; temperature (R,) (0 = greedy); top_k (R,) long
-    (0 = off); top_p (R,) (1 = off); uniforms (R,) in [0, 1): the row's random draw, used by
-    inverse-CDF sampling so the draw, not the device's RNG, decides the token. Returns (R,) long."""
-    vocab = logits.size(-1)
-    greedy = logits.argmax(-1)
-    if not bool((temperature > 0).any()):
-        return greedy  # all rows greedy: no softmax over the vocabulary
-    safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).to(logits.device)
-    scaled = logits.float() / safe_t[:, None]  # greedy rows are replaced by argmax at the end
-    probs = scaled.softmax(-1)  # (R, V), vocabulary order
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        rank = torch.arange(vocab, device=logits.device)
-        keep = rank[None, :] < torch.where(top_k > 0, top_k, vocab)[:, None]  # top-k, sorted space
-        kept = sorted_probs * keep
-        kept = kept / kept.sum(-1, keepdim=True)  # top-p acts on the renormalised top-k
-        keep &= kept.cumsum(-1) - kept < top_p[:, None]  # mass before a token not yet enough
-        keep[:, 0] = True
-        probs = probs * torch.zeros_like(keep).scatter(-1, order, keep)
-    # inverse CDF in vocabulary order for every row, so a row's token never depends on its batch
-    cdf = probs.cumsum(-1)  # (R, V)
-    draw = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, draw, right=True).clamp_max(vocab - 1)[:, 0]
-    return torch.where(temperature.to(logits.device) == 0, greedy, choice)
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """logits (R, V) with -inf where the packed bitmask (R, ceil(V/32)) int32 has a 0 bit."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.size(-1)]  # (R, V)
-    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-
-
-@dataclass
-class _PackedDecode:
-    """The decode rows of a packed forward: count, positions (R_d,), key length, rows, mask."""
-
-    count: int
-    pos: torch.Tensor
-    keys: int
-    span: slice | None
-    mask: torch.Tensor | None
-    rows: torch.Tensor | None = None
-    cover_idx: torch.Tensor | None = None  # with holes: each row's index in the covering span
-
-
-class SlotCache(KVCache):
-    """The engine's KVCache: the same contract (nanochat/kv_cache.py), cheaper for how the engine
-    feeds it. On CPU the advanced-index write and the gather of the active rows cost more than
-    the attention itself, so: active rows that form a contiguous range (all rows, a prefill
-    group, a batch without holes) are read as views; new keys/values are written with one slice
-    copy when every fed row is at the same position, else one slice copy per row on CPU (one
-    index_put kernel elsewhere, where a copy per row would be a kernel launch per row); positions
-    and mask are computed once per forward instead of once per layer. A decode whose rows have
-    holes between them (finished slots) attends over the covering range of rows as a view, the
-    holes' queries zero and their outputs dropped, when the cover is at most twice the rows: a
-    gather of every row's keys costs more than attending over a few extra rows.
-
-    Packed feeding (`set_packed`, for a mixed step): the model gets one sequence (1, N) made of
-    one token for each decoding row, then a piece of each prefilling row; `token_positions` and
-    `attend` split it again: the decode rows attend as one batch (R_d, H, 1, keys), each piece
-    alone (1, H, n, keys). So decodes ride along with a prefill chunk in one forward pass (one
-    read of the weights, one step's overhead) and nothing is padded."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.set_active(None)
-
-    def set_packed(self, decode_rows: Sequence[int], piece_rows: Sequence[int], piece_lengths: Sequence[int]) -> None:
-        """Feed the next forward as one packed sequence: a token for each of decode_rows, then
-        piece_lengths[i] tokens for piece_rows[i]; stays until set_active."""
-        self.set_active(list(decode_rows) + list(piece_rows))
-        pos = self.pos[self.active_rows()].tolist()  # one host sync per forward
-        d = len(decode_rows)
-        lengths = [1] * d + list(piece_lengths)
-        if max(p + n for p, n in zip(pos, lengths, strict=True)) > self.seq_len:
-            raise ValueError(f"KV cache full: a packed row would pass seq_len {self.seq_len}")
-        dev = self.device
-        dec = _PackedDecode(d, torch.tensor(pos[:d], device=dev), max(pos[:d], default=0) + 1, None, None)
-        if d:
-            rows_d = list(decode_rows)
-            lo, hi = min(rows_d), max(rows_d) + 1
-            dec.rows = torch.tensor(rows_d, device=dev)
-            key_idx = torch.arange(dec.keys, device=dev)
-            if rows_d == list(range(lo, hi)):
-                dec.span = slice(lo, hi)
-                if min(pos[:d]) != max(pos[:d]):  # ragged: each row sees its own keys only
-                    dec.mask = (key_idx[None, :] <= dec.pos[:, None])[:, None, None, :]
-            elif hi - lo <= 2 * d:  # holes: attend over the covering rows (see the class docstring)
-                dec.span, dec.cover_idx = slice(lo, hi), dec.rows - lo
-                cover_pos = torch.zeros(hi - lo, dtype=torch.long, device=dev)
-                cover_pos[dec.cover_idx] = dec.pos
-                dec.mask = (key_idx[None, :] <= cover_pos[:, None])[:, None, None, :]
-            else:
-                dec.mask = (key_idx[None, :] <= dec.pos[:, None])[:, None, None, :]
-        pieces = []
-        for row, start, n in zip(piece_rows, pos[d:], piece_lengths, strict=True):
-            mask = None
-            if start:  # query i sees keys 0 .. start + i
-                mask = (torch.arange(start + n, device=dev)[None, :]
-                        <= start + torch.arange(n, device=dev)[:, None])[None, None]  # (1, 1, n, start+n)
-            pieces.append((row, start, n, mask))
-        self._packed = (dec, pieces)
-        self._packed_pos = torch.cat([dec.pos] + [torch.arange(p, p + n, device=dev) for _, p, n, _ in pieces])
-        self._packed_lengths = torch.tensor(lengths, device=dev)
-
-    def token_positions(self, t_new: int) -> torch.Tensor:
-        if self._packed is None:
-            return super().token_positions(t_new)
-        return self._packed_pos[None]  # (1, N)
-
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               enable_gqa: bool = False) -> torch.Tensor:
-        if self._packed is None:
-            k_all, v_all, mask = self._insert(layer_idx, k, v, cover=True)
-            if self._span is None and self._cover is not None:  # queries of the holes are zeros, dropped after
-                q_cover = q.new_zeros((k_all.size(0),) + q.shape[1:])
-                q_cover[self._cover_idx] = q
-                y = F.scaled_dot_product_attention(q_cover, k_all.to(q.dtype), v_all.to(q.dtype),
-                                                   attn_mask=self._cover_mask, enable_gqa=enable_gqa)
-                return y[self._cover_idx]
-            # rows that all start at 0: SDPA's causal kernel, faster than a mask
-            causal = self._from_zero and k.size(2) > 1  # right-padding never precedes a real token
-            return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
-                                                  attn_mask=None if causal else mask, is_causal=causal,
-                                                  enable_gqa=enable_gqa)
-        dec, pieces = self._packed  # q (1, H, N, D), k/v (1, H_kv, N, D)
-        out = []
-        if dec.count:
-            d = dec.count
-            self.k[layer_idx, dec.rows, :, dec.pos] = k[0, :, :d].transpose(0, 1)  # (R_d, H_kv, D)
-            self.v[layer_idx, dec.rows, :, dec.pos] = v[0, :, :d].transpose(0, 1)
-            rows = dec.span if dec.span is not None else dec.rows
-            k_all = self.k[layer_idx, rows, :, : dec.keys].to(q.dtype)  # (R_d or cover, H_kv, keys, D)
-            v_all = self.v[layer_idx, rows, :, : dec.keys].to(q.dtype)
-            q_dec = q[0, :, :d].transpose(0, 1)[:, :, None]  # (R_d, H, 1, D)
-            if dec.cover_idx is not None:
-                q_cover = q_dec.new_zeros((k_all.size(0),) + q_dec.shape[1:])
-                q_cover[dec.cover_idx] = q_dec
-                q_dec = q_cover
-            y = F.scaled_dot_product_attention(q_dec, k_all, v_all, attn_mask=dec.mask, enable_gqa=enable_gqa)
-            if dec.cover_idx is not None:
-                y = y[dec.cover_idx]  # (R_d, H, 1, D)
-            out.append(y[:, :, 0].transpose(0, 1))  # (H, R_d, D)
-        offset = dec.count
-        for row, start, n, mask in pieces:
-            self.k[layer_idx, row, :, start: start + n] = k[0, :, offset: offset + n]
-            self.v[layer_idx, row, :, start: start + n] = v[0, :, offset: offset + n]
-            k_all = self.k[layer_idx, row: row + 1, :, : start + n].to(q.dtype)
-            v_all = self.v[layer_idx, row: row + 1, :, : start + n].to(q.dtype)
-            y = F.scaled_dot_product_attention(q[:, :, offset: offset + n], k_all, v_all, attn_mask=mask,
-                                               is_causal=mask is None, enable_gqa=enable_gqa)
-            out.append(y[0])  # (H, n, D)
-            offset += n
-        if layer_idx == self.num_layers - 1:
-            self.pos[self.active_rows()] += self._packed_lengths
-        return torch.cat(out, dim=1)[None]  # (1, H, N, D)
-
-    def set_active(self, rows: RowsLike | None) -> None:
-        self._packed = None
-        super().set_active(rows)
-        if rows is None:
-            self._row_list = list(range(self.batch_size))
-        else:
-            self._row_list = self._rows.tolist() if isinstance(rows, torch.Tensor) else [int(r) for r in rows]
-        first = self._row_list[0] if self._row_list else 0
-        contiguous = self._row_list == list(range(first, first + len(self._row_list)))
-        self._span = slice(first, first + len(self._row_list)) if contiguous else None
-
-    def get_pos(self) -> torch.Tensor:
-        return self.pos[self._span] if self._span is not None else super().get_pos()
-
-    def _begin_forward(self, k: torch.Tensor) -> None:
-        """At layer 0: check the input, then fix positions, key length, mask and write plan."""
-        n_rows, n_heads, t_new, head_dim = k.shape
-        if n_rows != len(self._row_list) or n_heads != self.num_heads or head_dim != self.head_dim:
-            raise ValueError(
-                f"insert_kv got k of shape {tuple(k.shape)} but the cache expects "
-                f"({len(self._row_list)} active rows, {self.num_heads} kv heads, T_new, {self.head_dim}); "
-                "call set_active(rows) so the number of active rows matches idx.size(0)"
-            )
-        pos = self.get_pos()  # (R,)
-        self._start = pos.tolist()  # one host sync per forward
-        self._keys_len = max(self._start) + t_new
-        if self._keys_len > self.seq_len:
-            raise ValueError(
-                f"KV cache full: a row would reach {self._keys_len} tokens but seq_len is "
-                f"{self.seq_len}; make the cache longer or reset/stop that row"
-            )
-        self._t_new = t_new
-        self._uniform = self._span is not None and min(self._start) == max(self._start)
-        self._from_zero = max(self._start) == 0
-        self._cover = None
-        if self._span is None and t_new == 1:  # a decode with holes between its rows
-            lo, hi = min(self._row_list), max(self._row_list) + 1
-            if hi - lo <= 2 * len(self._row_list):  # attending over the holes costs less than a gather
-                self._cover = slice(lo, hi)
-                self._cover_idx = torch.tensor(self._row_list, device=self.device) - lo  # (R,)
-                cover_pos = torch.zeros(hi - lo, dtype=torch.long, device=self.device)  # holes see key 0 only
-                cover_pos[self._cover_idx] = pos
-                key_idx = torch.arange(self._keys_len, device=self.device)
-                self._cover_mask = (key_idx[None, :] <= cover_pos[:, None])[:, None, None, :]  # (R_cover, 1, 1, T)
-        if self._uniform and t_new == 1:  # every row sees all keys up to its new one: no mask
-            self._mask = None
-            return
-        positions = pos[:, None] + torch.arange(t_new, device=self.device)  # (R, T_new)
-        key_idx = torch.arange(self._keys_len, device=self.device)
-        self._mask = (key_idx[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T_new, T_keys)
-        heads = torch.arange(self.num_heads, device=self.device)
-        self._index = (self.active_rows()[:, None, None], heads[None, :, None], positions[:, None, :])  # (R, H, T)
-
-    def insert_kv(
-        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """As KVCache.insert_kv: write k, v (R, H_kv, T_new, D); return keys/values up to the
-        longest fed row (R, H_kv, T_keys, D) and the mask (R, 1, T_new, T_keys), or None when
-        every key may be attended (a decode step of rows all at the same position)."""
-        return self._insert(layer_idx, k, v, cover=False)
-
-    def _insert(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
-                cover: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """insert_kv; with `cover`, a decode with holes returns the covering rows' views instead
-        of gathering the active ones (the caller attends over the cover, see attend)."""
-        if layer_idx == 0:
-            self._begin_forward(k)
-        t = self._t_new
-        if self._uniform:
-            p = self._start[0]
-            self.k[layer_idx, self._span, :, p : p + t] = k
-            self.v[layer_idx, self._span, :, p : p + t] = v
-        elif self.device.type == "cpu":
-            for i, (row, p) in enumerate(zip(self._row_list, self._start, strict=True)):
-                self.k[layer_idx, row, :, p : p + t] = k[i]
-                self.v[layer_idx, row, :, p : p + t] = v[i]
-        else:
-            self.k[layer_idx].index_put_(self._index, k.to(self.k.dtype))
-            self.v[layer_idx].index_put_(self._index, v.to(self.v.dtype))
-        keys = slice(0, self._keys_len)
-        if self._span is not None:
-            k_all, v_all = self.k[layer_idx, self._span, :, keys], self.v[layer_idx, self._span, :, keys]
-        elif cover and self._cover is not None:
-            k_all, v_all = self.k[layer_idx, self._cover, :, keys], self.v[layer_idx, self._cover, :, keys]
-        else:
-            rows = self.active_rows()
-            k_all, v_all = self.k[layer_idx, rows, :, keys], self.v[layer_idx, rows, :, keys]
-        if layer_idx == self.num_layers - 1:
-            if self._span is not None:
-                self.pos[self._span] += t
-            else:
-                self.pos[self.active_rows()] += t
-        return k_all, v_all, self._mask
 
 
 class Engine:
@@ -615,9 +303,6 @@ class Engine:
             self._slots[follower].leader = followers[0]
         if followers:
             self._slots[followers[0]].state = "prefill"
-
-    def is_finished(self, slot: int) -> bool:
-        return self._slots[slot].state == "finished"
 
     def result(self, slot: int) -> Generation:
         """The generation of a finished slot (call before remove)."""

@@ -43,7 +43,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.engine import SamplingParams
+from nanochat.sampling import SamplingParams
 from serve_app import responses as R
 from serve_app.config import ServeConfig
 from serve_app.generation import Generation, GenerationFailed

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from nanochat.engine import SamplingParams
+from nanochat.sampling import SamplingParams
 from serve_app.grammar import Grammar, GrammarConstraint
 from serve_app.metrics import ServeMetrics
 from serve_app.models import ServedModel

@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from nanochat.engine import Engine, SamplingParams, TokenConstraint
+from nanochat.engine import Engine
+from nanochat.sampling import SamplingParams, TokenConstraint
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanochat.engine import Engine, IncrementalDecoder, SamplingParams, ToolUse, sample_tokens
+from nanochat.engine import Engine, ToolUse
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import dense_mask
+from nanochat.sampling import IncrementalDecoder, SamplingParams, sample_tokens
 
 BOS, PY_START, PY_END, OUT_START, OUT_END, END = range(256, 262)
 VOCAB = 262

@@ -38,7 +38,7 @@ def run(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY) -> t
     """One request to the end: (tokens, cached prompt tokens)."""
     slot = engine.add_request(prompt, params)
     cached = engine.cached_tokens(slot)
-    while not engine.is_finished(slot):
+    while engine.has_unfinished():
         engine.step()
     tokens = engine.result(slot).tokens
     engine.remove(slot)
@@ -143,7 +143,7 @@ def test_a_sequence_admitted_before_a_sync_is_not_stored_after_it() -> None:
     slot = engine.add_request(list(range(1, 70)), GREEDY)
     engine.step()  # prefilled with the old weights
     engine.set_weights_version(1)
-    while not engine.is_finished(slot):
+    while engine.has_unfinished():
         engine.step()
     engine.remove(slot)
     assert len(engine.prefix_cache) == 0

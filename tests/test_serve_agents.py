@@ -143,7 +143,7 @@ def test_json_object_replies_parse(client) -> None:
 
 def reference_greedy(local, messages: list[dict], grammar, max_tokens: int) -> tuple[list[int], str]:
     """The grammar's mask over the model's raw logits, argmax per step, full forward each step."""
-    from nanochat.engine import apply_bitmask
+    from nanochat.sampling import apply_bitmask
 
     model, tok = local
     stops = (tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id())

@@ -13,8 +13,9 @@ import jsonschema
 import pytest
 import torch
 
-from nanochat.engine import Engine, SamplingParams, apply_bitmask
+from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.sampling import SamplingParams, apply_bitmask
 from nanochat.tokenizer import Tokenizer
 from serve_app.grammar import GrammarCompiler, GrammarError, render_tool_call
 from serve_app.responses import chat_response
