@@ -49,6 +49,7 @@ from ray.train.torch import TorchTrainer
 from cluster.eval_pool import localize
 from cluster.metrics import PretrainMetrics
 from cluster.pretrain_data import load_tokenizer, ray_row_chunks
+from cluster.shared_storage import verify_shared_storage
 from cluster.storage import RunStorage, StorageError, write_text_atomic
 from nanochat import checkpoint as ckpt
 from nanochat.common import DistInfo, peak_bf16_flops, set_seed
@@ -408,6 +409,8 @@ def check_resume(prepared: Prepared, storage: RunStorage, spec: TrainSpec) -> Pr
         prepared.resume_step = step
     alive = [n for n in ray.nodes() if n.get("Alive")]
     check_storage_for_cluster(storage.uri or "", len(alive), spec.storage_is_shared)
+    if not storage.remote:  # declared shared: check that every node really sees the run directory
+        verify_shared_storage(storage.root, alive)
     return prepared
 
 
