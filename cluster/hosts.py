@@ -355,6 +355,9 @@ class HostCluster:
         return {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "HOME": HOST_HOME, "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO_ROOT),
                 "RAY_AUTH_MODE": "token", "GLOO_SOCKET_IFNAME": "eth0", "RAY_USAGE_STATS_ENABLED": "0",
+                # every host sees the whole machine's memory, used by all hosts (and anything else running):
+                # Ray's per-node OOM killer would act on the others' usage, so it is off
+                "RAY_memory_monitor_refresh_ms": "0",
                 "HOSTNAME": f"nch-{host}", **self.ray_env}
 
     def _nsenter(self, host: str, cmd: Sequence[str], cwd: str) -> list[str]:

@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -54,18 +56,24 @@ except OSError as e:
 """
 
 
-def ask(hc: HostCluster, src: str, dst_ip: str, timeout: float = 3.0) -> str:
+def ask(hc: HostCluster, src: str, dst_ip: str, timeout: float = 15.0) -> str:
     return hc.run(src, [sys.executable, "-c", CLIENT, dst_ip, str(timeout)], timeout=60).stdout.strip()
+
+
+@contextmanager
+def nothing_left_behind() -> Iterator[None]:
+    """After the block: the root namespace's links, addresses, routes and nftables tables as before,
+    and nothing of the harness that was not there before (another user's cluster may be up)."""
+    network, left = root_network(), set(harness_leftovers())
+    yield
+    assert root_network() == network
+    assert set(harness_leftovers()) - left == set()
 
 
 @pytest.fixture
 def clean_machine():
-    """The root namespace's network before; after the test: unchanged, and no harness leftovers."""
-    before = root_network()
-    assert not harness_leftovers(), "leftovers of an earlier harness run"
-    yield
-    assert root_network() == before
-    assert harness_leftovers() == []
+    with nothing_left_behind():
+        yield
 
 
 def test_hosts_are_separate_machines_and_failures_work(clean_machine, tmp_path):
@@ -159,6 +167,27 @@ def test_a_crashed_run_is_cleaned_up_by_the_next_start(clean_machine):
     with HostCluster.create(workers=0) as hc:  # the next start finds and removes the crashed one
         assert not any(crashed in x for x in harness_leftovers())
         assert hc.id != crashed
+
+
+INTERRUPTED = """
+import time
+from cluster.hosts import HostCluster
+with HostCluster.create(workers=1) as hc:
+    hc.popen("w1", ["sleep", "600"])
+    print(hc.id, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_cleans_up_at_once(clean_machine, sig):
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    cluster_id = proc.stdout.readline().strip()
+    assert cluster_id and any(cluster_id in x for x in harness_leftovers())
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert not any(cluster_id in x for x in harness_leftovers())  # removed by the process itself, not a later start
 
 
 def test_cli_up_status_and_bad_input(clean_machine, capsys):

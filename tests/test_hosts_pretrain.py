@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import subprocess
 import time
 
 import pytest
 
-from cluster.hosts import SHARED_MOUNT, HostCluster, harness_leftovers, root_network
+from cluster.hosts import SHARED_MOUNT, HostCluster
 from cluster.train import resolve_shards
 from nanochat.dataset import iter_row_groups
 from nanochat.tokenizer import Tokenizer
-from tests.test_hosts import _harness_available
+from tests.test_hosts import _harness_available, nothing_left_behind
 from tests.test_pretrain_cluster import attempts, micro_spec, new_run, reference_losses, registered_checkpoint
 
 pytestmark = [pytest.mark.hosts, pytest.mark.skipif(_harness_available() is not None,
@@ -61,12 +61,45 @@ def pretrain_args(storage: str, **extra: str) -> list[str]:
     return args
 
 
-def submit(hc: HostCluster, job_id: str, entrypoint: list[str]) -> list[str]:
-    """`ray job submit` to the head, as run on the client host (it follows the job's log to its end)."""
+def submit(hc: HostCluster, job_id: str, entrypoint: list[str], wait: bool = True) -> list[str]:
+    """`ray job submit` to the head, as run on the client host (following the job's log to its end
+    unless not `wait`)."""
     runtime_env = {"env_vars": {"PYTHONPATH": hc.env("client")["PYTHONPATH"],
                                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(POLL_S)}}
     return ["ray", "job", "submit", "--address", hc.dashboard_url, "--submission-id", job_id,
-            "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+            "--runtime-env-json", json.dumps(runtime_env), *([] if wait else ["--no-wait"]), "--", *entrypoint]
+
+
+class Job:
+    """A job submitted from the client host; its status asked from there (at most every 5 s).
+    Not `ray job submit`'s own wait: its log stream can close early on an overloaded machine."""
+
+    def __init__(self, hc: HostCluster, job_id: str, entrypoint: list[str]) -> None:
+        self.hc, self.id, self._status, self._asked = hc, job_id, "PENDING", 0.0
+        hc.run("client", submit(hc, job_id, entrypoint, wait=False), timeout=300)
+
+    def status(self) -> str:
+        if time.time() - self._asked > 5 and self._status in ("PENDING", "RUNNING"):
+            out = self.hc.run("client", ["ray", "job", "status", "--address", self.hc.dashboard_url, self.id],
+                              check=False, timeout=120)
+            found = re.search(r"Status for job '[^']+': (\w+)", out.stdout + out.stderr)
+            self._status, self._asked = (found.group(1) if found else self._status), time.time()
+        return self._status
+
+    def running(self) -> bool:
+        return self.status() in ("PENDING", "RUNNING")
+
+    def logs(self) -> str:
+        out = self.hc.run("client", ["ray", "job", "logs", "--address", self.hc.dashboard_url, self.id],
+                          check=False, timeout=120)
+        return out.stdout + out.stderr
+
+    def wait(self, timeout: float) -> str:
+        deadline = time.time() + timeout
+        while self.running():
+            assert time.time() < deadline, f"job {self.id} still running after {timeout:.0f}s"
+            time.sleep(1)
+        return self._status
 
 
 def train_workers_on(hc: HostCluster, host: str) -> int:
@@ -80,14 +113,14 @@ def train_workers_on(hc: HostCluster, host: str) -> int:
     return found
 
 
-def wait_for_failure_point(hc: HostCluster, storage, job: subprocess.Popen, job_log) -> None:
+def wait_for_failure_point(hc: HostCluster, storage, job: Job) -> None:
     """Until a checkpoint >= FIRST_CHECKPOINT is registered and 2..4 steps past it have run."""
     deadline = time.time() + 360
     while True:
         runs, saved = attempts(storage), registered_checkpoint(storage)
         if runs and saved >= FIRST_CHECKPOINT and saved + 2 <= runs[-1][-1]["step"] < saved + 5:
             return
-        assert job.poll() is None, job_log.read_text()[-3000:]
+        assert job.running(), job.logs()[-3000:]
         assert time.time() < deadline, "the run never reached the failure point"
         time.sleep(0.1)
 
@@ -104,27 +137,24 @@ def run_through_a_failure(hc: HostCluster, storage, tmp_path, timings: Timings, 
     """Submit the 2-worker run from the client host; at the failure point `fail()` (returns its
     time); once the head has declared w2 dead, `recover()`; wait for the job's end. The last step
     logged before the failure."""
-    job_log = tmp_path / "job.log"
-    with open(job_log, "w") as f:
-        job = hc.popen("client", submit(hc, "pretrain", pretrain_args(f"{SHARED_MOUNT}/runs")), stdout=f,
-                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    job = Job(hc, "pretrain", pretrain_args(f"{SHARED_MOUNT}/runs"))
     try:
         w2_node = next(nid for ip, state, nid in hc.nodes() if ip == hc.host("w2").ip and state == "ALIVE")
-        wait_for_failure_point(hc, storage, job, job_log)
+        wait_for_failure_point(hc, storage, job)
         assert train_workers_on(hc, "w2") == 1  # the host about to fail holds one of the two Train workers
         failed_at = fail()
         last_before = attempts(storage)[-1][-1]["step"]
         timings["lost host detected after (s)"] = wait_until_dead(hc, w2_node, failed_at)
         timings["host back in the cluster after (s)"] = recover() - failed_at
         while len(attempts(storage)) < 2:
-            assert time.time() < failed_at + 400 and job.poll() is None, job_log.read_text()[-3000:]
+            assert time.time() < failed_at + 400 and job.running(), job.logs()[-3000:]
             time.sleep(0.2)
         timings["training resumed after (s)"] = time.time() - failed_at
-        assert job.wait(timeout=400) == 0, job_log.read_text()[-4000:]
+        assert job.wait(timeout=400) == "SUCCEEDED", job.logs()[-4000:]
     finally:
-        if job.poll() is None:
-            job.kill()
-    assert "pretrain done: step 30" in job_log.read_text()
+        if job.running():
+            hc.run("client", ["ray", "job", "stop", "--address", hc.dashboard_url, job.id], check=False, timeout=120)
+    assert "pretrain done: step 30" in job.logs()
     return last_before
 
 
@@ -182,11 +212,8 @@ def tokenizer(embedded_pack, tmp_path_factory) -> str:
 
 @pytest.fixture
 def clean_machine():
-    before = root_network()
-    assert not harness_leftovers(), "leftovers of an earlier harness run"
-    yield
-    assert root_network() == before
-    assert harness_leftovers() == []
+    with nothing_left_behind():
+        yield
 
 
 def test_worker_host_killed_mid_pretraining_resumes_from_the_shared_checkpoint(
@@ -202,10 +229,9 @@ def test_worker_host_killed_mid_pretraining_resumes_from_the_shared_checkpoint(
         hc.kill("rogue")
 
         # a run directory on the head's own disk is refused before any training starts
-        refused = hc.run("client", submit(hc, "off-shared", pretrain_args(
-            "/tmp/runs", tokenizer=f"{SHARED_MOUNT}/runs/{RUN}/tokenizer")), check=False, timeout=300)
-        log = refused.stdout + refused.stderr
-        assert refused.returncode != 0 and "is not shared" in log, log[-3000:]
+        refused = Job(hc, "off-shared", pretrain_args("/tmp/runs", tokenizer=f"{SHARED_MOUNT}/runs/{RUN}/tokenizer"))
+        status, log = refused.wait(timeout=300), refused.logs()
+        assert status == "FAILED" and "is not shared" in log, log[-3000:]
         assert "10.77.0.11" in log and "10.77.0.12" in log and "10.77.0.2," not in log
         assert not (hc.host_dir("head") / "tmp/runs" / RUN / "pretrain").exists()
 
