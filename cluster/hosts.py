@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -215,6 +216,8 @@ class HostCluster:
         check_requirements()
         if workers < 0 or workers > 80:
             raise HostError(f"workers must be 0..80, got {workers}")
+        if cluster_id is not None and not re.fullmatch(r"[a-z0-9]{1,12}", cluster_id):
+            raise HostError(f"cluster id {cluster_id!r}: use 1 to 12 lowercase letters or digits")
         cleanup_stale()
         hc = cls(id=cluster_id or secrets.token_hex(3), owner_pid=os.getpid() if owned else None,
                  token=secrets.token_hex(32))
@@ -243,6 +246,8 @@ class HostCluster:
     def add_host(self, name: str, *, role: str = "worker", num_cpus: int = 1, token: str = "cluster",
                  timeout_s: float = 60.0) -> Host:
         """Another host on the switch (e.g. one without the token); Ray not started on it."""
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,11}", name):  # its switch port v-<name> must fit 15 characters
+            raise HostError(f"host name {name!r}: use 1 to 12 lowercase letters or digits, a letter first")
         if name in self.hosts:
             raise HostError(f"host {name!r} already exists")
         if token not in ("cluster", "none", "other"):

@@ -198,6 +198,10 @@ def test_cli_up_status_and_bad_input(clean_machine, capsys):
         assert hosts.main(["--cluster", "clitest", "cut", "w9"]) == 2
         assert "no host 'w9'" in capsys.readouterr().err
         assert hosts.main(["--cluster", "clitest", "drop", "w1", "--percent", "-3"]) == 2
+        assert hosts.main(["--cluster", "Bad-Id", "up"]) == 2
+        assert "lowercase letters or digits" in capsys.readouterr().err
+        with pytest.raises(HostError, match="host name 'a-very-long-host-name'"):
+            HostCluster.load("clitest").add_host("a-very-long-host-name")
         assert hosts.main(["--cluster", "clitest", "status"]) == 0
         assert "w1" in capsys.readouterr().out
     finally:

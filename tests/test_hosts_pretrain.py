@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 
@@ -80,10 +79,13 @@ class Job:
 
     def status(self) -> str:
         if time.time() - self._asked > 5 and self._status in ("PENDING", "RUNNING"):
-            out = self.hc.run("client", ["ray", "job", "status", "--address", self.hc.dashboard_url, self.id],
-                              check=False, timeout=120)
-            found = re.search(r"Status for job '[^']+': (\w+)", out.stdout + out.stderr)
-            self._status, self._asked = (found.group(1) if found else self._status), time.time()
+            out = self.hc.run("client", ["ray", "list", "jobs", "--address", self.hc.dashboard_url, "--format",
+                                         "json", "--filter", f"submission_id={self.id}"], check=False, timeout=120)
+            try:
+                self._status = json.loads(out.stdout)[0]["status"]
+            except (ValueError, IndexError, KeyError):
+                pass  # the head is busy: ask again next time
+            self._asked = time.time()
         return self._status
 
     def running(self) -> bool:
