@@ -4,14 +4,15 @@ Head (1 CPU), two worker hosts (2 CPUs each) and a client host. The data pack an
 on the shared mount (NANOCHAT_HOME=/srv/home, --storage /srv/runs), the training stages declare the
 storage shared (and the driver checks it on every node). `python -m jobs.pipeline --address
 http://<head>:8265` runs on the client host and submits each stage to the head; the stages' work is
-placed by Ray over the hosts. Checked: every stage complete, the head and
-both workers ran work of the run (Ray's job and task records), nothing of the harness is left.
+placed by Ray over the hosts. Checked: every stage complete, both workers ran Ray workers and the
+head the stages' drivers (Ray's worker records), and nothing of the harness is left.
 
 Run: PYTHONPATH=. python -m pytest tests/test_hosts_pipeline.py -q -s
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -48,5 +49,7 @@ def test_micro_pipeline_through_ray_job_submit_from_the_client_host(embedded_pac
         assert jobs.count('"SUCCEEDED"') >= len(registry.select(None)) - 1
         workers = hc.run("client", ["ray", "list", "workers", "--address", hc.dashboard_url, "--format", "json",
                                     "--limit", "1000"], timeout=120).stdout
-        for host in ("head", "w1", "w2"):  # every host ran Ray workers for the run
-            assert f'"ip": "{hc.host(host).ip}"' in workers or hc.host(host).ip in workers, host
+        ran = [(w["ip"], w["worker_type"]) for w in json.loads(workers)]
+        assert {hc.host("w1").ip, hc.host("w2").ip} <= {ip for ip, kind in ran if kind == "WORKER"}, ran
+        assert (hc.head.ip, "DRIVER") in ran  # the stages' drivers ran on the head, none on the client
+        assert hc.host("client").ip not in {ip for ip, _ in ran}
