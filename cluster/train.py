@@ -58,6 +58,7 @@ from ray.train.torch import TorchTrainer
 from cluster import artifacts
 from cluster.artifacts import load_tokenizer, localize
 from cluster.metrics import training_metrics
+from cluster.shared_storage import verify_shared_storage
 from cluster.specs import Schedule, TrainSpec
 from cluster.storage import RunStorage, StorageError, write_text_atomic
 from nanochat import checkpoint as ckpt
@@ -386,6 +387,8 @@ def check_resume(prepared: Prepared, storage: RunStorage, spec: TrainSpec) -> Pr
         prepared.resume_step = step
     alive = [n for n in ray.nodes() if n.get("Alive")]
     check_storage_for_cluster(storage.uri or "", len(alive), spec.group.storage_is_shared)
+    if not storage.remote:  # declared shared: check that every node really sees the run directory
+        verify_shared_storage(storage.root, alive)
     return prepared
 
 

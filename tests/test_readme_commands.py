@@ -64,6 +64,10 @@ RULES = [
     Rule(r"(transformers serve|curl -s 127\.0\.0\.1:8001/).*", "skip",
          "a long-running server: tests/test_hf_export.py starts `transformers serve` on an export and sends this "
          "chat completion"),
+    Rule(r"python -m cluster\.hosts (up|status|run|kill|restart|cut|limit|drop|freeze|down) .*|"
+         r"python -m cluster\.hosts (status|down)", "skip",
+         "needs root and makes namespaces; tests/test_hosts.py runs each operation (and the CLI's up, status, "
+         "down and its errors) and checks that nothing is left, tests/test_hosts_pretrain.py the scenarios"),
     Rule(r"python -m jobs\.(sft|evaluate|rl) .*/path/to/nanochat-d32.*", "skip",
          "needs the published d32, which cannot be downloaded here; tests/test_hf_export.py imports directories "
          "written by transformers' save_pretrained into the same entry points"),
