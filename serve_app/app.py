@@ -211,6 +211,12 @@ class ChatServer:
         served = await asyncio.to_thread(ServedModel.load, spec, self.config)
         served.scheduler.on_step = self.metrics.watch(name, served.scheduler.waiting)
         self._loaded[name] = served
+
+        def unloaded() -> None:  # the multiplexer evicted it (LRU) or the replica shut it down
+            self._loaded.pop(name, None)
+            self.metrics.forget(name)
+
+        served.on_close = unloaded
         return served
 
     def check_health(self) -> None:

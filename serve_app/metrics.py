@@ -90,8 +90,11 @@ class ServeMetrics:
         return on_step
 
     def forget(self, model: str) -> None:
+        """An unloaded model: its gauges go to 0 and the refresh loop stops reporting it."""
         with self._lock:
             self._waiting.pop(model, None)
+            self._tokens.pop(model, None)
+            self._batch.pop(model, None)
         for gauge in (self.tps, self.batch, self.queue):
             gauge.set(0, tags={"model": model})
 

@@ -10,6 +10,7 @@ the scheduler thread.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class ServedModel:
     stop_ids: tuple[int, ...]  # special tokens that end a sequence
     special_names: dict[int, str] = field(default_factory=dict)  # id -> "<|name|>" (top log-probs)
     _grammars: GrammarCompiler | None = None
+    on_close: Callable[[], None] | None = None  # called once when the model is closed or unloaded
 
     @property
     def max_seq_len(self) -> int:
@@ -106,11 +108,18 @@ class ServedModel:
 
     def close(self) -> None:
         self.scheduler.close()
+        self._closed()
 
     def __del__(self) -> None:  # Serve's multiplexer calls it when it unloads the model (LRU)
         scheduler = self.__dict__.get("scheduler")
         if scheduler is not None and scheduler.alive:
             scheduler.close()
+        self._closed()
+
+    def _closed(self) -> None:
+        callback, self.__dict__["on_close"] = self.__dict__.get("on_close"), None
+        if callback is not None:
+            callback()
 
 
 def _sandbox_tool(tokenizer: Tokenizer, sp: dict[str, int]) -> ToolUse:

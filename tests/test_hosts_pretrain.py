@@ -26,8 +26,8 @@ import time
 import pytest
 
 from cluster.hosts import SHARED_MOUNT, HostCluster
-from cluster.train import resolve_shards
-from nanochat.dataset import iter_row_groups
+from cluster.pretrain import resolve_shards
+from nanochat.data.dataset import iter_row_groups
 from nanochat.tokenizer import Tokenizer
 from tests.test_hosts import _harness_available, nothing_left_behind
 from tests.test_pretrain_cluster import attempts, micro_spec, new_run, reference_losses, registered_checkpoint
@@ -178,7 +178,8 @@ def check_the_run(storage, last_before: int, tokenizer_dir: str, embedded_pack, 
     assert checkpoints and checkpoints[-1].name.endswith(f"{STEPS:07d}")
     for c in checkpoints:
         assert json.loads((c / "state.json").read_text())["step"] == int(c.name.rsplit("_", 1)[1])
-    spec = micro_spec(num_workers=2, num_iterations=STEPS, checkpoint_every=CHECKPOINT_EVERY, eval_every=10)
+    spec = micro_spec("num_workers=2", f"num_iterations={STEPS}", f"checkpoint_every={CHECKPOINT_EVERY}",
+                      "eval_every=10")
     _, reference_bpb = reference_losses(spec, tokenizer_dir, str(embedded_pack), world=2)
     timings["final val bpb"] = meta["metrics"]["val_bpb"]
     timings["uninterrupted val bpb"] = reference_bpb

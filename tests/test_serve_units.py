@@ -286,3 +286,50 @@ def test_a_repeated_prefix_is_reported_as_cached_tokens() -> None:
     assert second.cached_tokens == len(system) // 8 * 8 > 0  # the shared start, in whole blocks
     assert usage(second.prompt_tokens, 4, second.cached_tokens)["prompt_tokens_details"] == {
         "cached_tokens": second.cached_tokens}
+
+
+def test_unloading_a_model_calls_back_once_and_zeroes_its_gauges(monkeypatch) -> None:
+    """Serve's multiplexer unloads a model by calling __del__: the app's callback runs once, and
+    ServeMetrics.forget sets the model's gauges to 0 and stops refreshing them."""
+    import ray.serve.metrics
+
+    from nanochat.tokenizer import Tokenizer
+    from serve_app.config import ServeConfig
+    from serve_app.metrics import ServeMetrics
+    from serve_app.models import ServedModel
+    from serve_app.testing import synthetic_texts
+
+    class FakeMetric:
+        def __init__(self, name: str, **_: object) -> None:
+            self.name, self.values = name, []
+
+        def set(self, value: float, tags: dict) -> None:
+            self.values.append((value, tags["model"]))
+
+        inc = observe = set
+
+    for cls in ("Counter", "Gauge", "Histogram"):
+        monkeypatch.setattr(ray.serve.metrics, cls, FakeMetric)
+    metrics = ServeMetrics(interval_s=0.05)
+    try:
+        hook = metrics.watch("m", lambda: 3)
+        hook(type("Record", (), {"rows": [0, 1]})(), 5)
+        time.sleep(0.2)
+        assert (3, "m") in metrics.queue.values  # refreshed while loaded
+        tok = Tokenizer.train_from_iterator(synthetic_texts(50), 280)
+        model = GPT(GPTConfig(sequence_len=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2,
+                              n_embd=32))
+        model.init_weights()
+        config = ServeConfig(models=[{"name": "m", "model_uri": "/unused", "tool_use": False}], max_batch_size=2)
+        served = ServedModel.from_objects(config.models[0], model.eval(), tok, config)
+        calls: list[str] = []
+        served.on_close = lambda: (calls.append("m"), metrics.forget("m"))
+        served.__del__()  # what the multiplexer does on eviction
+        served.close()  # and a later shutdown: the callback does not run twice
+        assert calls == ["m"]
+        for gauge in (metrics.tps, metrics.batch, metrics.queue):
+            assert gauge.values[-1] == (0, "m")
+        time.sleep(0.2)
+        assert metrics.queue.values[-1] == (0, "m")  # the refresh loop no longer reports the model
+    finally:
+        metrics.close()
