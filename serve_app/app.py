@@ -83,7 +83,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @api.exception_handler(RequestValidationError)
 async def _query_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-    return JSONResponse(ApiError(400, f"invalid request: {problems}", "invalid_request").body(), status_code=400)
+    return JSONResponse(ApiError(400, f"invalid request: {problems}", "invalid_request").body(),
+                        status_code=400)
 
 
 class _CountStatus:
@@ -115,7 +116,8 @@ api.add_middleware(_CountStatus)
 
 # Module-level helpers the deployment uses come before it: Serve pickles the class when it is decorated.
 TOOLS_PREAMBLE = ("You can call these functions. To call one, write a python block holding "
-                  '{"name": <function>, "arguments": <object>}; its result comes back as the block\'s output.')
+                  '{"name": <function>, "arguments": <object>}; its result comes back as the '
+                  'block\'s output.')
 
 
 def _chars(m: ChatMessage) -> int:
@@ -144,8 +146,8 @@ def _conversation(messages: list[ChatMessage], tools: list[Tool] | None) -> list
         content: Any = m.content
         if isinstance(content, list):
             if role != "assistant" and any(p.type != "text" for p in content):
-                raise ApiError(400, f"{where}: only assistant messages may hold python parts", "invalid_value",
-                               "messages")
+                raise ApiError(400, f"{where}: only assistant messages may hold python parts",
+                               "invalid_value", "messages")
             content = ("".join(p.text for p in content) if role != "assistant"
                        else [{"type": p.type, "text": p.text} for p in content])
         if role in ("system", "user"):
@@ -153,18 +155,20 @@ def _conversation(messages: list[ChatMessage], tools: list[Tool] | None) -> list
             continue
         if role == "tool":
             if not out or out[-1]["role"] != "assistant" or m.tool_call_id not in open_calls:
-                raise ApiError(400, f"{where}: tool_call_id {m.tool_call_id!r} answers no earlier assistant tool call "
-                               "(a tool message must follow the assistant message that made the call)",
-                               "invalid_value", "messages")
+                raise ApiError(400, f"{where}: tool_call_id {m.tool_call_id!r} answers no earlier assistant "
+                               "tool call (a tool message must follow the assistant message that made the "
+                               "call)", "invalid_value", "messages")
             del open_calls[m.tool_call_id]
             parts = [{"type": "python_output", "text": content}]
         else:
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) and content else list(content or [])
+            parts = ([{"type": "text", "text": content}] if isinstance(content, str) and content
+                     else list(content or []))
             for call in m.tool_calls or []:
                 try:
                     arguments = json.loads(call.function.arguments)
                 except json.JSONDecodeError as e:
-                    raise ApiError(400, f"{where}: tool call {call.id!r} has arguments that are not JSON: {e}",
+                    raise ApiError(400,
+                                   f"{where}: tool call {call.id!r} has arguments that are not JSON: {e}",
                                    "invalid_value", "messages") from None
                 parts.append({"type": "python", "text": render_tool_call(call.function.name, arguments)})
                 open_calls[call.id] = call.function.name
@@ -250,7 +254,8 @@ class ChatServer:
         self._authorize(request)
         served = self._loaded.get(model)
         records = served.scheduler.step_log(max(1, min(last, 100_000))) if served else []
-        return JSONResponse({"model": model, "replica": self.replica_id, "steps": [r.as_dict() for r in records]})
+        return JSONResponse({"model": model, "replica": self.replica_id,
+                             "steps": [r.as_dict() for r in records]})
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -270,7 +275,8 @@ class ChatServer:
                                      media_type="text/event-stream", headers={**SSE_HEADERS, **self._headers})
         choices = await self._collect(gen)
         return JSONResponse(R.chat_response(gen.request_id, int(time.time()), req.model, choices,
-                                            R.usage(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens), req.logprobs),
+                                            R.usage(gen.prompt_tokens, gen.completion_tokens,
+                                                    gen.cached_tokens), req.logprobs),
                             headers=self._headers)
 
     @api.post("/v1/completions")
@@ -283,8 +289,8 @@ class ChatServer:
         texts = req.prompts()
         limits = self.config.limits
         if len(texts) > limits.max_prompts:
-            raise ApiError(400, f"{len(texts)} prompts; at most {limits.max_prompts} per request", "too_many_prompts",
-                           "prompt")
+            raise ApiError(400, f"{len(texts)} prompts; at most {limits.max_prompts} per request",
+                           "too_many_prompts", "prompt")
         self._check_chars(sum(len(t) for t in texts), "prompt")
         prompts = [served.tokenizer.encode(t, prepend="<|bos|>") for t in texts]
         logprobs = req.logprobs is not None
@@ -296,7 +302,8 @@ class ChatServer:
                                      media_type="text/event-stream", headers={**SSE_HEADERS, **self._headers})
         choices = await self._collect(gen)
         return JSONResponse(R.completion_response(gen.request_id, int(time.time()), req.model, choices,
-                                                  R.usage(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens), logprobs),
+                                                  R.usage(gen.prompt_tokens, gen.completion_tokens,
+                                                          gen.cached_tokens), logprobs),
                             headers=self._headers)
 
     # ---- request checks ------------------------------------------------------------------------
@@ -330,21 +337,26 @@ class ChatServer:
         spec = self.config.model(name)
         if spec is None:
             names = ", ".join(m.name for m in self.config.models)
-            raise ApiError(404, f"the model '{name}' does not exist; available: {names}", "model_not_found", "model")
+            raise ApiError(404, f"the model '{name}' does not exist; available: {names}", "model_not_found",
+                           "model")
         if route == "/v1/chat/completions" and spec.kind == "base":
-            raise ApiError(400, f"model '{name}' is a base checkpoint without a chat format; use /v1/completions",
+            raise ApiError(400,
+                           f"model '{name}' is a base checkpoint without a chat format; use /v1/completions",
                            "model_not_chat", "model")
         try:
             return await self._get_model(name)
         except Exception as e:  # noqa: BLE001 - a broken checkpoint is the server's fault, say which
-            raise ApiError(500, f"model '{name}' failed to load: {type(e).__name__}: {e}", "model_load_failed") from e
+            raise ApiError(500, f"model '{name}' failed to load: {type(e).__name__}: {e}",
+                           "model_load_failed") from e
 
     def _check_chars(self, chars: int, param: str) -> None:
         limit = self.config.limits.max_chars
         if chars > limit:
-            raise ApiError(400, f"{chars} characters of input; at most {limit} are accepted", "input_too_long", param)
+            raise ApiError(400, f"{chars} characters of input; at most {limit} are accepted",
+                           "input_too_long", param)
 
-    def _chat_prompt(self, served: ServedModel, messages: list[ChatMessage], tools: list[Tool] | None) -> list[int]:
+    def _chat_prompt(self, served: ServedModel, messages: list[ChatMessage],
+                     tools: list[Tool] | None) -> list[int]:
         limits = self.config.limits
         if len(messages) > limits.max_messages:
             raise ApiError(400, f"{len(messages)} messages; at most {limits.max_messages} per request",
@@ -352,11 +364,11 @@ class ChatServer:
         self._check_chars(sum(_chars(m) for m in messages), "messages")
         conversation = _conversation(messages, tools)
         if conversation[-1]["role"] == "assistant" and messages[-1].role != "tool":
-            raise ApiError(400, "the last message must be from the user (or a tool's result)", "invalid_value",
-                           "messages")
+            raise ApiError(400, "the last message must be from the user (or a tool's result)",
+                           "invalid_value", "messages")
         try:
-            return served.tokenizer.render_for_completion({"messages": conversation},
-                                                          continue_last=conversation[-1]["role"] == "assistant")
+            return served.tokenizer.render_for_completion(
+                {"messages": conversation}, continue_last=conversation[-1]["role"] == "assistant")
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_value", "messages") from None
 
@@ -365,11 +377,12 @@ class ChatServer:
         fmt, mode = req.response_format, req.tool_mode
         structured = isinstance(fmt, JsonObjectFormat | JsonSchemaResponseFormat)
         if (structured or mode != "none") and req.ignore_eos:
-            raise ApiError(400, "ignore_eos cannot be combined with response_format or tools: a grammar ends the "
-                           "reply with the end-of-turn token", "invalid_value", "ignore_eos")
+            raise ApiError(400, "ignore_eos cannot be combined with response_format or tools: a grammar ends "
+                           "the reply with the end-of-turn token", "invalid_value", "ignore_eos")
         if structured and mode != "none":
-            raise ApiError(400, "response_format json_object/json_schema together with tools is not supported; "
-                           "send tool_choice 'none' or drop response_format", "invalid_value", "response_format")
+            raise ApiError(400, "response_format json_object/json_schema together with tools is not "
+                           "supported; send tool_choice 'none' or drop response_format", "invalid_value",
+                           "response_format")
         try:
             if isinstance(fmt, JsonObjectFormat):
                 return served.grammars.json_object()
@@ -386,18 +399,20 @@ class ChatServer:
             return served.grammars.tool_calls(functions, "auto" if mode == "auto" else "required",
                                               req.parallel_tool_calls)
         except GrammarError as e:
-            raise ApiError(400, str(e), "invalid_schema", "response_format" if structured else "tools") from None
+            raise ApiError(400, str(e), "invalid_schema",
+                           "response_format" if structured else "tools") from None
 
     def _params(self, served: ServedModel, req: Any, prompts: list[list[int]], budget: int | None,
                 logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
         room = served.max_seq_len - max(len(p) for p in prompts)  # tokens the longest prompt leaves
         if room < 1:
-            raise ApiError(400, f"the prompt has {served.max_seq_len - room} tokens but the model's context is "
-                           f"{served.max_seq_len}; shorten the conversation", "context_length_exceeded", "messages")
+            raise ApiError(400, f"the prompt has {served.max_seq_len - room} tokens but the model's context "
+                           f"is {served.max_seq_len}; shorten the conversation", "context_length_exceeded",
+                           "messages")
         if budget is not None and budget > room:
-            raise ApiError(400, f"max_tokens {budget} + prompt {served.max_seq_len - room} tokens exceed the context "
-                           f"of {served.max_seq_len}; ask for at most {room}", "context_length_exceeded",
-                           "max_tokens")
+            raise ApiError(400, f"max_tokens {budget} + prompt {served.max_seq_len - room} tokens exceed the "
+                           f"context of {served.max_seq_len}; ask for at most {room}",
+                           "context_length_exceeded", "max_tokens")
         max_n = min(self.config.limits.max_n, self.config.max_batch_size)
         if req.n > max_n:
             raise ApiError(400, f"n = {req.n}; at most {max_n} choices per prompt", "invalid_value", "n")
@@ -428,7 +443,8 @@ class ChatServer:
 
     # ---- streaming -----------------------------------------------------------------------------
 
-    async def _chat_stream(self, gen: Generation, model: str, with_usage: bool, logprobs: bool) -> AsyncIterator[bytes]:
+    async def _chat_stream(self, gen: Generation, model: str, with_usage: bool,
+                           logprobs: bool) -> AsyncIterator[bytes]:
         rid, created = gen.request_id, int(time.time())
         n = len(gen.prompts) * gen.params.n
         yield b"".join(R.sse(R.chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""},
@@ -439,8 +455,8 @@ class ChatServer:
                 for u in updates:
                     for p in u.pieces:
                         lps = R.chat_logprobs(p.logprobs) if logprobs and p.kind == "text" else None
-                        out.append(R.sse(R.chat_chunk(rid, created, model, u.index, R.piece_delta(p), None, lps,
-                                                      with_usage)))
+                        out.append(R.sse(R.chat_chunk(rid, created, model, u.index, R.piece_delta(p), None,
+                                                      lps, with_usage)))
                     if u.finish_reason:
                         out.append(R.sse(R.chat_chunk(rid, created, model, u.index, {}, u.finish_reason,
                                                       with_usage=with_usage)))
@@ -455,7 +471,8 @@ class ChatServer:
                                       R.usage(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens)))
         yield R.DONE
 
-    async def _text_stream(self, gen: Generation, model: str, with_usage: bool, logprobs: bool) -> AsyncIterator[bytes]:
+    async def _text_stream(self, gen: Generation, model: str, with_usage: bool,
+                           logprobs: bool) -> AsyncIterator[bytes]:
         rid, created = gen.request_id, int(time.time())
         offsets: dict[int, int] = {}
         try:
@@ -467,8 +484,8 @@ class ChatServer:
                     lps = R.completion_logprobs(lp_list, offsets.get(u.index, 0)) if logprobs else None
                     offsets[u.index] = offsets.get(u.index, 0) + len(text)
                     if text or u.finish_reason:
-                        out.append(R.sse(R.text_chunk(rid, created, model, u.index, text, u.finish_reason, lps,
-                                                      with_usage)))
+                        out.append(R.sse(R.text_chunk(rid, created, model, u.index, text, u.finish_reason,
+                                                      lps, with_usage)))
                 yield b"".join(out)
         except GenerationFailed as e:
             yield R.sse(ApiError(500, str(e), "generation_failed").body())

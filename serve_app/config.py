@@ -29,7 +29,8 @@ class ModelSpec(_Strict):
     tokenizer_uri: str | None = Field(
         default=None, description="tokenizer directory; None = the model directory's tokenizer/ subdirectory")
     kind: Literal["chat", "base"] = Field(
-        default="chat", description="chat: /v1/chat/completions with the chat format; base: /v1/completions only")
+        default="chat",
+        description="chat: /v1/chat/completions with the chat format; base: /v1/completions only")
     tool_use: bool = Field(
         default=True, description="run the model's <|python_start|> blocks in the sandbox (chat models only)")
 
@@ -56,7 +57,8 @@ class Autoscaling(_Strict):
 
     min_replicas: int = Field(default=1, ge=0, description="fewest replicas (0 = scale to zero)")
     max_replicas: int = Field(default=2, ge=1, description="most replicas")
-    target_ongoing_requests: float = Field(default=16, gt=0, description="ongoing requests per replica to aim at")
+    target_ongoing_requests: float = Field(default=16, gt=0,
+                                           description="ongoing requests per replica to aim at")
 
 
 class ServeConfig(_Strict):
@@ -72,21 +74,27 @@ class ServeConfig(_Strict):
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="where replicas run the model")
     dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="weights and KV cache dtype")
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs each replica reserves")
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs each replica reserves (device cuda needs > 0)")
+    num_gpus: float = Field(default=0.0, ge=0,
+                            description="GPUs each replica reserves (device cuda needs > 0)")
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads per replica; None = max(1, num_cpus)")
     num_replicas: int = Field(default=1, ge=1, description="replicas when autoscaling is off")
     autoscaling: Autoscaling | None = Field(default=None, description="autoscaling instead of num_replicas")
     max_ongoing_requests: int = Field(default=64, ge=1, description="requests a replica runs at once (Serve)")
     max_queued_requests: int = Field(
-        default=128, ge=-1, description="requests queued in front of the replicas before Serve answers 503 (-1 = no bound)")
-    max_batch_size: int = Field(default=32, ge=1, description="engine slots (sequences decoded together) per model")
+        default=128, ge=-1,
+        description="requests queued in front of the replicas before Serve answers 503 (-1 = no bound)")
+    max_batch_size: int = Field(default=32, ge=1,
+                                description="engine slots (sequences decoded together) per model")
     max_seq_len: int | None = Field(
-        default=None, ge=16, description="context per sequence (prompt + output); None = the model's sequence_len")
-    max_prefill_tokens: int = Field(default=4096, ge=16, description="rows x padded length of one prefill step")
+        default=None, ge=16,
+        description="context per sequence (prompt + output); None = the model's sequence_len")
+    max_prefill_tokens: int = Field(default=4096, ge=16,
+                                    description="rows x padded length of one prefill step")
     prefill_chunk_tokens: int = Field(
         default=128, ge=0, description="prompt tokens prefilled per step beside running decodes (0 = whole "
-        "prompts, prefill first); see README 'Prefix reuse and chunked prefill' for how the default was measured")
+        "prompts, prefill first); see README 'Prefix reuse and chunked prefill' for how the default was "
+        "measured")
     prefix_cache_mb: int = Field(
         default=256, ge=0, description="memory for reused prompt prefixes per model (0 = no prefix reuse)")
     prefix_block_size: int = Field(default=16, ge=1, description="tokens per prefix-cache block")

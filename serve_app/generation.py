@@ -92,7 +92,8 @@ class Generation:
         n = self.params.n
         try:
             for i, prompt in enumerate(self.prompts):
-                params = self.params if self.params.seed is None else replace(self.params, seed=self.params.seed + i)
+                params = (self.params if self.params.seed is None
+                          else replace(self.params, seed=self.params.seed + i))
                 constraints = ([c.constraint for c in self._choices[i * n: (i + 1) * n]]
                                if self._constrained else None)
                 sub = self.served.scheduler.submit(f"{self.request_id}#{i}" if i else self.request_id,

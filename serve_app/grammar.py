@@ -89,7 +89,8 @@ class GrammarCompiler:
 
     def json_schema(self, schema: dict, where: str = "response_format.json_schema.schema") -> Grammar:
         check_schema(schema, where)
-        return self._compile(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS), where)
+        return self._compile(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS),
+                             where)
 
     def json_object(self) -> Grammar:
         return self.json_schema({"type": "object"}, "response_format")
@@ -99,9 +100,11 @@ class GrammarCompiler:
         only; a named tool_choice passes just that function)."""
         variants = []
         for f in functions:
-            params = f.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
+            params = f.get("parameters") or {"type": "object", "properties": {},
+                                             "additionalProperties": False}
             check_schema(params, f"tools[{f['name']}].function.parameters")
-            variants.append({"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": params},
+            variants.append({"type": "object",
+                             "properties": {"name": {"const": f["name"]}, "arguments": params},
                              "required": ["name", "arguments"], "additionalProperties": False})
         call = json.dumps({"anyOf": variants, "x-guidance": JSON_OPTIONS})
         many = "*" if parallel else "?"

@@ -44,11 +44,13 @@ class ServeMetrics:
     def __init__(self, interval_s: float = 1.0) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
-        self.requests = Counter("nanochat_serve_requests_total", description="HTTP requests answered, by status",
+        self.requests = Counter("nanochat_serve_requests_total",
+                                description="HTTP requests answered, by status",
                                 tag_keys=("model", "status"))
         self.ttft = Histogram("nanochat_serve_ttft_seconds", description="Time to first token (s)",
                               boundaries=TTFT_BUCKETS, tag_keys=("model",))
-        self.itl = Histogram("nanochat_serve_inter_token_seconds", description="Gap between tokens of a choice (s)",
+        self.itl = Histogram("nanochat_serve_inter_token_seconds",
+                             description="Gap between tokens of a choice (s)",
                              boundaries=ITL_BUCKETS, tag_keys=("model",))
         self.tps = Gauge("nanochat_serve_tokens_per_second", description="Tokens generated per second",
                          tag_keys=("model",))

@@ -32,7 +32,8 @@ def local_dir(uri: str) -> Path:
 
     path = Path(localize(uri))
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory; check model_uri/tokenizer_uri in the serve config")
+        raise FileNotFoundError(
+            f"{path} is not a directory; check model_uri/tokenizer_uri in the serve config")
     return path
 
 
@@ -72,13 +73,15 @@ class ServedModel:
         tok_dir = local_dir(spec.tokenizer_uri) if spec.tokenizer_uri else meta.get("tokenizer_dir")
         if tok_dir is None:
             raise FileNotFoundError(
-                f"model {spec.name}: no tokenizer/ next to the weights in {spec.model_uri}; set tokenizer_uri")
+                f"model {spec.name}: no tokenizer/ next to the weights in {spec.model_uri}; "
+                "set tokenizer_uri")
         if config.dtype == "bfloat16":
             model = model.to(dtype=torch.bfloat16)
         return cls.from_objects(spec, model, Tokenizer.load(tok_dir), config)
 
     @classmethod
-    def from_objects(cls, spec: ModelSpec, model: Any, tokenizer: Tokenizer, config: ServeConfig) -> ServedModel:
+    def from_objects(cls, spec: ModelSpec, model: Any, tokenizer: Tokenizer,
+                     config: ServeConfig) -> ServedModel:
         """Engine + scheduler (started) around a model and tokenizer in memory; set
         `scheduler.on_step` for per-step metrics."""
         if model.config.vocab_size != tokenizer.vocab_size:
@@ -94,7 +97,8 @@ class ServedModel:
         engine = Engine(model, max_batch_size=config.max_batch_size, max_seq_len=max_seq_len,
                         tool_use=tool_use, max_prefill_tokens=config.max_prefill_tokens,
                         prefill_chunk_tokens=config.prefill_chunk_tokens,
-                        prefix_cache_bytes=config.prefix_cache_mb << 20, prefix_block_size=config.prefix_block_size)
+                        prefix_cache_bytes=config.prefix_cache_mb << 20,
+                        prefix_block_size=config.prefix_block_size)
         scheduler = Scheduler(engine, max_waiting=config.max_waiting, step_log_size=config.step_log_size,
                               name=spec.name)
         token_bytes = [b for b, _ in tokenizer.core.get_mergeable_ranks()] + [b""] * len(SPECIAL_TOKENS)

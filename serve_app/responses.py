@@ -45,7 +45,8 @@ def completion_logprobs(lps: Sequence[TokenLogprob], offset: int) -> dict:
         offsets.append(at)
         at += len(lp.token)
     return {"tokens": [lp.token for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{**{t.token: t.logprob for t in lp.top_logprobs}, lp.token: lp.logprob} for lp in lps],
+            "top_logprobs": [{**{t.token: t.logprob for t in lp.top_logprobs}, lp.token: lp.logprob}
+                             for lp in lps],
             "text_offset": offsets}
 
 
@@ -64,7 +65,8 @@ def piece_delta(piece: Piece) -> dict:
 def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict, finish_reason: str | None = None,
                logprobs: dict | None = None, with_usage: bool = False) -> dict:
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                          "finish_reason": finish_reason}]}
     if with_usage:
         chunk["usage"] = None  # OpenAI sends null on every chunk but the last when usage is asked for
     return chunk
@@ -77,7 +79,8 @@ def usage_chunk(rid: str, created: int, model: str, obj: str, usage_: dict) -> d
 def text_chunk(rid: str, created: int, model: str, index: int, text: str, finish_reason: str | None = None,
                logprobs: dict | None = None, with_usage: bool = False) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+             "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                          "finish_reason": finish_reason}]}
     if with_usage:
         chunk["usage"] = None
     return chunk
@@ -110,6 +113,7 @@ def completion_response(rid: str, created: int, model: str, choices: Sequence[tu
     for i, (pieces, finish) in enumerate(choices):
         text = [p for p in pieces if p.kind == "text"]
         lps = completion_logprobs([lp for p in text for lp in p.logprobs], 0) if logprobs else None
-        out.append({"index": i, "text": "".join(p.text for p in text), "logprobs": lps, "finish_reason": finish})
+        out.append({"index": i, "text": "".join(p.text for p in text), "logprobs": lps,
+                    "finish_reason": finish})
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": out,
             "usage": usage_}

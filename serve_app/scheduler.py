@@ -147,7 +147,8 @@ class Scheduler:
             if self._closed:
                 raise SchedulerClosed(f"model {self.name} is shutting down; retry")
             queued = sum(s.params.n for s in self._waiting) + params.n
-            if queued - self._free > self.max_waiting:  # more would wait than max_waiting, even after free slots
+            # more would wait than max_waiting, even after free slots
+            if queued - self._free > self.max_waiting:
                 raise Overloaded(f"{len(self._waiting)} requests already wait for model {self.name}")
             self._waiting.append(sub)
             self._cv.notify_all()

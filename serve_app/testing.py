@@ -26,7 +26,8 @@ def synthetic_texts(n_docs: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     docs = []
     for _ in range(n_docs):
-        words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(40, 120))]
+        words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
+                 for _ in range(rng.randint(40, 120))]
         for i in range(0, len(words), rng.randint(6, 12)):
             words[i] = words[i].capitalize()
             words[i - 1] += rng.choice([".", ",", "!", "?", f" {rng.randint(0, 999)}."])
@@ -45,7 +46,8 @@ def write_random_checkpoint(directory: str | Path, *, n_layer: int = 2, n_embd: 
     n_docs = max(200, vocab_size // 4)  # ~20 pseudo-word types per merge to learn
     tokenizer = Tokenizer.train_from_iterator(synthetic_texts(n_docs, seed), vocab_size)
     if tokenizer.vocab_size != vocab_size:
-        raise RuntimeError(f"synthetic corpus gave {tokenizer.vocab_size} tokens, not {vocab_size}; raise n_docs")
+        raise RuntimeError(
+            f"synthetic corpus gave {tokenizer.vocab_size} tokens, not {vocab_size}; raise n_docs")
     torch.manual_seed(seed)
     config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                        n_kv_head=n_head, n_embd=n_embd)

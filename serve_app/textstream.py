@@ -159,7 +159,8 @@ class ChoiceText:
             if head is None:
                 return []
             c.name, c.sent = head.group(1), head.end()
-            out.append(Piece("tool_call", "", call=c.index, name=c.name, call_id=f"call_{uuid.uuid4().hex[:24]}"))
+            out.append(Piece("tool_call", "", call=c.index, name=c.name,
+                             call_id=f"call_{uuid.uuid4().hex[:24]}"))
         end = len(c.buf) if final and not complete else len(c.buf) - 1
         if end > c.sent:
             out.append(Piece("tool_call", c.buf[c.sent:end], call=c.index))
