@@ -138,7 +138,8 @@ def median_level(runs: list[Level]) -> Level:
     """The repeats of one level: throughput of the median repeat, latencies pooled over all."""
     mid = sorted(runs, key=lambda lv: lv.tok_s)[len(runs) // 2]
     return Level(mid.service, mid.clients, mid.tokens, mid.chunks, mid.wall_s,
-                 [t for lv in runs for t in lv.ttft], [t for lv in runs for t in lv.itl], sum(lv.errors for lv in runs))
+                 [t for lv in runs for t in lv.ttft], [t for lv in runs for t in lv.itl],
+                 sum(lv.errors for lv in runs))
 
 
 # ---- the two services --------------------------------------------------------------------------
@@ -161,8 +162,8 @@ def make_models(root: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=N_EMBD, intermediate_size=8 * N_EMBD // 3,
                          num_hidden_layers=N_LAYER, num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD,
-                         max_position_embeddings=SEQ, tie_word_embeddings=False, bos_token_id=tok.get_bos_token_id(),
-                         eos_token_id=None, pad_token_id=None)
+                         max_position_embeddings=SEQ, tie_word_embeddings=False,
+                         bos_token_id=tok.get_bos_token_id(), eos_token_id=None, pad_token_id=None)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=tok.get_bos_token_id(), eos_token_id=None,
                                                do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
@@ -271,7 +272,8 @@ def run_all(services: dict[str, tuple[str, str, dict]], args) -> list[Level]:
                 url, model, extra = services[name]
                 level = asyncio.run(run_level(name, url, model, c, args.rounds, args.tokens, extra))
                 print(f"  {name:5s} clients={c:3d} repeat {r}: {level.tok_s:8.1f} tok/s, "
-                      f"TTFT p50 {1000 * pct(level.ttft, .5):7.1f} ms, errors {level.errors}", file=sys.stderr)
+                      f"TTFT p50 {1000 * pct(level.ttft, .5):7.1f} ms, errors {level.errors}",
+                      file=sys.stderr)
                 runs[name].append(level)
         levels += [median_level(v) for v in runs.values()]
     return levels
@@ -309,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.only in (None, "hf"):
                 services["hf"] = stack.enter_context(hf_service(hf_dir, args, root))
             levels = run_all(services, args)
-        print(f"\nmodel: {N_LAYER} layers x {N_EMBD}, {N_HEAD} heads, vocab {VOCAB}; {args.tokens} tokens per request, "
-              f"{args.rounds} requests per client, median of {args.repeats} repeats, {args.threads} torch threads, "
+        print(f"\nmodel: {N_LAYER} layers x {N_EMBD}, {N_HEAD} heads, vocab {VOCAB}; "
+              f"{args.tokens} tokens per request, "
+              f"{args.rounds} requests per client, median of {args.repeats} repeats, "
+              f"{args.threads} torch threads, "
               f"{os.cpu_count()} CPUs")
         print_table(levels)
         ours = {lv.clients: lv for lv in levels if lv.service == "ours"}

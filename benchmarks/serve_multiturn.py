@@ -1,4 +1,5 @@
-"""Multi-turn chat benchmark: prefix reuse and chunked prefill, ours vs `transformers serve --continuous-batching`.
+"""Multi-turn chat benchmark: prefix reuse and chunked prefill, ours vs
+`transformers serve --continuous-batching`.
 
     PYTHONPATH=. python benchmarks/serve_multiturn.py                        # default sizes, a few minutes
     PYTHONPATH=. python benchmarks/serve_multiturn.py --clients 1,4,16,32    # the issue's full sizes
@@ -17,7 +18,8 @@ process) shares the machine's cores with the servers. Parts:
   TTFT p50/p95 (request -> first content chunk), inter-token latency p50/p95 (gaps between
   content chunks) and tok/s (completion tokens from `usage` / the level's wall time). Services:
   ours with prefix reuse, ours without (`prefix_cache_mb=0`), and transformers serve with its
-  defaults but for its KV cache's memory (`--hf-memory-percent`); the order rotates per level; one run per level. Ratios are vs transformers serve.
+  defaults but for its KV cache's memory (`--hf-memory-percent`); the order rotates per level;
+  one run per level. Ratios are vs transformers serve.
 - join: in-process engine, no HTTP: 16 streams decode, then a 2,000-token prompt joins. The
   streams' inter-token p95 before the join and over the gaps that overlap the long prompt's
   prefill, and its TTFT, for each `--join-chunks` value (0 = chunking off). By default timed in
@@ -101,8 +103,8 @@ def words(tokenizer, n_tokens: int, rng: random.Random) -> str:
 
 async def chat_turn(session, url: str, model: str, messages: list[dict], max_tokens: int) -> Turn:
     """Stream one chat completion; returns its timing, usage and text."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 1.0,
+            "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.monotonic()
     first = last = None
     itl: list[float] = []
@@ -206,11 +208,12 @@ def our_services(model_dir: Path, args, root: Path) -> Iterator[dict[str, tuple[
         port, most = free_port(), max(max(args.clients), 2)
         urls = {}
         for name, cache_mb in (("reuse", 256), ("noreuse", 0)):
-            config = ServeConfig(models=[{"name": NAME, "model_uri": str(model_dir), "kind": "chat", "tool_use": False}],
+            config = ServeConfig(models=[{"name": NAME, "model_uri": str(model_dir), "kind": "chat",
+                                          "tool_use": False}],
                                  app_name=name, route_prefix=f"/{name}", port=port, num_cpus=1,
                                  torch_threads=args.threads, max_seq_len=SEQ, max_batch_size=most,
-                                 max_waiting=4 * most, max_ongoing_requests=4 * most, prefix_cache_mb=cache_mb,
-                                 prefill_chunk_tokens=args.chunk)
+                                 max_waiting=4 * most, max_ongoing_requests=4 * most,
+                                 prefix_cache_mb=cache_mb, prefill_chunk_tokens=args.chunk)
             urls[f"ours-{name}"] = (f"{deploy(config)}/v1/chat/completions", NAME)
         yield urls
     finally:
@@ -250,15 +253,18 @@ def hf_service(model_dir: Path, args, root: Path) -> Iterator[tuple[str, str]]:
 
 def part_second(services: dict, tokenizer, args) -> None:
     """Turn 2 vs turn 1 of one conversation with a fresh long system prompt."""
-    print(f"\n== second turn vs first ({args.system_tokens}-token system prompt, 1 client, 3 conversations) ==")
-    print(f"{'service':14s} {'turn-1 TTFT':>12s} {'turn-2 TTFT':>12s} {'ratio':>6s} {'prompt-2':>9s} {'cached-2':>9s}")
+    print(f"\n== second turn vs first ({args.system_tokens}-token system prompt, 1 client, "
+          "3 conversations) ==")
+    print(f"{'service':14s} {'turn-1 TTFT':>12s} {'turn-2 TTFT':>12s} {'ratio':>6s} {'prompt-2':>9s} "
+          f"{'cached-2':>9s}")
     for name, (url, model) in services.items():
         firsts, seconds, cached, prompt = [], [], [], []
         for k in range(3):
             rng = random.Random(f"second/{name}/{k}")
             system = f"[{name} {k}] " + words(tokenizer, args.system_tokens, rng)  # never seen before
-            level = asyncio.run(run_level(name, url, model, 1, system, [[words(tokenizer, args.user_tokens, rng)
-                                                                          for _ in range(2)]], args.tokens))
+            level = asyncio.run(run_level(name, url, model, 1, system,
+                                          [[words(tokenizer, args.user_tokens, rng) for _ in range(2)]],
+                                          args.tokens))
             if len(level.turns) == 2 and None not in (level.turns[0].ttft, level.turns[1].ttft):
                 firsts.append(level.turns[0].ttft)
                 seconds.append(level.turns[1].ttft)
@@ -269,13 +275,15 @@ def part_second(services: dict, tokenizer, args) -> None:
             continue
         t1, t2 = 1000 * statistics.median(firsts), 1000 * statistics.median(seconds)
         c = "-" if None in cached else str(int(statistics.median(cached)))
-        print(f"{name:14s} {t1:10.1f}ms {t2:10.1f}ms {t2 / t1:5.2f}x {int(statistics.median(prompt)):9d} {c:>9s}")
+        print(f"{name:14s} {t1:10.1f}ms {t2:10.1f}ms {t2 / t1:5.2f}x {int(statistics.median(prompt)):9d} "
+              f"{c:>9s}")
 
 
 def part_multiturn(services: dict, tokenizer, args) -> None:
     rng = random.Random("multiturn")
     system = words(tokenizer, args.system_tokens, rng)
-    users = [[words(tokenizer, args.user_tokens, rng) for _ in range(args.turns)] for _ in range(max(args.clients))]
+    users = [[words(tokenizer, args.user_tokens, rng) for _ in range(args.turns)]
+             for _ in range(max(args.clients))]
     levels: list[Level] = []
     names = list(services)
     for i, c in enumerate(args.clients):
@@ -283,13 +291,14 @@ def part_multiturn(services: dict, tokenizer, args) -> None:
         for name in order:
             url, model = services[name]
             lv = asyncio.run(run_level(name, url, model, c, f"[{name}] " + system, users, args.tokens))
-            print(f"  {name:14s} clients={c:3d}: {lv.tok_s:7.1f} tok/s, TTFT p50 {lv.ms('ttft', .5):7.1f} ms, "
-                  f"errors {lv.errors}", file=sys.stderr, flush=True)
+            print(f"  {name:14s} clients={c:3d}: {lv.tok_s:7.1f} tok/s, "
+                  f"TTFT p50 {lv.ms('ttft', .5):7.1f} ms, errors {lv.errors}", file=sys.stderr, flush=True)
             levels.append(lv)
-    print(f"\n== multi-turn: {args.turns} turns per client, system prompt {args.system_tokens} tokens, user turns "
-          f"{args.user_tokens}, {args.tokens} tokens per reply; ratios vs hf (TTFT: lower is better) ==")
-    print(f"{'service':14s} {'clients':>7s} {'tok/s':>8s} {'vs hf':>6s} {'TTFT p50':>9s} {'vs hf':>6s} {'TTFT p95':>9s} "
-          f"{'ITL p50':>8s} {'ITL p95':>8s} {'cached/prompt':>13s} {'errors':>6s}")
+    print(f"\n== multi-turn: {args.turns} turns per client, system prompt {args.system_tokens} tokens, "
+          f"user turns {args.user_tokens}, {args.tokens} tokens per reply; ratios vs hf "
+          "(TTFT: lower is better) ==")
+    print(f"{'service':14s} {'clients':>7s} {'tok/s':>8s} {'vs hf':>6s} {'TTFT p50':>9s} {'vs hf':>6s} "
+          f"{'TTFT p95':>9s} {'ITL p50':>8s} {'ITL p95':>8s} {'cached/prompt':>13s} {'errors':>6s}")
     hf = {lv.clients: lv for lv in levels if lv.service == "hf"}
     for lv in sorted(levels, key=lambda x: (x.clients, x.service)):
         ref = hf.get(lv.clients)
@@ -298,8 +307,9 @@ def part_multiturn(services: dict, tokenizer, args) -> None:
         known = [t for t in lv.turns if t.cached_tokens is not None]
         share = (f"{sum(t.cached_tokens for t in known) / max(1, sum(t.prompt_tokens for t in known)):13.2f}"
                  if known else f"{'-':>13s}")
-        print(f"{lv.service:14s} {lv.clients:7d} {lv.tok_s:8.1f} {tput:>6s} {lv.ms('ttft', .5):7.1f}ms {ttft:>6s} "
-              f"{lv.ms('ttft', .95):7.1f}ms {lv.ms('itl', .5):6.1f}ms {lv.ms('itl', .95):6.1f}ms {share} {lv.errors:6d}")
+        print(f"{lv.service:14s} {lv.clients:7d} {lv.tok_s:8.1f} {tput:>6s} {lv.ms('ttft', .5):7.1f}ms "
+              f"{ttft:>6s} {lv.ms('ttft', .95):7.1f}ms {lv.ms('itl', .5):6.1f}ms {lv.ms('itl', .95):6.1f}ms "
+              f"{share} {lv.errors:6d}")
 
 
 def part_join(model_dir: Path, args) -> None:
@@ -317,8 +327,8 @@ def part_join(model_dir: Path, args) -> None:
     g = torch.Generator().manual_seed(0)
     stream_prompts = [torch.randint(0, VOCAB, (200,), generator=g).tolist() for _ in range(16)]
     long_prompt = torch.randint(0, VOCAB, (2000,), generator=g).tolist()
-    print("\n== a 2,000-token prompt joins 16 decoding streams (engine in-process; ITL over the gaps that overlap "
-          f"its prefill; clock: {args.join_clock}, {torch.get_num_threads()} torch threads) ==")
+    print("\n== a 2,000-token prompt joins 16 decoding streams (engine in-process; ITL over the gaps "
+          f"that overlap its prefill; clock: {args.join_clock}, {torch.get_num_threads()} torch threads) ==")
     print(f"{'chunk':>6s} {'ITL p95 before':>15s} {'ITL p95 during':>15s} {'growth':>7s} {'long TTFT':>10s} "
           f"{'vs off':>7s} {'steps':>6s}")
     runs: dict[int, list[tuple[float, float, float, int]]] = {c: [] for c in args.join_chunks}
@@ -331,8 +341,8 @@ def part_join(model_dir: Path, args) -> None:
         if chunk == 0:
             ttft_off = ttft
         vs = f"{ttft / ttft_off:6.2f}x" if ttft_off else "   -   "
-        print(f"{chunk or 'off':>6} {1000 * b:13.1f}ms {1000 * d:13.1f}ms {d / b:6.2f}x {1000 * ttft:8.1f}ms {vs:>7s} "
-              f"{int(steps):6d}")
+        print(f"{chunk or 'off':>6} {1000 * b:13.1f}ms {1000 * d:13.1f}ms {d / b:6.2f}x {1000 * ttft:8.1f}ms "
+              f"{vs:>7s} {int(steps):6d}")
 
 
 def join_once(model, stream_prompts: list[list[int]], long_prompt: list[int], chunk: int, clock) -> tuple:
@@ -340,7 +350,8 @@ def join_once(model, stream_prompts: list[list[int]], long_prompt: list[int], ch
     from nanochat.engine import Engine, SamplingParams
 
     engine = Engine(model, max_batch_size=17, max_seq_len=SEQ, prefill_chunk_tokens=chunk)
-    streams = [engine.add_request(p, SamplingParams(temperature=0, max_new_tokens=1000)) for p in stream_prompts]
+    streams = [engine.add_request(p, SamplingParams(temperature=0, max_new_tokens=1000))
+               for p in stream_prompts]
     last: dict[int, float] = {}
     before, gaps = [], []  # gaps: (start, end) of every stream's inter-token gap after the join
     for _ in range(12):  # prefill the streams, then settle into decoding
@@ -378,8 +389,9 @@ def part_ttft(url: str, model_dir: Path, tokenizer, args) -> None:
     torch.set_num_threads(args.threads)
     model, _ = load_model(model_dir, "cpu")
     engine = Engine(model.eval(), max_batch_size=2, max_seq_len=SEQ)
-    print("\n== first token: the service (HTTP, Serve, streaming) vs the engine in-process, one request at a time; "
-          "the service's time split at its prefill step (the scheduler's step log, same monotonic clock) ==")
+    print("\n== first token: the service (HTTP, Serve, streaming) vs the engine in-process, "
+          "one request at a time; the service's time split at its prefill step "
+          "(the scheduler's step log, same monotonic clock) ==")
     print(f"{'prompt':>7s} {'engine TTFT':>12s} {'service TTFT':>13s} {'ratio':>6s} {'added':>8s} "
           f"{'in: to step':>12s} {'step':>8s} {'out: to client':>15s}")
     import aiohttp
@@ -404,7 +416,8 @@ def part_ttft(url: str, model_dir: Path, tokenizer, args) -> None:
                 svc_t.append(turn.ttft)
                 if step is not None:
                     end = step["start"] + step["duration_ms"] / 1000
-                    split.append((step["start"] - turn.start, step["duration_ms"] / 1000, turn.first_at - end))
+                    split.append((step["start"] - turn.start, step["duration_ms"] / 1000,
+                                  turn.first_at - end))
             prompt = tokenizer.render_for_completion({"messages": messages})
             t0 = time.perf_counter()
             slot = engine.add_request(prompt, SamplingParams(temperature=1.0, max_new_tokens=2))
@@ -413,31 +426,37 @@ def part_ttft(url: str, model_dir: Path, tokenizer, args) -> None:
             eng_t.append(time.perf_counter() - t0)
             engine.remove(slot)
         e, s = 1000 * statistics.median(eng_t), 1000 * statistics.median(svc_t)
-        parts = [f"{1000 * statistics.median(x[i] for x in split):9.1f}ms" if split else f"{'-':>11s}" for i in range(3)]
-        print(f"{n_tokens:7d} {e:10.1f}ms {s:11.1f}ms {s / e:5.2f}x {s - e:6.1f}ms {parts[0]:>12s} {parts[1]:>8s} "
-              f"{parts[2]:>15s}")
+        parts = [f"{1000 * statistics.median(x[i] for x in split):9.1f}ms" if split else f"{'-':>11s}"
+                 for i in range(3)]
+        print(f"{n_tokens:7d} {e:10.1f}ms {s:11.1f}ms {s / e:5.2f}x {s - e:6.1f}ms {parts[0]:>12s} "
+              f"{parts[1]:>8s} {parts[2]:>15s}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=ints, default=[1, 4], help="concurrent conversations per level (full: 1,4,16,32)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=ints, default=[1, 4],
+                   help="concurrent conversations per level (full: 1,4,16,32)")
     p.add_argument("--turns", type=int, default=3, help="turns per conversation")
     p.add_argument("--system-tokens", type=int, default=1000, help="tokens of the shared system prompt")
     p.add_argument("--user-tokens", type=int, default=40, help="tokens of each user turn")
     p.add_argument("--tokens", type=int, default=32, help="max tokens per reply")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of each service and of the engine parts")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads of each service and of the engine parts")
     p.add_argument("--chunk", type=int, default=128, help="our prefill_chunk_tokens (0 = off)")
     p.add_argument("--join-chunks", type=ints, default=[0, 32, 128],
                    help="chunk sizes of the join part (the README's table: 0,32,64,128,256)")
     p.add_argument("--join-clock", choices=["cpu", "wall"], default="cpu",
-                   help="join part: 1 torch thread timed by its CPU time (robust to a shared machine), or wall time")
-    p.add_argument("--join-repeats", type=int, default=2, help="runs of each chunk size in the join part (median)")
-    p.add_argument("--parts", default="second,multiturn,join,ttft", help="which parts to run, comma-separated")
+                   help="join part: 1 torch thread timed by its CPU time (robust to a shared machine), "
+                        "or wall time")
+    p.add_argument("--join-repeats", type=int, default=2,
+                   help="runs of each chunk size in the join part (median)")
+    p.add_argument("--parts", default="second,multiturn,join,ttft",
+                   help="which parts to run, comma-separated")
     p.add_argument("--no-hf", action="store_true", help="leave transformers serve out")
     p.add_argument("--hf-memory-percent", type=float, default=0.1,
-                   help="transformers serve's --cb-max-memory-percent (its CPU default, 0.6 of free RAM, is too "
-                        "much for a shared machine; 0.1 still holds every conversation of 32 clients)")
+                   help="transformers serve's --cb-max-memory-percent (its CPU default, 0.6 of free RAM, "
+                        "is too much for a shared machine; 0.1 still holds every conversation of 32 clients)")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     if parts - {"second", "multiturn", "join", "ttft"}:
@@ -449,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = make_model(root)
         tokenizer = Tokenizer.load(model_dir)
-        print(f"model: {N_LAYER} layers x {N_EMBD}, {N_HEAD} heads, vocab {VOCAB}, context {SEQ}; {args.threads} torch "
-              f"threads per service; our prefill chunk {args.chunk}; {os.cpu_count()} CPUs (load generator on them too)")
+        print(f"model: {N_LAYER} layers x {N_EMBD}, {N_HEAD} heads, vocab {VOCAB}, context {SEQ}; "
+              f"{args.threads} torch threads per service; our prefill chunk {args.chunk}; "
+              f"{os.cpu_count()} CPUs (load generator on them too)")
         if "join" in parts:
             part_join(model_dir, args)
         if parts & {"second", "multiturn", "ttft"}:

@@ -216,7 +216,8 @@ class Engine:
         )
         self._slots: dict[int, _Slot] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self.prefix_cache = PrefixCache(self.cache, prefix_cache_bytes, prefix_block_size) if prefix_cache_bytes else None
+        self.prefix_cache = (PrefixCache(self.cache, prefix_cache_bytes, prefix_block_size)
+                             if prefix_cache_bytes else None)
         self._params = list(model.parameters()) if hasattr(model, "parameters") else []
         # a model whose forward takes logits_at (nanochat's GPT) also goes through KVCache.attend and
         # token_positions, so it can be fed packed rows; others (test mocks) get padded forwards
@@ -267,7 +268,8 @@ class Engine:
         constraints: one TokenConstraint per sample (fresh objects: each follows its own row)."""
         prompt = self._check_prompt(prompt_ids)
         if constraints is not None and len(constraints) != params.n:
-            raise ValueError(f"{len(constraints)} constraints for n = {params.n} samples; give one per sample")
+            raise ValueError(f"{len(constraints)} constraints for n = {params.n} samples; "
+                             "give one per sample")
         free = self.free_slots()
         if params.n > len(free):
             raise RuntimeError(
@@ -353,10 +355,12 @@ class Engine:
         waiting for one."""
         self._collect_tool_results(block=False)
         waiting = [s for s, e in self._slots.items() if e.state == "prefill"]
-        running = sorted(s for s, e in self._slots.items() if e.state == "running")  # by slot: contiguous rows are views
+        # by slot: contiguous rows are views
+        running = sorted(s for s, e in self._slots.items() if e.state == "running")
         if not waiting and not running and any(e.state == "tool" for e in self._slots.values()):
             self._collect_tool_results(block=True)
-            running = sorted(s for s, e in self._slots.items() if e.state == "running")  # by slot: contiguous rows are views
+            # by slot: contiguous rows are views
+            running = sorted(s for s, e in self._slots.items() if e.state == "running")
         chunked = self.prefill_chunk_tokens > 0 and bool(running)
         prefill, ends = self._prefill_feed(waiting, self.prefill_chunk_tokens if chunked else None,
                                            packed=chunked and self._model_packs)
@@ -385,7 +389,8 @@ class Engine:
             if packed:
                 if piece < 1:
                     break
-            elif chosen and (new_longest * (len(chosen) + 1) > budget or new_furthest + new_longest > self.max_seq_len):
+            elif chosen and (new_longest * (len(chosen) + 1) > budget
+                             or new_furthest + new_longest > self.max_seq_len):
                 break
             chosen.append(s)
             pieces.append(piece)
@@ -418,7 +423,8 @@ class Engine:
             for s, n in zip(feed.slots, feed.lengths, strict=True):
                 self._slots[s].fed += n
             ends = torch.tensor([start + n for start, n in zip(starts, feed.lengths, strict=True)])
-            self.cache.pos[torch.tensor(feed.slots, device=self.device)] = ends.to(self.device)  # drop the pads' keys
+            # drop the pads' keys
+            self.cache.pos[torch.tensor(feed.slots, device=self.device)] = ends.to(self.device)
             done = [i for i, end in enumerate(plan.ends) if end]
             if done:
                 out.append(logits[torch.tensor(done, device=self.device)])
@@ -431,7 +437,8 @@ class Engine:
             if self._model_packs and last is not None:
                 return self.model(feed.tokens, kv_cache=self.cache, logits_at=last)
             logits = self.model(feed.tokens, kv_cache=self.cache)  # (R, T, V)
-            return logits if last is None else logits.gather(1, last[:, :, None].expand(-1, -1, logits.size(-1)))
+            return (logits if last is None
+                    else logits.gather(1, last[:, :, None].expand(-1, -1, logits.size(-1))))
         finally:
             self.cache.set_active(None)
 
@@ -501,7 +508,8 @@ class Engine:
         """Keep the computed part of a slot's sequence in the prefix cache (same weights only)."""
         if self.prefix_cache is None or s.state == "copy" or s.version != self._version():
             return
-        seq = s.prompt[: s.fed] if s.state == "prefill" else s.prompt + s.tokens[:-1]  # the last token is never fed
+        # the last token is never fed
+        seq = s.prompt[: s.fed] if s.state == "prefill" else s.prompt + s.tokens[:-1]
         self.prefix_cache.insert(s.version, seq, self.cache, slot)
 
     def _constrain(self, logits: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:

@@ -173,7 +173,8 @@ class CausalSelfAttention(nn.Module):
             k = self.c_k(x).view(B, T, H_kv, D)
             v = self.c_v(x).view(B, T, H_kv, D)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            q, k = norm(q, self.eps).to(v.dtype), norm(k, self.eps).to(v.dtype)  # QK norm; keep autocast's dtype
+            # QK norm; keep autocast's dtype
+            q, k = norm(q, self.eps).to(v.dtype), norm(k, self.eps).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_head != self.n_kv_head
         if kv_cache is None:
@@ -318,7 +319,8 @@ class GPT(nn.Module):
         head_dim = cfg.n_embd // cfg.n_head
         return 6 * nparams + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
 
-    def setup_optimizers(self, lrs: LearningRates | None = None, dist: DistInfo | None = None) -> list[AdamW | Muon]:
+    def setup_optimizers(self, lrs: LearningRates | None = None,
+                         dist: DistInfo | None = None) -> list[AdamW | Muon]:
         """[AdamW for lm_head + embedding, Muon for the block matrices], sharded over `dist`.
 
         `lrs` default to the seed's (LearningRates()); AdamW lrs scale by (n_embd / 768)^-0.5 and every

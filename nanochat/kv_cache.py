@@ -217,7 +217,8 @@ class SlotCache(KVCache):
         super().__init__(*args, **kwargs)
         self.set_active(None)
 
-    def set_packed(self, decode_rows: Sequence[int], piece_rows: Sequence[int], piece_lengths: Sequence[int]) -> None:
+    def set_packed(self, decode_rows: Sequence[int], piece_rows: Sequence[int],
+                   piece_lengths: Sequence[int]) -> None:
         """Feed the next forward as one packed sequence: a token for each of decode_rows, then
         piece_lengths[i] tokens for piece_rows[i]; stays until set_active."""
         self.set_active(list(decode_rows) + list(piece_rows))
@@ -252,7 +253,8 @@ class SlotCache(KVCache):
                         <= start + torch.arange(n, device=dev)[:, None])[None, None]  # (1, 1, n, start+n)
             pieces.append((row, start, n, mask))
         self._packed = (dec, pieces)
-        self._packed_pos = torch.cat([dec.pos] + [torch.arange(p, p + n, device=dev) for _, p, n, _ in pieces])
+        self._packed_pos = torch.cat([dec.pos]
+                                     + [torch.arange(p, p + n, device=dev) for _, p, n, _ in pieces])
         self._packed_lengths = torch.tensor(lengths, device=dev)
 
     def token_positions(self, t_new: int) -> torch.Tensor:
@@ -264,7 +266,8 @@ class SlotCache(KVCache):
                enable_gqa: bool = False) -> torch.Tensor:
         if self._packed is None:
             k_all, v_all, mask = self._insert(layer_idx, k, v, cover=True)
-            if self._span is None and self._cover is not None:  # queries of the holes are zeros, dropped after
+            # queries of the holes are zeros, dropped after
+            if self._span is None and self._cover is not None:
                 q_cover = q.new_zeros((k_all.size(0),) + q.shape[1:])
                 q_cover[self._cover_idx] = q
                 y = F.scaled_dot_product_attention(q_cover, k_all.to(q.dtype), v_all.to(q.dtype),
@@ -350,7 +353,8 @@ class SlotCache(KVCache):
                 cover_pos = torch.zeros(hi - lo, dtype=torch.long, device=self.device)  # holes see key 0 only
                 cover_pos[self._cover_idx] = pos
                 key_idx = torch.arange(self._keys_len, device=self.device)
-                self._cover_mask = (key_idx[None, :] <= cover_pos[:, None])[:, None, None, :]  # (R_cover, 1, 1, T)
+                # (R_cover, 1, 1, T)
+                self._cover_mask = (key_idx[None, :] <= cover_pos[:, None])[:, None, None, :]
         if self._uniform and t_new == 1:  # every row sees all keys up to its new one: no mask
             self._mask = None
             return
@@ -358,7 +362,8 @@ class SlotCache(KVCache):
         key_idx = torch.arange(self._keys_len, device=self.device)
         self._mask = (key_idx[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T_new, T_keys)
         heads = torch.arange(self.num_heads, device=self.device)
-        self._index = (self.active_rows()[:, None, None], heads[None, :, None], positions[:, None, :])  # (R, H, T)
+        # (R, H, T)
+        self._index = (self.active_rows()[:, None, None], heads[None, :, None], positions[:, None, :])
 
     def insert_kv(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor

@@ -105,7 +105,8 @@ class PrefixCache:
         for block in reversed(chain):  # leaf first, root last: parents stay more recent than children
             self._blocks.move_to_end(block.key)
 
-    def restore(self, version: Hashable, tokens: Sequence[int], cache: KVCache, row: int, max_tokens: int) -> int:
+    def restore(self, version: Hashable, tokens: Sequence[int], cache: KVCache, row: int,
+                max_tokens: int) -> int:
         """Copy the longest stored prefix of `tokens` (at most max_tokens, whole blocks) into cache
         row `row` at positions 0..; returns how many tokens it copied (the row's length is the
         caller's to set)."""
