@@ -95,7 +95,8 @@ class LocalCluster:
                 raise ClusterError(f"port {value} ({name}) is outside 1..65535")
             if value in RAY_WORKER_PORTS:
                 raise ClusterError(f"port {value} ({name}) is inside the range Ray keeps for its workers "
-                                   f"({RAY_WORKER_PORTS.start}-{RAY_WORKER_PORTS.stop - 1}): pick one outside it")
+                                   f"({RAY_WORKER_PORTS.start}-{RAY_WORKER_PORTS.stop - 1}): "
+                                   "pick one outside it")
             return value
 
         ports = {"gcs_port": port("gcs_port", gcs_port, DEFAULT_GCS_PORT),
@@ -165,9 +166,9 @@ class LocalCluster:
                 return ours
             raise ClusterError(
                 f"this NANOCHAT_HOME already runs a local cluster at {ours.address} (dashboard "
-                f"{ours.dashboard_port}, temp dir {ours.temp_dir}), not on the ports asked for ({self.gcs_port}, "
-                f"{self.dashboard_port}, {self.metrics_port}, {self.temp_dir}): stop it first "
-                "(`python -m cluster.local stop`) or use another NANOCHAT_HOME")
+                f"{ours.dashboard_port}, temp dir {ours.temp_dir}), not on the ports asked for "
+                f"({self.gcs_port}, {self.dashboard_port}, {self.metrics_port}, {self.temp_dir}): "
+                "stop it first (`python -m cluster.local stop`) or use another NANOCHAT_HOME")
         if ours is not None:  # a stale state file: its cluster is gone
             Path(self.state_file).unlink(missing_ok=True)
         self.start(timeout_s)
@@ -220,7 +221,8 @@ class LocalCluster:
         while not self.is_running():
             if time.time() > deadline:
                 raise ClusterError(f"Ray head did not open {self.address} and {self.dashboard_url} "
-                                   f"within {timeout_s:.0f}s; see logs under {self.temp_dir}/session_latest/logs")
+                                   f"within {timeout_s:.0f}s; "
+                                   f"see logs under {self.temp_dir}/session_latest/logs")
             time.sleep(0.5)
         Path(self.state_file).parent.mkdir(parents=True, exist_ok=True)
         Path(self.state_file).write_text(json.dumps(asdict(self), indent=2))
@@ -283,7 +285,8 @@ class LocalCluster:
                  f"metrics: http://127.0.0.1:{self.metrics_port}/metrics",
                  f"logical CPUs: {self.num_cpus}"]
         jobs = self.job_client().list_jobs()
-        running = [j for j in jobs if str(j.status) in ("RUNNING", "PENDING", "JobStatus.RUNNING", "JobStatus.PENDING")]
+        running = [j for j in jobs
+                   if str(j.status) in ("RUNNING", "PENDING", "JobStatus.RUNNING", "JobStatus.PENDING")]
         lines.append(f"jobs: {len(jobs)} submitted, {len(running)} running")
         for j in sorted(jobs, key=lambda j: j.start_time or 0)[-10:]:
             lines.append(f"  {j.submission_id or j.job_id}  {j.status}  {j.entrypoint[:80]}")
@@ -309,9 +312,11 @@ def ensure_auth_token(env: dict[str, str]) -> None:
     """Create `~/.ray/auth_token` if missing (`ray get-auth-token --generate`) and make it 0600."""
     if not AUTH_TOKEN_FILE.exists():
         ray_cli = str(Path(sys.executable).parent / "ray")
-        out = subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True, text=True)
+        out = subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True,
+                             text=True)
         if out.returncode != 0 or not AUTH_TOKEN_FILE.exists():
-            raise RuntimeError(f"could not create the Ray auth token: {out.stderr.strip() or out.stdout.strip()}")
+            raise RuntimeError("could not create the Ray auth token: "
+                               f"{out.stderr.strip() or out.stdout.strip()}")
     AUTH_TOKEN_FILE.chmod(0o600)  # Ray writes it 0644; only this user needs it
 
 
@@ -330,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-port", type=int, default=None,
                    help=f"Prometheus metrics export port (${PORT_ENV['metrics_port']}, default 8080)")
     p.add_argument("--temp-dir", default=None,
-                   help=f"Ray's temp dir (${TEMP_DIR_ENV}; default /tmp/ray, or /tmp/ray-<port> on other ports)")
+                   help=f"Ray's temp dir (${TEMP_DIR_ENV}; default /tmp/ray, "
+                        "or /tmp/ray-<port> on other ports)")
     args = p.parse_args(argv)
     if args.command == "start":
         wanted = LocalCluster.configured(gcs_port=args.port, dashboard_port=args.dashboard_port,

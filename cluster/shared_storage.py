@@ -38,13 +38,14 @@ def verify_shared_storage(run_dir: str, nodes: list[dict], timeout_s: float = 12
         try:
             seen = ray.get(refs, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise StorageError(f"could not check within {timeout_s:.0f}s that every node sees the run directory "
-                               f"{run_dir} (a node is unreachable or has no room for a 0-CPU task)") from None
+            raise StorageError(f"could not check within {timeout_s:.0f}s that every node sees the run "
+                               f"directory {run_dir} (a node is unreachable or has no room for a 0-CPU "
+                               "task)") from None
     finally:
         marker.unlink(missing_ok=True)
     blind = sorted(ip for ip, ok in seen if not ok)
     if blind:
         raise StorageError(
-            f"the run directory {run_dir} is not shared: node(s) {', '.join(blind)} do not see a file the driver "
-            f"wrote there, so their workers would write checkpoints no other node can read. Put the run on "
-            "storage every node mounts at the same path (NFS) or on s3:// / gs://")
+            f"the run directory {run_dir} is not shared: node(s) {', '.join(blind)} do not see a file the "
+            f"driver wrote there, so their workers would write checkpoints no other node can read. "
+            "Put the run on storage every node mounts at the same path (NFS) or on s3:// / gs://")

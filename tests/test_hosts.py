@@ -1,4 +1,4 @@
-"""The host harness (cluster/hosts.py) without Ray: separate hosts, failures, cleanup.
+"""The host harness (cluster/hosts.py, host_cluster.py, netns.py) without Ray: separate hosts, failures, cleanup.
 
 Each host is a network + PID + UTS + mount namespace; these tests check what makes them hosts
 (own address and hostname, private /tmp and HOME, one shared mount, no route out), each failure
@@ -21,15 +21,16 @@ from contextlib import contextmanager
 
 import pytest
 
-from cluster import hosts
-from cluster.hosts import HostCluster, HostError, harness_leftovers, root_network
+from cluster import hosts, netns
+from cluster.host_cluster import HostCluster
+from cluster.netns import HostError, harness_leftovers, root_network
 
-REPO_ROOT = hosts.REPO_ROOT
+REPO_ROOT = netns.REPO_ROOT
 
 
 def _harness_available() -> str | None:
     try:
-        hosts.check_requirements()
+        netns.check_requirements()
     except HostError as e:
         return str(e)
     return None
@@ -134,7 +135,7 @@ def test_hosts_are_separate_machines_and_failures_work(clean_machine, tmp_path):
         assert server.pid in before and len(before) >= 3
         hc.kill("w1")  # every process at once, its namespace and cable gone
         assert server.wait(timeout=30) == -signal.SIGKILL
-        assert hc.processes("w1") == [] and hc.ns("w1") not in hosts.netns_list()
+        assert hc.processes("w1") == [] and hc.ns("w1") not in netns.netns_list()
         assert ask(hc, "client", w1.ip, 2).startswith("FAIL")
         with pytest.raises(HostError, match="w1 is down"):
             hc.run("w1", ["true"])
@@ -150,7 +151,7 @@ def test_hosts_are_separate_machines_and_failures_work(clean_machine, tmp_path):
 
 CRASHER = """
 import os, sys
-from cluster.hosts import HostCluster
+from cluster.host_cluster import HostCluster
 hc = HostCluster.create(workers=1)
 print(hc.id, flush=True)
 os.kill(os.getpid(), 9)  # crash without any cleanup
@@ -171,7 +172,7 @@ def test_a_crashed_run_is_cleaned_up_by_the_next_start(clean_machine):
 
 INTERRUPTED = """
 import time
-from cluster.hosts import HostCluster
+from cluster.host_cluster import HostCluster
 with HostCluster.create(workers=1) as hc:
     hc.popen("w1", ["sleep", "600"])
     print(hc.id, flush=True)

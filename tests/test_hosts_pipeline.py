@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from cluster.hosts import SHARED_MOUNT, HostCluster
+from cluster.host_cluster import SHARED_MOUNT, HostCluster
 from jobs import registry
 from tests.test_hosts import _harness_available, nothing_left_behind
 

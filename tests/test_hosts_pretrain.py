@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from cluster.hosts import SHARED_MOUNT, HostCluster
+from cluster.host_cluster import SHARED_MOUNT, HostCluster
 from cluster.pretrain import resolve_shards
 from nanochat.data.dataset import iter_row_groups
 from nanochat.tokenizer import Tokenizer

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from cluster.hosts import SHARED_MOUNT, HostCluster
+from cluster.host_cluster import SHARED_MOUNT, HostCluster
 from serve_app.testing import write_random_checkpoint
 from tests.test_hosts import _harness_available, nothing_left_behind
 
@@ -50,7 +50,8 @@ while True:
 seen = {requests.post(f"{url}/v1/chat/completions", json=body, timeout=60).headers["x-nanochat-replica"]
         for _ in range(20)}
 ips = {n.node_id: n.node_ip for n in list_nodes(address=dashboard)}
-where = {a.name.rsplit("#", 1)[1]: ips[a.node_id] for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
+where = {a.name.rsplit("#", 1)[1]: ips[a.node_id]
+         for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
          if a.name and a.name.startswith("SERVE_REPLICA::")}
 results = [{} for _ in range(6)]
 events = [threading.Event() for _ in results]
