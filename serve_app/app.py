@@ -23,12 +23,11 @@ Notable:
 - a client that disconnects cancels its handler; the generation's `finally` frees its slots.
 - agents' features: `response_format` and `tools` compile to one llguidance grammar per request
   (serve_app/grammar.py), enforced per row by the engine's sampler; function calling maps onto
-  the tool tokens (`_conversation` documents how); log-probs come with up to 20 alternatives.
+  the tool tokens (serve_app/conversation.py documents how); log-probs come with up to 20 alternatives.
 """
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,8 +45,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanochat.sampling import SamplingParams
 from serve_app import responses as R
 from serve_app.config import ServeConfig
+from serve_app.conversation import message_chars, to_conversation
 from serve_app.generation import Generation, GenerationFailed
-from serve_app.grammar import Grammar, GrammarError, render_tool_call
+from serve_app.grammar import Grammar, GrammarError
 from serve_app.metrics import ServeMetrics, process_metrics
 from serve_app.models import ServedModel
 from serve_app.scheduler import Overloaded, SchedulerClosed
@@ -112,80 +112,6 @@ class _CountStatus:
 
 
 api.add_middleware(_CountStatus)
-
-
-# Module-level helpers the deployment uses come before it: Serve pickles the class when it is decorated.
-TOOLS_PREAMBLE = ("You can call these functions. To call one, write a python block holding "
-                  '{"name": <function>, "arguments": <object>}; its result comes back as the '
-                  'block\'s output.')
-
-
-def _chars(m: ChatMessage) -> int:
-    content = m.content or ""
-    text = len(content) if isinstance(content, str) else sum(len(p.text) for p in content)
-    return text + sum(len(c.function.name) + len(c.function.arguments) for c in m.tool_calls or [])
-
-
-def _conversation(messages: list[ChatMessage], tools: list[Tool] | None) -> list[dict]:
-    """OpenAI messages -> nanochat's conversation (tokenizer._render), mapping function calling onto
-    the tool tokens:
-    - `tools` are listed in the system message (one JSON line per function after TOOLS_PREAMBLE);
-    - an assistant's tool call is a python part holding `{"name":...,"arguments":{...}}` (compact
-      JSON, as the grammar makes the model write it); a `role: "tool"` message is a python_output
-      part holding its content;
-    - an assistant message, its tool results and the assistant messages after them form one
-      assistant turn (the model's own python tool works the same way), so a conversation that
-      ends with tool results ends with an open assistant turn the model continues."""
-    out: list[dict] = []
-    open_calls: dict[str, str] = {}  # call id -> function name, not yet answered
-    for i, m in enumerate(messages):
-        role = "system" if m.role == "developer" else m.role
-        where = f"messages[{i}]"
-        if role == "system" and i != 0:
-            raise ApiError(400, f"{where}: a system message may only come first", "invalid_value", "messages")
-        content: Any = m.content
-        if isinstance(content, list):
-            if role != "assistant" and any(p.type != "text" for p in content):
-                raise ApiError(400, f"{where}: only assistant messages may hold python parts",
-                               "invalid_value", "messages")
-            content = ("".join(p.text for p in content) if role != "assistant"
-                       else [{"type": p.type, "text": p.text} for p in content])
-        if role in ("system", "user"):
-            out.append({"role": role, "content": content})
-            continue
-        if role == "tool":
-            if not out or out[-1]["role"] != "assistant" or m.tool_call_id not in open_calls:
-                raise ApiError(400, f"{where}: tool_call_id {m.tool_call_id!r} answers no earlier assistant "
-                               "tool call (a tool message must follow the assistant message that made the "
-                               "call)", "invalid_value", "messages")
-            del open_calls[m.tool_call_id]
-            parts = [{"type": "python_output", "text": content}]
-        else:
-            parts = ([{"type": "text", "text": content}] if isinstance(content, str) and content
-                     else list(content or []))
-            for call in m.tool_calls or []:
-                try:
-                    arguments = json.loads(call.function.arguments)
-                except json.JSONDecodeError as e:
-                    raise ApiError(400,
-                                   f"{where}: tool call {call.id!r} has arguments that are not JSON: {e}",
-                                   "invalid_value", "messages") from None
-                parts.append({"type": "python", "text": render_tool_call(call.function.name, arguments)})
-                open_calls[call.id] = call.function.name
-        if out and out[-1]["role"] == "assistant":
-            out[-1]["content"].extend(parts)  # the same turn goes on
-        else:
-            out.append({"role": "assistant", "content": parts})
-    if tools:
-        listing = "\n".join(json.dumps({"name": t.function.name, "description": t.function.description or "",
-                                        "parameters": t.function.parameters or {}}, ensure_ascii=False)
-                            for t in tools)
-        preamble = f"{TOOLS_PREAMBLE}\n{listing}"
-        if out[0]["role"] == "system":
-            out[0]["content"] = f"{out[0]['content']}\n\n{preamble}"
-        else:
-            out.insert(0, {"role": "system", "content": preamble})
-    return out
 
 
 @serve.deployment(name="ChatServer")
@@ -361,8 +287,8 @@ class ChatServer:
         if len(messages) > limits.max_messages:
             raise ApiError(400, f"{len(messages)} messages; at most {limits.max_messages} per request",
                            "too_many_messages", "messages")
-        self._check_chars(sum(_chars(m) for m in messages), "messages")
-        conversation = _conversation(messages, tools)
+        self._check_chars(sum(message_chars(m) for m in messages), "messages")
+        conversation = to_conversation(messages, tools)
         if conversation[-1]["role"] == "assistant" and messages[-1].role != "tool":
             raise ApiError(400, "the last message must be from the user (or a tool's result)",
                            "invalid_value", "messages")

@@ -264,7 +264,7 @@ def test_tool_results_in_the_history(client, local) -> None:
             "name": "get_weather", "arguments": json.dumps({"city": "Oslo", "days": 2})}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
     ]
-    from serve_app.app import _conversation
+    from serve_app.conversation import to_conversation
     from serve_app.schemas import ChatCompletionRequest, parse_request
 
     for stream in (False, True):
@@ -273,7 +273,7 @@ def test_tool_results_in_the_history(client, local) -> None:
         usage = list(reply)[-1].usage if stream else reply.usage
         req = parse_request(ChatCompletionRequest, json.dumps({"model": CHAT, "messages": messages,
                                                               "tools": TOOLS}).encode())
-        expected = tok.render_for_completion({"messages": _conversation(req.messages, req.tools)}, continue_last=True)
+        expected = tok.render_for_completion({"messages": to_conversation(req.messages, req.tools)}, continue_last=True)
         assert usage.prompt_tokens == len(expected)
         assert expected[-1] == tok.encode_special("<|output_end|>")
     bad = [*messages[:2], {"role": "tool", "tool_call_id": "call_9", "content": "x"}]

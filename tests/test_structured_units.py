@@ -157,7 +157,7 @@ def test_tool_call_pieces_stream_name_then_arguments(tok) -> None:
 
 
 def test_tool_messages_render_into_one_assistant_turn(tok) -> None:
-    from serve_app.app import TOOLS_PREAMBLE, _conversation
+    from serve_app.conversation import TOOLS_PREAMBLE, to_conversation
 
     body = {"model": "m", "tools": [{"type": "function", "function": {"name": "add", "parameters": {
         "type": "object", "properties": {"a": {"type": "integer"}}}}}], "messages": [
@@ -166,7 +166,7 @@ def test_tool_messages_render_into_one_assistant_turn(tok) -> None:
             {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "4"}]}
     req = parse_request(ChatCompletionRequest, json.dumps(body).encode())
-    conv = _conversation(req.messages, req.tools)
+    conv = to_conversation(req.messages, req.tools)
     assert conv[0]["role"] == "system" and conv[0]["content"].startswith(TOOLS_PREAMBLE)
     assert conv[2] == {"role": "assistant", "content": [{"type": "python", "text": '{"name":"add","arguments":{"a":2}}'},
                                                          {"type": "python_output", "text": "4"}]}
@@ -177,7 +177,7 @@ def test_tool_messages_render_into_one_assistant_turn(tok) -> None:
     assert ids[-len(tail):] == tail  # the turn stays open: the model answers after the tool output
     bad = {**body, "messages": [*body["messages"][:2], {"role": "tool", "tool_call_id": "nope", "content": "4"}]}
     with pytest.raises(ApiError, match="answers no earlier assistant tool call"):
-        _conversation(parse_request(ChatCompletionRequest, json.dumps(bad).encode()).messages, None)
+        to_conversation(parse_request(ChatCompletionRequest, json.dumps(bad).encode()).messages, None)
 
 
 @pytest.mark.parametrize("body, problem", [
