@@ -74,6 +74,14 @@ def newcomer_demo():
         clean_up(run)
 
 
+@pytest.fixture(scope="session")
+def byte_tok():
+    """The smallest real nanochat Tokenizer: the 256 byte tokens and the 9 special tokens, no merges."""
+    from nanochat.tokenizer import Tokenizer
+
+    return Tokenizer.train_from_iterator(["just bytes"], vocab_size=265)
+
+
 @pytest.fixture
 def one_torch_thread():
     """torch on one thread for the test (small models are faster so, and results do not depend on
