@@ -8,6 +8,7 @@ At the end the time spent in each tier (unit / cluster / newcomer) is printed.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -59,6 +60,20 @@ def embedded_pack() -> Path:
     from jobs.datapack import build_embedded_pack
 
     return build_embedded_pack()
+
+
+@pytest.fixture(scope="session")
+def pack_tokenizer_dir(embedded_pack, tmp_path_factory) -> str:
+    """A 512-token Tokenizer trained on the first 300 documents of the embedded pack, saved; its directory."""
+    from nanochat.data.dataset import iter_documents, list_shards
+    from nanochat.tokenizer import Tokenizer
+
+    docs = list(itertools.islice(iter_documents(list_shards(embedded_pack)[:1]), 300))
+    tok = Tokenizer.train_from_iterator(docs, vocab_size=512)
+    assert tok.vocab_size == 512
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    tok.save(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
