@@ -26,6 +26,7 @@ from nanochat.evals.harness import EvalState, TaskTotals, aggregate
 from nanochat.kv_cache import dense_mask
 from nanochat.tasks import GSM8K, HumanEval, Identity, MultipleChoiceTask, eval_tasks
 from nanochat.tokenizer import Tokenizer
+from tests.helpers import tiny_gpt
 
 ROWS = [  # hand-made multiple-choice rows: gold letters A, B, B, C, A, B, D, B
     {"question": f"Question {i}?", "choices": [f"w{i}", f"x{i}", f"y{i}", f"z{i}"], "answer": a}
@@ -281,10 +282,9 @@ def test_an_unknown_chat_task_is_refused_before_any_work(tmp_path, byte_tok, cap
 def random_model_dir(tmp_path_factory, byte_tok):
     """A depth-2 GPT with random weights (it answers something different to every prompt) and its tokenizer."""
     from nanochat.checkpoint import save_model
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig
 
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_depth(2, byte_tok.vocab_size, 256, head_dim=64))
+    model = tiny_gpt(GPTConfig.from_depth(2, byte_tok.vocab_size, 256, head_dim=64), init=False)
     dest = tmp_path_factory.mktemp("chatmodel") / "model"
     save_model(dest, model, {"step": 0})
     byte_tok.save(dest / "tokenizer")

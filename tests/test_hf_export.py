@@ -26,6 +26,7 @@ from nanochat import hf_format
 from nanochat.engine import Engine, SamplingParams
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, TokenizerFormatError
+from tests.helpers import tiny_gpt
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,10 +66,7 @@ def _build(tok: Tokenizer, seed: int = 0, **changes) -> GPT:
     cfg = GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     for k, v in changes.items():
         setattr(cfg, k, v)
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    model.init_weights()
-    return model
+    return tiny_gpt(cfg, seed)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from serve_app.responses import chat_response
 from serve_app.schemas import ApiError, ChatCompletionRequest, parse_request
 from serve_app.testing import synthetic_texts
 from serve_app.textstream import ChoiceText, ToolTokens
+from tests.helpers import tiny_gpt
 
 VOCAB = 512
 
@@ -35,13 +36,8 @@ def synthetic_tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def model() -> GPT:
-    torch.manual_seed(0)
     config = GPTConfig(sequence_len=256, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
-    m = GPT(config)
-    m.init_weights()
-    with torch.no_grad():
-        m.lm_head.weight.normal_(0, 0.25)  # varied logits (init zeroes lm_head)
-    return m.eval()
+    return tiny_gpt(config, lm_head_std=0.25).eval()  # varied logits (init zeroes lm_head)
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, int]:
