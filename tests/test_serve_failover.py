@@ -24,7 +24,7 @@ APP, MODEL = "nanochat-failover", "nanochat-sft"
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tmp_path_factory):
+def failover_service(ray_cluster, tmp_path_factory):
     """Deployed by `python -m jobs.serve` from a run directory holding a complete sft stage."""
     from ray import serve
 
@@ -79,15 +79,15 @@ def replica_actor(replica_id: str):
     return ray.get_actor(f"SERVE_REPLICA::{APP}#ChatServer#{replica_id}", namespace="serve")
 
 
-def test_killing_a_replica_under_load(service) -> None:
+def test_killing_a_replica_under_load(failover_service) -> None:
     import ray
 
-    replicas = {ask(service).headers["x-nanochat-replica"] for _ in range(20)}
+    replicas = {ask(failover_service).headers["x-nanochat-replica"] for _ in range(20)}
     assert len(replicas) == 2, f"requests reached {replicas}, expected both replicas"
 
     results = [{} for _ in range(6)]
     events = [threading.Event() for _ in results]
-    threads = [threading.Thread(target=stream_until_end, args=(service, out, ev))
+    threads = [threading.Thread(target=stream_until_end, args=(failover_service, out, ev))
                for out, ev in zip(results, events, strict=True)]
     for t in threads:
         t.start()
@@ -110,5 +110,5 @@ def test_killing_a_replica_under_load(service) -> None:
         assert r["done"] and r["error"] is None and r["tokens"] > 0, r
 
     time.sleep(3.0)
-    statuses = [ask(service).status_code for _ in range(8)]
+    statuses = [ask(failover_service).status_code for _ in range(8)]
     assert statuses == [200] * 8
