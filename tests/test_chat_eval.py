@@ -106,7 +106,8 @@ def test_categorical_is_the_argmax_over_the_letters_and_ties_share_the_credit(by
 
     # a token outside the letters is ignored: the restricted argmax still picks among A-D
     z = byte_tok.encode("Z")[0]
-    answers = chat_eval.score_choices(state_of(ScriptedModel(lambda p: z, byte_tok.vocab_size), byte_tok), requests)
+    state = state_of(ScriptedModel(lambda p: z, byte_tok.vocab_size), byte_tok)
+    answers = chat_eval.score_choices(state, requests)
     assert [a.score for a in answers] == [0.25] * len(ROWS)  # A-D tie exactly: 1/4 credit each
     doc = chat_eval.chat_results(tasks, aggregate(chat_eval.check_answers(requests, answers, tasks)), answers, 1)
     assert doc["tasks"]["arc_easy"]["accuracy"] == 0.25 and doc["chatcore"] == 0.0
@@ -135,7 +136,8 @@ def test_gsm8k_is_answered_with_the_python_tool_and_checked_by_the_task(byte_tok
         return str(eval(code, {}))  # the test's own arithmetic, standing in for the sandbox
 
     script = [sp("<|python_start|>"), *byte_tok.encode("6*3"), sp("<|python_end|>"),
-              sp("<|output_start|>"), *byte_tok.encode("18"), sp("<|output_end|>"), *byte_tok.encode(" so #### 18")]
+              sp("<|output_start|>"), *byte_tok.encode("18"), sp("<|output_end|>"),
+              *byte_tok.encode(" so #### 18")]
     tasks = {"gsm8k": GSM8K("test", rows=GSM_ROWS)}
     requests = chat_eval.chat_requests(tasks)
     model = ScriptedModel(answering(byte_tok, script), byte_tok.vocab_size)
@@ -204,7 +206,8 @@ def test_format_counts_exactly_one_letter_then_the_end_of_the_turn(byte_tok):
         assert {a.score for a in answers} == {expected}, text
     summary = chat_eval.format_summary(answers)
     assert summary["format_rate"] == 0.0 and summary["format"]["num_items"] == 6
-    uniform = chat_eval.check_format(state_of(ScriptedModel(lambda p: None, byte_tok.vocab_size), byte_tok), requests)
+    uniform = chat_eval.check_format(state_of(ScriptedModel(lambda p: None, byte_tok.vocab_size), byte_tok),
+                                     requests)
     assert {a.score for a in uniform} == {0.0}
 
 

@@ -127,7 +127,8 @@ def test_ranks_read_disjoint_conversations_and_resume_exactly(byte_tok, layout):
     world = 2
     seen = {}
     for rank in range(world):
-        stream = conversations(data.mixture(), list(range(50)), byte_tok, 64, DataPosition(rank), world, stop=50)
+        stream = conversations(data.mixture(), list(range(50)), byte_tok, 64, DataPosition(rank), world,
+                               stop=50)
         seen[rank] = [g for g, _, _ in stream]
     assert seen[0] == list(range(0, 50, 2)) and seen[1] == list(range(1, 50, 2))
 

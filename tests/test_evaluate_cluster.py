@@ -125,7 +125,8 @@ def test_a_broken_model_directory_is_reported_by_ready(ray_cluster, tmp_path):
 
 
 @pytest.mark.cluster
-def test_the_job_evaluates_a_model_that_knows_nothing_at_chance(ray_cluster, pack_tokenizer_dir, tmp_path, capsys):
+def test_the_job_evaluates_a_model_that_knows_nothing_at_chance(ray_cluster, pack_tokenizer_dir, tmp_path,
+                                                                capsys):
     storage = RunStorage("r", str(tmp_path))
     with storage.writer("pretrain", {"depth": 2}) as w:
         export(tiny_gpt(MODEL), pack_tokenizer_dir, w.path / "model")

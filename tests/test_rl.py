@@ -193,7 +193,8 @@ def test_checksum_sees_one_flipped_bit_and_moved_values(dtype):
 def test_state_checksums_name_the_corrupted_tensor_and_shape_changes():
     model = tiny_gpt(POLICY, lm_head_std=LM_HEAD_STD)
     want = rl.state_checksums(model.state_dict())
-    assert rl.checksum_mismatches(want, rl.state_checksums(tiny_gpt(POLICY, lm_head_std=LM_HEAD_STD).state_dict())) == []
+    same = tiny_gpt(POLICY, lm_head_std=LM_HEAD_STD)
+    assert rl.checksum_mismatches(want, rl.state_checksums(same.state_dict())) == []
     noisy = {k: v.clone() for k, v in model.state_dict().items()}
     noisy["transformer.h.0.mlp.c_fc.weight"] += 1e-6 * torch.randn_like(noisy["transformer.h.0.mlp.c_fc.weight"])
     problems = rl.checksum_mismatches(want, rl.state_checksums(noisy))

@@ -161,7 +161,8 @@ def test_correct_solution_passes_and_wrong_fails(scoring_sandbox: Sandbox) -> No
     assert good.reason == "passed"
     wrong = check_completion(scoring_sandbox.run, PROMPT, WRONG, TEST, "add")
     assert not wrong.passed and wrong.reason == "AssertionError"
-    full_function = check_completion(scoring_sandbox.run, PROMPT, "def add(a, b):\n    return b + a\n", TEST, "add")
+    full_function = check_completion(scoring_sandbox.run, PROMPT, "def add(a, b):\n    return b + a\n", TEST,
+                                     "add")
     assert full_function.passed  # a completion may redefine the whole function
 
 
@@ -169,7 +170,8 @@ def test_correct_solution_passes_and_wrong_fails(scoring_sandbox: Sandbox) -> No
 @pytest.mark.parametrize("name", sorted(FORGERIES))
 def test_forged_results_fool_the_naive_harness_but_not_the_judge(scoring_sandbox: Sandbox, name: str) -> None:
     completion = FORGERIES[name]
-    assert scoring_sandbox.run(naive_program(PROMPT, completion, TEST, "add")).ok, "the forgery no longer works"
+    forged = naive_program(PROMPT, completion, TEST, "add")
+    assert scoring_sandbox.run(forged).ok, "the forgery no longer works"
     verdict = check_completion(scoring_sandbox.run, PROMPT, completion, TEST, "add")
     assert not verdict.passed, verdict.result
 
@@ -205,7 +207,8 @@ def test_canonical_solutions_of_tricky_problems_pass(scoring_sandbox: Sandbox) -
         row = rows[f"HumanEval/{n}"]
         args = (row["prompt"], row["canonical_solution"], row["test"], row["entry_point"])
         assert check_completion(scoring_sandbox.run, *args).passed, n
-        assert not check_completion(scoring_sandbox.run, row["prompt"], "    return None\n", *args[2:]).passed, n
+        nothing = check_completion(scoring_sandbox.run, row["prompt"], "    return None\n", *args[2:])
+        assert not nothing.passed, n
 
 
 @needs_bwrap

@@ -169,8 +169,8 @@ def test_greedy_equals_reference_loop(agent_client, local, fmt) -> None:
     grammar = compiler.json_object() if fmt == "json_object" else compiler.json_schema(SCHEMAS[fmt][0])
     response_format = {"type": "json_object"} if fmt == "json_object" else schema_format(fmt)
     for text in ("answer in JSON", "Ka lo mi ne ru"):
-        reply = agent_client.chat.completions.create(model=CHAT, messages=hi(text), temperature=0, max_tokens=96,
-                                               response_format=response_format, logprobs=True)
+        reply = agent_client.chat.completions.create(model=CHAT, messages=hi(text), temperature=0,
+                                                     max_tokens=96, response_format=response_format, logprobs=True)
         ref, finish = reference_greedy(local, hi(text), grammar, 96)
         choice = reply.choices[0]
         assert [bytes(e.bytes) for e in choice.logprobs.content] == [tok.core.id_to_bytes(t) for t in ref]
@@ -215,8 +215,8 @@ def test_tool_choice_required_gives_valid_calls(agent_client) -> None:
 
 def test_named_tool_choice_and_parallel_calls(agent_client) -> None:
     named = {"type": "function", "function": {"name": "convert"}}
-    for c in many(agent_client, 2, messages=hi(ASK), tools=TOOLS, tool_choice=named, parallel_tool_calls=False,
-                  max_tokens=256):
+    for c in many(agent_client, 2, messages=hi(ASK), tools=TOOLS, tool_choice=named,
+                  parallel_tool_calls=False, max_tokens=256):
         check_calls(c, {"convert"})
     parallel = many(agent_client, 2, messages=hi(ASK), tools=TOOLS, tool_choice="required", max_tokens=256)
     for c in parallel:
@@ -303,7 +303,7 @@ def test_chat_top_logprobs_equal_a_teacher_forced_pass(agent_client, local) -> N
     _, tok = local
     by_bytes = {tok.core.id_to_bytes(i): i for i in range(tok.vocab_size - 9)}
     prompt = tok.render_for_completion({"messages": hi("Mi ka lo")})
-    seed = next(s for s in range(20) if len(agent_client.chat.completions.create(  # a reply of text tokens only
+    seed = next(s for s in range(20) if len(agent_client.chat.completions.create(  # a reply of text tokens
         model=CHAT, messages=hi("Mi ka lo"), max_tokens=20, seed=s, logprobs=True,
         extra_body={"ignore_eos": True}).choices[0].logprobs.content) == 20)
     for stream in (False, True):
@@ -333,8 +333,9 @@ def test_completion_top_logprobs_equal_a_teacher_forced_pass(agent_client, local
 
     # legacy log-probs name tokens by text: the longest run of tokens without a cut character
     # (half of the random model's 512 ids are raw bytes, most of them half a character)
-    replies = [agent_client.completions.create(model=BASE, prompt="Ka lo mi", max_tokens=16, seed=seed, logprobs=3,
-                                         extra_body={"ignore_eos": True}).choices[0].logprobs for seed in range(8)]
+    replies = [agent_client.completions.create(model=BASE, prompt="Ka lo mi", max_tokens=16, seed=seed,
+                                               logprobs=3, extra_body={"ignore_eos": True}).choices[0].logprobs
+               for seed in range(8)]
     lp = max((r for r in replies if len(r.tokens) == 16), key=lambda r: clean_prefix(r.tokens))  # no hidden token
     by_text = {text(i): i for i in range(tok.vocab_size - 9)}
     prompt = tok.encode("Ka lo mi", prepend="<|bos|>")

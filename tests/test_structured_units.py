@@ -133,8 +133,8 @@ def test_unenforceable_schemas_are_named(synthetic_tok) -> None:
 
 
 def test_tool_call_pieces_stream_name_then_arguments(synthetic_tok) -> None:
-    sp = {n: synthetic_tok.encode_special(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
-                                              "<|output_end|>")}
+    sp = {n: synthetic_tok.encode_special(n) for n in ("<|python_start|>", "<|python_end|>",
+                                                        "<|output_start|>", "<|output_end|>")}
     tools = ToolTokens(*sp.values())
     token_bytes = [b for b, _ in synthetic_tok.core.get_mergeable_ranks()] + [b""] * 9
     ct = ChoiceText(token_bytes, tools, frozenset(), tool_calls=True)
