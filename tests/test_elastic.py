@@ -150,7 +150,8 @@ def _child(name: str, tmp_path: Path, embedded_pack: Path, tokenizer_dir: str) -
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_a_lost_host_shrinks_the_run_and_a_returning_one_grows_it(embedded_pack, pack_tokenizer_dir, tmp_path):
+def test_a_lost_host_shrinks_the_run_and_a_returning_one_grows_it(embedded_pack, pack_tokenizer_dir,
+                                                                  tmp_path):
     result = _child("elastic", tmp_path, embedded_pack, pack_tokenizer_dir)
     sizes = [a["world_size"] for a in result["attempts"]]
     assert result["events"] == ["removed", "added"] and result["final_step"] == ELASTIC_STEPS
@@ -161,7 +162,8 @@ def test_a_lost_host_shrinks_the_run_and_a_returning_one_grows_it(embedded_pack,
     assert result["tokens"] == ELASTIC_STEPS * micro_spec().train.total_batch_tokens  # constant global batch
 
 
-def test_a_preempted_host_is_saved_at_the_notice_and_not_counted_as_a_failure(embedded_pack, pack_tokenizer_dir,
+def test_a_preempted_host_is_saved_at_the_notice_and_not_counted_as_a_failure(embedded_pack,
+                                                                               pack_tokenizer_dir,
                                                                                tmp_path):
     result = _child("preemption", tmp_path, embedded_pack, pack_tokenizer_dir)
     assert result["final_step"] == PREEMPTION_STEPS, result  # max_failures=0: the node's death counted as a preemption

@@ -298,7 +298,8 @@ def test_batch_that_does_not_divide_is_refused():
         make_plan(micro_spec("total_batch_tokens=1000").train, 512, 2)
 
 
-def test_tokenizer_vocab_differing_from_the_checkpoint_is_refused(embedded_pack, pack_tokenizer_dir, tmp_path):
+def test_tokenizer_vocab_differing_from_the_checkpoint_is_refused(embedded_pack, pack_tokenizer_dir,
+                                                                  tmp_path):
     storage = new_run(tmp_path, "vocab", pack_tokenizer_dir)
     spec = micro_spec(f"data={embedded_pack}")
     other = build_model(make_plan(spec.train, 1024, 1).model, "cpu", 0)  # trained with a 1,024-token tokenizer
