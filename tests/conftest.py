@@ -8,6 +8,7 @@ At the end the time spent in each tier (unit / cluster / newcomer) is printed.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -62,6 +63,20 @@ def embedded_pack() -> Path:
 
 
 @pytest.fixture(scope="session")
+def pack_tokenizer_dir(embedded_pack, tmp_path_factory) -> str:
+    """A 512-token Tokenizer trained on the first 300 documents of the embedded pack, saved; its directory."""
+    from nanochat.data.dataset import iter_documents, list_shards
+    from nanochat.tokenizer import Tokenizer
+
+    docs = list(itertools.islice(iter_documents(list_shards(embedded_pack)[:1]), 300))
+    tok = Tokenizer.train_from_iterator(docs, vocab_size=512)
+    assert tok.vocab_size == 512
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    tok.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def newcomer_demo():
     """`make demo PRESET=micro` run as a newcomer would (tests/newcomer.py), once per session: its
     results, and its run directory for the end-to-end tests. Cleaned up at the end of the session."""
@@ -72,6 +87,14 @@ def newcomer_demo():
         yield run
     finally:
         clean_up(run)
+
+
+@pytest.fixture(scope="session")
+def byte_tok():
+    """The smallest real nanochat Tokenizer: the 256 byte tokens and the 9 special tokens, no merges."""
+    from nanochat.tokenizer import Tokenizer
+
+    return Tokenizer.train_from_iterator(["just bytes"], vocab_size=265)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-import torch
 
 from cluster import artifacts, storage
 from cluster.storage import RunStorage, StorageError
@@ -18,6 +17,7 @@ from nanochat import checkpoint as ckpt
 from nanochat.common import DistInfo
 from nanochat.errors import NotFoundError
 from nanochat.gpt import GPT, GPTConfig
+from tests.helpers import tiny_gpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,9 +48,7 @@ def run_storage(request, tmp_path) -> RunStorage:
 
 def saved_checkpoint(root: Path, step: int, world: int = 2) -> Path:
     """A real two-rank checkpoint of a one-layer model, written by the core into a local directory."""
-    torch.manual_seed(step)
-    model = GPT(GPTConfig.from_depth(1, vocab_size=64, sequence_len=16, head_dim=64))
-    model.init_weights()
+    model = tiny_gpt(GPTConfig.from_depth(1, vocab_size=64, sequence_len=16, head_dim=64), step)
     d = root / f"local-{step}"
     for rank in range(world):
         dist = DistInfo(rank, world, 0, "cpu")

@@ -38,11 +38,6 @@ SEQ_LEN = 48  # a turn adds 25 tokens to the conversation (8 user + 17 assistant
 ANSWER = "Hié [python] 6*7\n[output] 42\n!"
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.train_from_iterator(["just bytes"], vocab_size=265)
-
-
 def scripted_gpt(tokenizer: Tokenizer) -> GPT:
     """A GPT that answers ANSWER (see the module docstring); unscripted tokens lead to the end."""
     sp = tokenizer.encode_special
@@ -66,10 +61,10 @@ def scripted_gpt(tokenizer: Tokenizer) -> GPT:
 
 
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Path:
+def storage(tmp_path_factory: pytest.TempPathFactory, byte_tok: Tokenizer) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    tokenizer.save(root / RUN / "tokenizer")
-    save_model(root / RUN / "sft" / "model", scripted_gpt(tokenizer), {"step": 0})
+    byte_tok.save(root / RUN / "tokenizer")
+    save_model(root / RUN / "sft" / "model", scripted_gpt(byte_tok), {"step": 0})
     for stage in ("tokenizer", "sft"):  # stand-ins of complete stages: meta.json is their completion marker
         (root / RUN / stage / "meta.json").write_text(json.dumps({"stage": stage, "stand_in": True}))
     return root
@@ -137,9 +132,9 @@ def session_for(model, tokenizer: Tokenizer, out: io.StringIO) -> ChatSession:
     return build_session(model, tokenizer, args, out, io.StringIO())
 
 
-def test_session_records_tool_parts_and_never_splits_characters(tokenizer: Tokenizer) -> None:
+def test_session_records_tool_parts_and_never_splits_characters(byte_tok: Tokenizer) -> None:
     out = Recorder()
-    session = session_for(scripted_gpt(tokenizer), tokenizer, out)
+    session = session_for(scripted_gpt(byte_tok), byte_tok, out)
     message = session.respond("hello")
     assert out.getvalue() == ANSWER
     assert "\ufffd" not in "".join(out.writes) and "é" in out.writes  # é arrives whole, in one write
@@ -148,8 +143,8 @@ def test_session_records_tool_parts_and_never_splits_characters(tokenizer: Token
         {"type": "python_output", "text": "42"}, {"type": "text", "text": "!"},
     ]
     assert [m["role"] for m in session.messages] == ["user", "assistant"]
-    ids, mask = tokenizer.render_conversation({"messages": session.messages})
-    assert tokenizer.decode(ids).endswith("<|output_start|>42<|output_end|>!<|assistant_end|>")
+    ids, mask = byte_tok.render_conversation({"messages": session.messages})
+    assert byte_tok.decode(ids).endswith("<|output_start|>42<|output_end|>!<|assistant_end|>")
 
 
 class TurnCounter:
@@ -178,18 +173,18 @@ class TurnCounter:
         return logits
 
 
-def test_session_sends_the_whole_conversation(tokenizer: Tokenizer) -> None:
+def test_session_sends_the_whole_conversation(byte_tok: Tokenizer) -> None:
     out = io.StringIO()
-    session = ChatSession(Engine(TurnCounter(tokenizer), max_batch_size=1), tokenizer,
+    session = ChatSession(Engine(TurnCounter(byte_tok), max_batch_size=1), byte_tok,
                           SamplingParams(temperature=0, max_new_tokens=8), out)
     assert [session.respond("a")["content"] for _ in range(3)] == ["1", "2", "3"]
     session.clear()
     assert session.respond("a")["content"] == "1"
 
 
-def test_interact_reports_overflow_and_continues(tokenizer: Tokenizer) -> None:
+def test_interact_reports_overflow_and_continues(byte_tok: Tokenizer) -> None:
     out = io.StringIO()
-    session = session_for(scripted_gpt(tokenizer), tokenizer, out)
+    session = session_for(scripted_gpt(byte_tok), byte_tok, out)
     interact(session, io.StringIO("hi\n" + "x" * 60 + "\nquit\nhi\n"), out)
     text = out.getvalue()
     assert text.count(ANSWER) == 1 and "context is 48: type 'clear'" in text

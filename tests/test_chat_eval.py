@@ -26,6 +26,7 @@ from nanochat.evals.harness import EvalState, TaskTotals, aggregate
 from nanochat.kv_cache import dense_mask
 from nanochat.tasks import GSM8K, HumanEval, Identity, MultipleChoiceTask, eval_tasks
 from nanochat.tokenizer import Tokenizer
+from tests.helpers import tiny_gpt
 
 ROWS = [  # hand-made multiple-choice rows: gold letters A, B, B, C, A, B, D, B
     {"question": f"Question {i}?", "choices": [f"w{i}", f"x{i}", f"y{i}", f"z{i}"], "answer": a}
@@ -36,11 +37,6 @@ GSM_ROWS = [{"question": "Tom has 6 boxes of 3 apples. How many apples?", "solut
 
 # the chat tasks read their offline rows (ARC, MMLU, GSM8K, word list) from the embedded pack
 pytestmark = pytest.mark.usefixtures("embedded_pack", "one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.train_from_iterator(["just bytes"], vocab_size=265)  # 256 bytes + 9 special tokens
 
 
 class ScriptedModel:
@@ -98,30 +94,31 @@ def arc(rows: list[dict] = ROWS) -> MultipleChoiceTask:
 # ----------------------------------------------------------------------------- categorical
 
 
-def test_categorical_is_the_argmax_over_the_letters_and_ties_share_the_credit(tok):
+def test_categorical_is_the_argmax_over_the_letters_and_ties_share_the_credit(byte_tok):
     tasks = {"arc_easy": arc()}
     requests = chat_eval.chat_requests(tasks)
-    b = tok.encode("B")[0]
-    always_b = ScriptedModel(lambda p: b, tok.vocab_size)
-    answers = chat_eval.score_choices(state_of(always_b, tok), requests)
+    b = byte_tok.encode("B")[0]
+    always_b = ScriptedModel(lambda p: b, byte_tok.vocab_size)
+    answers = chat_eval.score_choices(state_of(always_b, byte_tok), requests)
     assert [a.texts for a in answers] == [("B",)] * len(ROWS)
     totals = aggregate(chat_eval.check_answers(requests, answers, tasks))
     assert totals["arc_easy"].accuracy == 4 / 8  # four of the gold letters are B
 
     # a token outside the letters is ignored: the restricted argmax still picks among A-D
-    z = tok.encode("Z")[0]
-    answers = chat_eval.score_choices(state_of(ScriptedModel(lambda p: z, tok.vocab_size), tok), requests)
+    z = byte_tok.encode("Z")[0]
+    state = state_of(ScriptedModel(lambda p: z, byte_tok.vocab_size), byte_tok)
+    answers = chat_eval.score_choices(state, requests)
     assert [a.score for a in answers] == [0.25] * len(ROWS)  # A-D tie exactly: 1/4 credit each
     doc = chat_eval.chat_results(tasks, aggregate(chat_eval.check_answers(requests, answers, tasks)), answers, 1)
     assert doc["tasks"]["arc_easy"]["accuracy"] == 0.25 and doc["chatcore"] == 0.0
 
 
-def test_a_long_prompt_keeps_its_last_tokens_and_is_counted(tok):
+def test_a_long_prompt_keeps_its_last_tokens_and_is_counted(byte_tok):
     long_row = {**ROWS[0], "question": "word " * 400}
     tasks = {"arc_easy": arc([long_row, ROWS[1]])}
     requests = chat_eval.chat_requests(tasks)
-    model = ScriptedModel(lambda p: tok.encode("A")[0], tok.vocab_size, seq_len=128)
-    answers = chat_eval.score_choices(state_of(model, tok), requests)
+    model = ScriptedModel(lambda p: byte_tok.encode("A")[0], byte_tok.vocab_size, seq_len=128)
+    answers = chat_eval.score_choices(state_of(model, byte_tok), requests)
     assert [a.truncated for a in answers] == [True, False] and [a.score for a in answers] == [1.0, 0.0]
     doc = chat_eval.chat_results(tasks, aggregate(chat_eval.check_answers(requests, answers, tasks)), answers, 1)
     assert doc["tasks"]["arc_easy"]["prompts_truncated"] == 1
@@ -130,20 +127,21 @@ def test_a_long_prompt_keeps_its_last_tokens_and_is_counted(tok):
 # ----------------------------------------------------------------------------- generative
 
 
-def test_gsm8k_is_answered_with_the_python_tool_and_checked_by_the_task(tok):
-    sp = tok.encode_special
+def test_gsm8k_is_answered_with_the_python_tool_and_checked_by_the_task(byte_tok):
+    sp = byte_tok.encode_special
     calls = []
 
     def tool(code: str) -> str:
         calls.append(code)
         return str(eval(code, {}))  # the test's own arithmetic, standing in for the sandbox
 
-    script = [sp("<|python_start|>"), *tok.encode("6*3"), sp("<|python_end|>"),
-              sp("<|output_start|>"), *tok.encode("18"), sp("<|output_end|>"), *tok.encode(" so #### 18")]
+    script = [sp("<|python_start|>"), *byte_tok.encode("6*3"), sp("<|python_end|>"),
+              sp("<|output_start|>"), *byte_tok.encode("18"), sp("<|output_end|>"),
+              *byte_tok.encode(" so #### 18")]
     tasks = {"gsm8k": GSM8K("test", rows=GSM_ROWS)}
     requests = chat_eval.chat_requests(tasks)
-    model = ScriptedModel(answering(tok, script), tok.vocab_size)
-    answers = SampleAnswers(SampleSettings(max_new_tokens=40), tool)(state_of(model, tok), requests)
+    model = ScriptedModel(answering(byte_tok, script), byte_tok.vocab_size)
+    answers = SampleAnswers(SampleSettings(max_new_tokens=40), tool)(state_of(model, byte_tok), requests)
     assert calls == ["6*3", "6*3"]  # one tool call per item, decoded from the sampled block
     assert answers[0].texts[0] == "<|python_start|>6*3<|python_end|><|output_start|>18<|output_end|> so #### 18"
     results = chat_eval.check_answers(requests, answers, tasks)
@@ -177,14 +175,14 @@ def test_humaneval_answers_go_to_the_checker_as_extracted_code():
     assert results[0].score == 1.0
 
 
-def test_sampling_is_seeded_per_item_whatever_the_chunk(tok):
+def test_sampling_is_seeded_per_item_whatever_the_chunk(byte_tok):
     """Temperature 1 over uniform logits: item i draws the same samples alone or after other items."""
     tasks = {"gsm8k": GSM8K("test", rows=GSM_ROWS)}
     requests = chat_eval.chat_requests(tasks)
-    model = ScriptedModel(lambda p: None, tok.vocab_size)
+    model = ScriptedModel(lambda p: None, byte_tok.vocab_size)
     sampler = SampleAnswers(SampleSettings(num_samples=3, max_new_tokens=6, temperature=1.0, seed=7))
-    together = sampler(state_of(model, tok), requests)
-    alone = sampler(state_of(model, tok), requests[1:])
+    together = sampler(state_of(model, byte_tok), requests)
+    alone = sampler(state_of(model, byte_tok), requests[1:])
     assert together[1].texts == alone[0].texts and len(set(together[1].texts)) == 3
 
 
@@ -196,19 +194,20 @@ def test_bad_sample_settings_are_refused():
 # ----------------------------------------------------------------------------- format metric
 
 
-def test_format_counts_exactly_one_letter_then_the_end_of_the_turn(tok):
+def test_format_counts_exactly_one_letter_then_the_end_of_the_turn(byte_tok):
     tasks = {"arc_easy": arc(), "mmlu": arc(ROWS[::-1]), "gsm8k": GSM8K("test", rows=GSM_ROWS)}
     requests = chat_eval.format_requests(tasks, 6)
     assert [r.index for r in requests] == list(range(6)) and {r.kind for r in requests} == {"format"}
     assert requests == chat_eval.format_requests(tasks, 6)  # fixed items
     cases = {"C": 1.0, "C.": 0.0, " C": 0.0, "Z": 0.0, "": 0.0}
     for text, expected in cases.items():
-        model = ScriptedModel(answering(tok, tok.encode(text)), tok.vocab_size)
-        answers = chat_eval.check_format(state_of(model, tok), requests)
+        model = ScriptedModel(answering(byte_tok, byte_tok.encode(text)), byte_tok.vocab_size)
+        answers = chat_eval.check_format(state_of(model, byte_tok), requests)
         assert {a.score for a in answers} == {expected}, text
     summary = chat_eval.format_summary(answers)
     assert summary["format_rate"] == 0.0 and summary["format"]["num_items"] == 6
-    uniform = chat_eval.check_format(state_of(ScriptedModel(lambda p: None, tok.vocab_size), tok), requests)
+    uniform = chat_eval.check_format(state_of(ScriptedModel(lambda p: None, byte_tok.vocab_size), byte_tok),
+                                     requests)
     assert {a.score for a in uniform} == {0.0}
 
 
@@ -263,15 +262,15 @@ def test_a_chat_stage_without_its_checkpoint_names_the_stage_to_run(tmp_path, ca
     assert rc == 2 and "run the sft stage first" in capsys.readouterr().err
 
 
-def test_an_unknown_chat_task_is_refused_before_any_work(tmp_path, tok, capsys):
+def test_an_unknown_chat_task_is_refused_before_any_work(tmp_path, byte_tok, capsys):
     from cluster.storage import RunStorage
     from nanochat.checkpoint import save_model
     from nanochat.gpt import GPT, GPTConfig
 
     storage = RunStorage("r", str(tmp_path))
     with storage.writer("sft", {}) as w:
-        save_model(w.path / "model", GPT(GPTConfig.from_depth(1, tok.vocab_size, 32, head_dim=64)), {"step": 0})
-        tok.save(w.path / "model" / "tokenizer")
+        save_model(w.path / "model", GPT(GPTConfig.from_depth(1, byte_tok.vocab_size, 32, head_dim=64)), {"step": 0})
+        byte_tok.save(w.path / "model" / "tokenizer")
         w.commit()
     rc = job.main(["--stage", "sft", "--preset", "micro", "--run", "r", "--storage", str(tmp_path),
                    "--set", "chat_tasks=[arc_easy,gsm8k_hard]"])
@@ -283,16 +282,15 @@ def test_an_unknown_chat_task_is_refused_before_any_work(tmp_path, tok, capsys):
 
 
 @pytest.fixture(scope="module")
-def random_model_dir(tmp_path_factory, tok):
+def random_model_dir(tmp_path_factory, byte_tok):
     """A depth-2 GPT with random weights (it answers something different to every prompt) and its tokenizer."""
     from nanochat.checkpoint import save_model
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig
 
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_depth(2, tok.vocab_size, 256, head_dim=64))
+    model = tiny_gpt(GPTConfig.from_depth(2, byte_tok.vocab_size, 256, head_dim=64), init=False)
     dest = tmp_path_factory.mktemp("chatmodel") / "model"
     save_model(dest, model, {"step": 0})
-    tok.save(dest / "tokenizer")
+    byte_tok.save(dest / "tokenizer")
     return dest
 
 

@@ -30,11 +30,6 @@ from nanochat.tokenizer import Tokenizer
 pytestmark = pytest.mark.usefixtures("embedded_pack")
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.train_from_iterator(["just bytes"], vocab_size=265)  # 256 bytes + 9 special tokens
-
-
 class Chats(Task):
     """Conversations i = 0..n-1: user "q<i>" and an assistant answer of i % 7 + 1 letters, so lengths vary."""
 
@@ -65,37 +60,37 @@ def rendered(tok: Tokenizer, i: int) -> tuple[list[int], list[int]]:
 # ----------------------------------------------------------------------------- rendering and masks
 
 
-def test_targets_are_only_the_assistant_tokens_and_padding_is_ignored(tok):
-    ids, mask = rendered(tok, 3)  # <bos><user_start>q3<user_end><assistant_start>abcd<assistant_end>
+def test_targets_are_only_the_assistant_tokens_and_padding_is_ignored(byte_tok):
+    ids, mask = rendered(byte_tok, 3)  # <bos><user_start>q3<user_end><assistant_start>abcd<assistant_end>
     y = targets(ids, mask)
     learned = [t for t in y if t >= 0]
-    assert learned == [*tok.encode("abcd"), tok.encode_special("<|assistant_end|>")]
-    x, yy = pad_rows([(ids, mask)], len(ids) + 4, tok.get_bos_token_id())
+    assert learned == [*byte_tok.encode("abcd"), byte_tok.encode_special("<|assistant_end|>")]
+    x, yy = pad_rows([(ids, mask)], len(ids) + 4, byte_tok.get_bos_token_id())
     assert x.shape == yy.shape == (1, len(ids) + 4)
-    assert x[0, 0] == tok.get_bos_token_id() and x[0, : len(ids) - 1].tolist() == ids[:-1]
+    assert x[0, 0] == byte_tok.get_bos_token_id() and x[0, : len(ids) - 1].tolist() == ids[:-1]
     assert yy[0, : len(ids) - 1].tolist() == y and (yy[0, len(ids) - 1:] == -1).all()
-    assert (x[0, len(ids) - 1:] == tok.get_bos_token_id()).all()
+    assert (x[0, len(ids) - 1:] == byte_tok.get_bos_token_id()).all()
 
 
-def test_packed_rows_start_with_bos_and_hold_whole_conversations_in_order(tok):
+def test_packed_rows_start_with_bos_and_hold_whole_conversations_in_order(byte_tok):
     data = chat_data("pack", n=30)
     row_len = 40
-    rows = data._rows(list(range(30)), tok, row_len)
-    bos = tok.get_bos_token_id()
+    rows = data._rows(list(range(30)), byte_tok, row_len)
+    bos = byte_tok.get_bos_token_id()
     joined = []
     for ids, mask in rows:
         assert ids[0] == bos and len(ids) <= row_len and len(ids) == len(mask)
         joined += ids
-    expected = [t for i in range(30) for t in rendered(tok, i)[0]]
+    expected = [t for i in range(30) for t in rendered(byte_tok, i)[0]]
     assert joined == expected  # nothing lost, invented or reordered
     for (row, _), (following, _) in itertools.pairwise(rows):  # filled greedily: the next row's first
         first = next((j for j in range(1, len(following)) if following[j] == bos), len(following))
         assert len(row) + first > row_len  # conversation would not have fitted
-    x, y = next(data.batcher(tok, row_len, 3, DataPosition(0), 1))
+    x, y = next(data.batcher(byte_tok, row_len, 3, DataPosition(0), 1))
     assert x.shape == y.shape == (3, row_len - 1) and (x[:, 0] == bos).all()
 
 
-def test_a_long_conversation_is_cropped_and_one_without_targets_is_skipped(tok):
+def test_a_long_conversation_is_cropped_and_one_without_targets_is_skipped(byte_tok):
     class Long(Chats):
         def get_example(self, index: int) -> dict:
             text = "x" * (5 if index != 1 else 80)
@@ -104,20 +99,20 @@ def test_a_long_conversation_is_cropped_and_one_without_targets_is_skipped(tok):
 
     data = ChatData("sft", "pad")
     data._mixture = Long(4)
-    batcher = data.batcher(tok, 40, 2, DataPosition(0), 1)
+    batcher = data.batcher(byte_tok, 40, 2, DataPosition(0), 1)
     x, y = next(batcher)
     # item 1: a user message of 80 bytes is cut before the answer: no target, skipped; item 2 likewise
     assert batcher.stats.cropped == 2 and batcher.stats.skipped == 2 and batcher.position == DataPosition(4)
     assert (y >= 0).sum(dim=1).tolist() == [3, 3]  # "ok" + <|assistant_end|> of items 0 and 3
 
 
-def test_sft_rows_hold_one_conversation_padded_to_the_longest(tok):
+def test_sft_rows_hold_one_conversation_padded_to_the_longest(byte_tok):
     data = chat_data("pad")
-    x, y = next(data.batcher(tok, 64, 4, DataPosition(0), 1))
-    lengths = [len(rendered(tok, i)[0]) for i in range(4)]
+    x, y = next(data.batcher(byte_tok, 64, 4, DataPosition(0), 1))
+    lengths = [len(rendered(byte_tok, i)[0]) for i in range(4)]
     assert x.shape == (4, max(lengths) - 1)
     for b in range(4):
-        ids, mask = rendered(tok, b)
+        ids, mask = rendered(byte_tok, b)
         assert x[b, : lengths[b] - 1].tolist() == ids[:-1]
         assert y[b, : lengths[b] - 1].tolist() == targets(ids, mask)
         assert (y[b, lengths[b] - 1:] == -1).all()
@@ -127,21 +122,22 @@ def test_sft_rows_hold_one_conversation_padded_to_the_longest(tok):
 
 
 @pytest.mark.parametrize("layout", ["pack", "pad"])
-def test_ranks_read_disjoint_conversations_and_resume_exactly(tok, layout):
+def test_ranks_read_disjoint_conversations_and_resume_exactly(byte_tok, layout):
     data = chat_data(layout, n=50)
     world = 2
     seen = {}
     for rank in range(world):
-        stream = conversations(data.mixture(), list(range(50)), tok, 64, DataPosition(rank), world, stop=50)
+        stream = conversations(data.mixture(), list(range(50)), byte_tok, 64, DataPosition(rank), world,
+                               stop=50)
         seen[rank] = [g for g, _, _ in stream]
     assert seen[0] == list(range(0, 50, 2)) and seen[1] == list(range(1, 50, 2))
 
     for rank in range(world):
-        full = data.batcher(tok, 64, 2, DataPosition(rank), world)
+        full = data.batcher(byte_tok, 64, 2, DataPosition(rank), world)
         first = [next(full) for _ in range(3)]
         position = full.position
         after = [next(full) for _ in range(4)]  # crosses the end of the epoch (50 conversations)
-        resumed = data.batcher(tok, 64, 2, position, world)
+        resumed = data.batcher(byte_tok, 64, 2, position, world)
         again = [next(resumed) for _ in range(4)]
         assert position.item % world == rank and position.item > rank
         for (x1, y1), (x2, y2) in zip(after, again, strict=True):
@@ -149,7 +145,7 @@ def test_ranks_read_disjoint_conversations_and_resume_exactly(tok, layout):
         assert not torch.equal(first[0][0][:, :5], after[0][0][:, :5])
 
 
-def test_the_position_is_the_first_conversation_not_handed_out(tok):
+def test_the_position_is_the_first_conversation_not_handed_out(byte_tok):
     stream = iter([(g, [0] * 10, [0] + [1] * 9) for g in range(0, 20, 2)])  # 10-token conversations
     rows = build_rows(stream, "pack", 25, 2)
     ids, _, next_g = next(rows)
@@ -182,7 +178,7 @@ def test_the_stage_mixtures_hold_no_evaluation_item_and_one_that_does_is_refused
         leaky.check()
 
 
-def test_bad_mixtures_name_the_problem(tok):
+def test_bad_mixtures_name_the_problem(byte_tok):
     with pytest.raises(ValueError, match="unknown task 'smoltalkk'"):
         ChatData("sft", "pad", tasks=["smoltalkk"]).check()
     with pytest.raises(ValueError, match="lists no tasks"):
@@ -198,15 +194,15 @@ def test_bad_mixtures_name_the_problem(tok):
     assert len(parse_task_spec("spelling,size=30")) == 30
 
 
-def test_rows_per_epoch_counts_the_rows_of_one_pass(tok):
+def test_rows_per_epoch_counts_the_rows_of_one_pass(byte_tok):
     data = chat_data("pack", n=40, val=4)
-    assert data.rows_per_epoch(tok, 40) == len(data._rows(list(range(36)), tok, 40))
-    assert chat_data("pad", n=40).rows_per_epoch(tok, 40) == 40
-    estimate = chat_data("pad", n=40).rows_per_epoch(tok, 40, sample=10)
+    assert data.rows_per_epoch(byte_tok, 40) == len(data._rows(list(range(36)), byte_tok, 40))
+    assert chat_data("pad", n=40).rows_per_epoch(byte_tok, 40) == 40
+    estimate = chat_data("pad", n=40).rows_per_epoch(byte_tok, 40, sample=10)
     assert estimate == 40
-    val = data.validation_batches(tok, 40, 2, 0, 1)
-    assert sum(x.size(0) for x, _ in val) == len(data._rows([36, 37, 38, 39], tok, 40))
-    assert list(itertools.chain.from_iterable(x[:, 0].tolist() for x, _ in val)) == [tok.get_bos_token_id()] * sum(
+    val = data.validation_batches(byte_tok, 40, 2, 0, 1)
+    assert sum(x.size(0) for x, _ in val) == len(data._rows([36, 37, 38, 39], byte_tok, 40))
+    assert list(itertools.chain.from_iterable(x[:, 0].tolist() for x, _ in val)) == [byte_tok.get_bos_token_id()] * sum(
         x.size(0) for x, _ in val)
 
 
@@ -239,10 +235,11 @@ def test_a_chat_stage_without_its_input_model_names_the_stage_to_run(tmp_path, c
     assert not (tmp_path / "r").exists(), "nothing may be written for a stage that cannot start"
 
 
-def test_bad_chat_stage_settings_are_refused_before_any_worker(tmp_path, tok, capsys):
+def test_bad_chat_stage_settings_are_refused_before_any_worker(tmp_path, byte_tok, capsys):
     from jobs import midtrain
 
-    base = ["--preset", "micro", "--run", "r", "--storage", str(tmp_path), "--set", f"init_from={_exported(tmp_path, tok)}"]
+    base = ["--preset", "micro", "--run", "r", "--storage", str(tmp_path),
+            "--set", f"init_from={_exported(tmp_path, byte_tok)}"]
     assert midtrain.main(base + ["--set", "tasks=[nosuchtask]"]) == 2
     assert "unknown task 'nosuchtask'" in capsys.readouterr().err
     assert midtrain.main(base + ["--set", 'tasks=["identity,size=0"]']) == 2

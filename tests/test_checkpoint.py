@@ -15,6 +15,7 @@ from nanochat.common import DistInfo
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.sharding import load_optimizer_shards, optimizer_shard_state
 from nanochat.train import LoopConfig, train_loop
+from tests.helpers import tiny_gpt
 
 VOCAB, SEQ = 64, 16
 ONE = DistInfo()
@@ -26,9 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fresh(seed: int = 0) -> tuple[GPT, list]:
-    torch.manual_seed(seed)
-    model = GPT(CONFIG)
-    model.init_weights()
+    model = tiny_gpt(CONFIG, seed)
     return model, model.setup_optimizers()
 
 

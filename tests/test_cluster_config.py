@@ -109,7 +109,8 @@ def test_kuberay_manifest_layout(name):
     assert "GPU" not in types["cpu-32"].resources
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert all(g["minReplicas"] == 0 and g["replicas"] == 0 for g in groups.values()), "0 at rest"
-    images = {c["image"] for g in [spec["headGroupSpec"], *groups.values()] for c in g["template"]["spec"]["containers"]}
+    images = {c["image"] for g in [spec["headGroupSpec"], *groups.values()]
+              for c in g["template"]["spec"]["containers"]}
     assert len(images) == 1, f"one image for every pod, got {images}"
 
 

@@ -23,28 +23,10 @@ from nanochat.evals import core_tasks
 from nanochat.evals import harness as evaluation
 from nanochat.evals.core import CoreRequest, CoreTask, TaskMeta
 from nanochat.evals.harness import ItemResult
+from tests.helpers import ByteTokenizer
 
-BOS = 256
+BOS = ByteTokenizer.BOS
 VOCAB = 257
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids, BOS = 256."""
-
-    def get_bos_token_id(self) -> int:
-        return BOS
-
-    def encode(self, text, prepend=None):
-        if isinstance(text, str):
-            ids = list(text.encode("utf-8"))
-            return ([prepend] if prepend is not None else []) + ids
-        return [self.encode(t, prepend) for t in text]
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-    def token_bytes(self) -> torch.Tensor:
-        return torch.tensor([1] * 256 + [0])
 
 
 class UniformModel:
@@ -79,7 +61,7 @@ def oracle_for(requests: list[CoreRequest]) -> OracleModel:
     return OracleModel(tok.encode(gold, prepend=BOS))
 
 
-def run(model, requests: list[CoreRequest]) -> dict[str, evaluation.TaskTotals]:
+def core_totals(model, requests: list[CoreRequest]) -> dict[str, evaluation.TaskTotals]:
     state = evaluation.EvalState(model, ByteTokenizer(), "cpu", None)
     return evaluation.aggregate(core_eval.score_requests(state, requests))
 
@@ -153,14 +135,14 @@ def test_a_capped_task_evaluates_a_seeded_sample_and_fewshot_comes_from_the_whol
 @pytest.mark.parametrize("meta,items", [(MC, mc_items()), (SCHEMA, schema_items()), (LM, lm_items())])
 def test_a_model_that_favours_the_gold_continuation_scores_one(meta, items):
     requests = core_eval.build_requests(CoreTask(meta, items))
-    totals = run(oracle_for(requests), requests)[meta.label]
+    totals = core_totals(oracle_for(requests), requests)[meta.label]
     assert totals.count == len(items) and totals.accuracy == 1.0
 
 
 @pytest.mark.parametrize("meta,items", [(MC, mc_items()), (SCHEMA, schema_items()), (LM, lm_items())])
 def test_uniform_logits_score_exactly_the_random_baseline(meta, items):
     requests = core_eval.build_requests(CoreTask(meta, items))
-    totals = run(UniformModel(), requests)
+    totals = core_totals(UniformModel(), requests)
     assert totals[meta.label].accuracy == pytest.approx(meta.random_baseline, abs=1e-12)
     result = core_eval.core_results([meta], totals)
     assert result["metric"] == pytest.approx(0.0, abs=1e-12)
@@ -273,7 +255,7 @@ def test_every_pack_task_renders_its_rows_into_scorable_items(fake_pack):
         meta = TaskMeta(task.meta.label, task.meta.task_type, 0, task.meta.continuation_delimiter,
                         task.meta.random_baseline)
         requests = core_eval.build_requests(CoreTask(meta, task.items))
-        assert run(UniformModel(), requests)[meta.label].count == 2
+        assert core_totals(UniformModel(), requests)[meta.label].count == 2
 
 
 def test_unknown_task_names_and_missing_sets_are_clear_errors(fake_pack, tmp_path):

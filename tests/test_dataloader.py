@@ -17,19 +17,9 @@ from hypothesis import strategies as st
 
 from nanochat.data import dataloader as dl
 from nanochat.data.dataset import write_shards
+from tests.helpers import ByteTokenizer
 
-BOS = 256
-
-
-class ByteTokenizer:
-    """Bytes as ids 0..255, BOS = 256: enough tokenizer for packing tests."""
-
-    def encode(self, text, prepend=None, append=None, num_threads=None):
-        texts = text.to_pylist() if hasattr(text, "to_pylist") else list(text)
-        return [list(t.encode("utf-8")) for t in texts]
-
-    def get_bos_token_id(self) -> int:
-        return BOS
+BOS = ByteTokenizer.BOS
 
 
 docs_strategy = st.lists(st.lists(st.integers(0, 40), max_size=30), max_size=25)

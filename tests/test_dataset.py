@@ -40,13 +40,13 @@ def _docs(n: int, tag: str = "doc") -> list[str]:
 
 
 @pytest.fixture
-def shards(tmp_path: Path) -> tuple[list[Path], list[str], list[str]]:
+def written_pack(tmp_path: Path) -> tuple[list[Path], list[str], list[str]]:
     train, val = _docs(2500), _docs(300, "val")
     return write_shards(train, val, tmp_path / "pack", docs_per_shard=2048), train, val
 
 
-def test_write_shards_format(shards):
-    paths, train, val = shards
+def test_write_shards_format(written_pack):
+    paths, train, val = written_pack
     assert [p.name for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
     for path in paths:
         parquet = pq.ParquetFile(path)
@@ -69,8 +69,8 @@ def test_write_shards_needs_both_splits(tmp_path):
         write_shards([], ["a"], tmp_path)
 
 
-def test_ranks_split_row_groups_and_resume(shards):
-    paths, train, _ = shards
+def test_ranks_split_row_groups_and_resume(written_pack):
+    paths, train, _ = written_pack
     names = [str(p) for p in paths[:2]]
     rank0, rank1 = (list(iter_documents(names, rank=r, world_size=2)) for r in (0, 1))
     assert sorted(rank0 + rank1) == sorted(train)
@@ -81,8 +81,8 @@ def test_ranks_split_row_groups_and_resume(shards):
         next(iter_documents(names, rank=2, world_size=2))
 
 
-def test_list_shards_local_and_uri(shards, tmp_path):
-    paths, _, _ = shards
+def test_list_shards_local_and_uri(written_pack, tmp_path):
+    paths, _, _ = written_pack
     (paths[0].parent / "shard_00009.parquet.part").write_bytes(b"partial")
     assert list_shards(paths[0].parent) == [str(p) for p in paths]
     uri = paths[0].parent.as_uri()  # file:// goes through pyarrow.fs.FileSystem.from_uri like s3:// and gs://
@@ -97,8 +97,8 @@ def test_list_shards_local_and_uri(shards, tmp_path):
         train_val_split([str(paths[0])])
 
 
-def test_validate_shard_names_a_corrupt_file(shards, tmp_path):
-    paths, _, _ = shards
+def test_validate_shard_names_a_corrupt_file(written_pack, tmp_path):
+    paths, _, _ = written_pack
     info = validate_shard(paths[0], full=True)
     assert (info.num_documents, info.num_row_groups) == (2048, 2)
     truncated = tmp_path / "shard_truncated.parquet"

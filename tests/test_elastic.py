@@ -29,13 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_pretrain_cluster
 from tests.test_pretrain_cluster import attempts, micro_spec, new_run, registered_checkpoint
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-tokenizer_dir = test_pretrain_cluster.tokenizer_dir  # the pretraining tests' 512-token tokenizer (a fixture)
 SETTINGS = ("num_workers=2", "min_workers=1", "resize_check_s=3", "checkpoint_every=5", "eval_every=0",
             "max_failures=3", "cpus_per_worker=2", "tokenizer_actor_cpus=0.25",
             "storage_is_shared=true")  # one machine: the run's local path is shared by every node
@@ -151,8 +149,8 @@ def _child(name: str, tmp_path: Path, embedded_pack: Path, tokenizer_dir: str) -
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_a_lost_host_shrinks_the_run_which_finishes_on_the_rest(embedded_pack, tokenizer_dir, tmp_path):
-    result = _child("elastic", tmp_path, embedded_pack, tokenizer_dir)
+def test_a_lost_host_shrinks_the_run_which_finishes_on_the_rest(embedded_pack, pack_tokenizer_dir, tmp_path):
+    result = _child("elastic", tmp_path, embedded_pack, pack_tokenizer_dir)
     sizes = [a["world_size"] for a in result["attempts"]]
     assert result["events"] == ["removed"] and result["final_step"] == ELASTIC_STEPS, result
     assert sizes[0] == 2 and sizes[-1] == 1, result["attempts"]  # no failure left: min_workers=1 kept it going
@@ -161,9 +159,10 @@ def test_a_lost_host_shrinks_the_run_which_finishes_on_the_rest(embedded_pack, t
     assert result["tokens"] == ELASTIC_STEPS * micro_spec().train.total_batch_tokens  # constant global batch
 
 
-def test_a_preempted_host_is_saved_at_the_notice_and_not_counted_as_a_failure(embedded_pack, tokenizer_dir,
+def test_a_preempted_host_is_saved_at_the_notice_and_not_counted_as_a_failure(embedded_pack,
+                                                                               pack_tokenizer_dir,
                                                                                tmp_path):
-    result = _child("preemption", tmp_path, embedded_pack, tokenizer_dir)
+    result = _child("preemption", tmp_path, embedded_pack, pack_tokenizer_dir)
     assert result["final_step"] == PREEMPTION_STEPS, result  # max_failures=0: the node's death counted as a preemption
     notice = result["notices"][0]
     assert notice["deadline_left_s"] > 0, notice  # the checkpoint was in storage before the deadline

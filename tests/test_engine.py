@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from nanochat.engine import Engine, ToolUse
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.kv_cache import dense_mask
 from nanochat.sampling import IncrementalDecoder, SamplingParams, sample_tokens
+from tests.helpers import random_gpt
 
 BOS, PY_START, PY_END, OUT_START, OUT_END, END = range(256, 262)
 VOCAB = 262
@@ -264,22 +265,15 @@ def test_tool_use_with_the_real_sandbox() -> None:
 # ---- a real tiny GPT ----------------------------------------------------------------------------
 
 
-def tiny_gpt() -> GPT:
-    cfg = GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=48, head_dim=32)
-    cfg.n_kv_head = 2  # group-query attention: 4 query heads share 2 kv heads
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)  # init zeroes the output layers; random weights make logits informative
-    return model.eval()
+# group-query attention: 4 query heads share 2 kv heads; built by random_gpt (every weight random: nanochat's
+# init zeroes the output layers, random weights make the logits informative)
+TINY_GPT = replace(GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=48, head_dim=32), n_kv_head=2)
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_new_tokens=10),
                                     SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_new_tokens=10)])
 def test_cached_logits_equal_full_recompute(params: SamplingParams) -> None:
-    model = tiny_gpt()
+    model = random_gpt(TINY_GPT)
     engine = Engine(model, max_batch_size=3)
     prompts = {engine.add_request(p, params): list(p) for p in ([5, 17, 30], [BOS, 1, 2, 3, 4, 5, 6], [99])}
     steps = 0
@@ -298,7 +292,7 @@ def test_cached_logits_equal_full_recompute(params: SamplingParams) -> None:
 
 
 def test_real_gpt_logprobs_and_greedy_determinism() -> None:
-    model = tiny_gpt()
+    model = random_gpt(TINY_GPT)
     params = SamplingParams(temperature=0, max_new_tokens=8, logprobs=True)
     gens = Engine(model, max_batch_size=2).generate([[1, 2, 3], [40, 41]], params)
     assert Engine(model, max_batch_size=2).generate([[1, 2, 3], [40, 41]], params) == gens

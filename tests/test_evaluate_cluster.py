@@ -10,12 +10,10 @@ Run: `python -m pytest tests/test_evaluate_cluster.py` (add `-m "not cluster"` f
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import math
 
 import pytest
-import torch
 
 from cluster.eval_pool import EvalPool, EvalPoolError, PoolSpec, load_from_storage, plan_pool
 from cluster.storage import RunStorage
@@ -26,39 +24,14 @@ from nanochat.evals import core as core_eval
 from nanochat.evals import core_tasks
 from nanochat.evals import harness as evaluation
 from nanochat.gpt import GPT, GPTConfig
+from tests.helpers import tiny_gpt
 
 SEQ_LEN = 128
-VOCAB = 512  # the test tokenizer's vocabulary: bytes, merges and nanochat's special tokens
+VOCAB = 512  # pack_tokenizer_dir's vocabulary: bytes, merges and nanochat's special tokens
+# depth 2: tiny_gpt(MODEL) knows nothing (nanochat's init: zero lm_head, uniform logits), init=False is random
+MODEL = GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=SEQ_LEN, head_dim=64)
 
 
-@pytest.fixture(scope="module")
-def pack():
-    """The embedded pack (its validation shard and evaluation sets); built once per machine."""
-    from jobs.datapack import build_embedded_pack
-
-    return build_embedded_pack()
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(pack, tmp_path_factory):
-    from nanochat.data.dataset import iter_documents, list_shards
-    from nanochat.tokenizer import Tokenizer
-
-    docs = list(itertools.islice(iter_documents(list_shards(pack)[:1]), 300))
-    tok = Tokenizer.train_from_iterator(docs, vocab_size=VOCAB)
-    assert tok.vocab_size == VOCAB
-    path = tmp_path_factory.mktemp("tok")
-    tok.save(path)
-    return path
-
-
-def tiny_gpt(vocab_size: int, *, knows_nothing: bool) -> GPT:
-    """Depth 2; knows_nothing: nanochat's init (zero lm_head, so uniform logits), else random weights."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_depth(2, vocab_size=vocab_size, sequence_len=SEQ_LEN, head_dim=64))
-    if knows_nothing:
-        model.init_weights()
-    return model
 
 
 def export(model: GPT, tokenizer_dir, dest) -> str:
@@ -109,10 +82,10 @@ def test_a_stage_without_an_exported_model_is_refused(tmp_path, capsys):
     assert rc == 2 and "no exported model" in capsys.readouterr().err
 
 
-def test_an_unknown_task_name_is_refused_before_any_work(tmp_path, tokenizer_dir, capsys):
+def test_an_unknown_task_name_is_refused_before_any_work(tmp_path, pack_tokenizer_dir, capsys):
     storage = RunStorage("r", str(tmp_path))
     with storage.writer("pretrain", {}) as w:
-        export(tiny_gpt(VOCAB, knows_nothing=True), tokenizer_dir, w.path / "model")
+        export(tiny_gpt(MODEL), pack_tokenizer_dir, w.path / "model")
         w.commit()
     rc = job.main(["--stage", "pretrain", "--preset", "micro", "--run", "r", "--storage", str(tmp_path),
                    "--set", "core_tasks=[arc_easy,no_such_task]"])
@@ -124,8 +97,8 @@ def test_an_unknown_task_name_is_refused_before_any_work(tmp_path, tokenizer_dir
 
 
 @pytest.mark.cluster
-def test_two_actors_give_exactly_the_totals_of_one_actor_and_of_one_process(ray_cluster, tokenizer_dir, tmp_path):
-    model_dir = export(tiny_gpt(VOCAB, knows_nothing=False), tokenizer_dir, tmp_path / "model")
+def test_two_actors_give_exactly_the_totals_of_one_actor_and_of_one_process(ray_cluster, pack_tokenizer_dir, tmp_path):
+    model_dir = export(tiny_gpt(MODEL, init=False), pack_tokenizer_dir, tmp_path / "model")
     tasks = core_tasks.pack_core_tasks(["arc_easy", "winogrande", "lambada_openai", "copa"])
     requests = [r for t in tasks for r in core_eval.build_requests(t, max_items=5)]
     loader = functools.partial(load_from_storage, model_dir, None)
@@ -152,10 +125,11 @@ def test_a_broken_model_directory_is_reported_by_ready(ray_cluster, tmp_path):
 
 
 @pytest.mark.cluster
-def test_the_job_evaluates_a_model_that_knows_nothing_at_chance(ray_cluster, pack, tokenizer_dir, tmp_path, capsys):
+def test_the_job_evaluates_a_model_that_knows_nothing_at_chance(ray_cluster, pack_tokenizer_dir, tmp_path,
+                                                                capsys):
     storage = RunStorage("r", str(tmp_path))
     with storage.writer("pretrain", {"depth": 2}) as w:
-        export(tiny_gpt(VOCAB, knows_nothing=True), tokenizer_dir, w.path / "model")
+        export(tiny_gpt(MODEL), pack_tokenizer_dir, w.path / "model")
         w.metrics["val_bpb"] = 9.0
         w.commit()
     argv = ["--stage", "pretrain", "--preset", "micro", "--run", "r", "--storage", str(tmp_path)]

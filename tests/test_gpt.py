@@ -13,6 +13,7 @@ import torch
 from nanochat.common import DistInfo
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
+from tests.helpers import random_gpt
 
 VOCAB = 97
 
@@ -25,18 +26,6 @@ def tiny_config(n_kv_head: int | None = None, sequence_len: int = 24) -> GPTConf
     if n_kv_head is not None:
         cfg.n_kv_head = n_kv_head
     return cfg
-
-
-def random_model(cfg: GPTConfig, seed: int = 0) -> GPT:
-    """A model whose every weight is random (init_weights zeroes the output projections, which
-    would make all logits 0 and every test below trivially pass)."""
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model.eval()
 
 
 def new_cache(cfg: GPTConfig, batch_size: int, seq_len: int) -> KVCache:
@@ -68,7 +57,7 @@ def test_estimate_flops_follows_the_seed_formula():
 
 
 def test_output_shapes_dtypes_and_loss_reductions():
-    model = random_model(tiny_config())
+    model = random_gpt(tiny_config())
     idx = torch.randint(0, VOCAB, (3, 10))
     targets = torch.randint(0, VOCAB, (3, 10))
     logits = model(idx)
@@ -97,7 +86,7 @@ def test_fresh_init_predicts_uniformly():
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])
 def test_future_tokens_never_change_earlier_logits(n_kv_head):
-    model = random_model(tiny_config(n_kv_head))
+    model = random_gpt(tiny_config(n_kv_head))
     idx = torch.randint(0, VOCAB, (2, 16))
     changed = idx.clone()
     changed[:, 9:] = (changed[:, 9:] + 1) % VOCAB
@@ -109,7 +98,7 @@ def test_future_tokens_never_change_earlier_logits(n_kv_head):
 @pytest.mark.parametrize("n_kv_head", [4, 2])
 def test_cached_decode_matches_full_recompute(n_kv_head):
     cfg = tiny_config(n_kv_head)
-    model = random_model(cfg)
+    model = random_gpt(cfg)
     idx = torch.randint(0, VOCAB, (2, 14))
     full = model(idx)
     cache = new_cache(cfg, batch_size=2, seq_len=20)
@@ -130,7 +119,7 @@ def test_cpu_prepack_path_matches_the_plain_path(n_kv_head):
     """The CPU inference path (prepacked weights, fused QKV) gives the plain path's logits, with
     and without a cache, and is not taken where gradients are needed."""
     cfg = tiny_config(n_kv_head)
-    model = random_model(cfg)
+    model = random_gpt(cfg)
     idx = torch.randint(0, VOCAB, (3, 14))
     with torch.no_grad():
         plain = model(idx)
@@ -154,7 +143,7 @@ def test_cpu_prepack_follows_weight_changes_and_copies():
     import copy
 
     cfg = tiny_config(2)
-    model, other = random_model(cfg, seed=0), random_model(cfg, seed=1)
+    model, other = random_gpt(cfg, seed=0), random_gpt(cfg, seed=1)
     model.set_cpu_prepack(True)
     optimizers = model.setup_optimizers(dist=DistInfo())
     idx = torch.randint(0, VOCAB, (2, 8))
@@ -182,7 +171,7 @@ def test_cpu_prepack_follows_weight_changes_and_copies():
 
 def test_ragged_batch_equals_each_row_alone():
     cfg = tiny_config(2)
-    model = random_model(cfg)
+    model = random_gpt(cfg)
     lengths = [3, 7, 5]
     prompts = [torch.randint(0, VOCAB, (1, n)) for n in lengths]
     cache = new_cache(cfg, batch_size=3, seq_len=16)
@@ -202,7 +191,7 @@ def test_ragged_batch_equals_each_row_alone():
 
 def test_decoding_a_subset_of_rows_leaves_the_others_untouched():
     cfg = tiny_config()
-    model = random_model(cfg)
+    model = random_gpt(cfg)
     prompt = torch.randint(0, VOCAB, (3, 5))
     cache = new_cache(cfg, batch_size=3, seq_len=12)
     with torch.no_grad():
@@ -220,7 +209,7 @@ def test_decoding_a_subset_of_rows_leaves_the_others_untouched():
 
 def test_copy_row_reset_rows_and_prefill_from():
     cfg = tiny_config()
-    model = random_model(cfg)
+    model = random_gpt(cfg)
     prompt = torch.randint(0, VOCAB, (1, 6))
     single = new_cache(cfg, batch_size=1, seq_len=10)
     with torch.no_grad():
@@ -240,7 +229,7 @@ def test_copy_row_reset_rows_and_prefill_from():
 
 def test_cache_errors_are_clear():
     cfg = tiny_config()
-    model = random_model(cfg)
+    model = random_gpt(cfg)
     cache = new_cache(cfg, batch_size=2, seq_len=4)
     with pytest.raises(ValueError, match="KV cache full"):
         model(torch.randint(0, VOCAB, (2, 5)), kv_cache=cache)

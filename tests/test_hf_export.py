@@ -26,6 +26,7 @@ from nanochat import hf_format
 from nanochat.engine import Engine, SamplingParams
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, TokenizerFormatError
+from tests.helpers import tiny_gpt
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,10 +66,7 @@ def _build(tok: Tokenizer, seed: int = 0, **changes) -> GPT:
     cfg = GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     for k, v in changes.items():
         setattr(cfg, k, v)
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    model.init_weights()
-    return model
+    return tiny_gpt(cfg, seed)
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +296,8 @@ def test_vocabulary_mismatch_and_wrong_shapes_are_clear_errors(exported, tmp_pat
     for f in exported.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     Tokenizer.train_from_iterator(_corpus(), 400).export_hf(tmp_path / "tokenizer.json")
-    with pytest.raises(hf_format.HFFormatError, match="the tokenizer has 400 tokens but config.json's vocab_size is 512"):
+    with pytest.raises(hf_format.HFFormatError,
+                       match="the tokenizer has 400 tokens but config.json's vocab_size is 512"):
         ckpt.load_model(tmp_path, "cpu")
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 400}))
@@ -343,7 +342,7 @@ def test_a_tokenizer_converted_from_tiktoken_by_transformers_imports(tokenizer, 
 
 
 @pytest.fixture(scope="module")
-def run_storage(trained, tokenizer, tmp_path_factory):
+def sft_run(trained, tokenizer, tmp_path_factory):
     """A run with a tokenizer stage and an SFT stage, written as the stages write them."""
     from cluster.storage import RunStorage
 
@@ -357,22 +356,23 @@ def run_storage(trained, tokenizer, tmp_path_factory):
     return storage
 
 
-def test_export_job_writes_a_directory_transformers_loads_offline(run_storage, tmp_path, trained):
+def test_export_job_writes_a_directory_transformers_loads_offline(sft_run, tmp_path, trained):
     from jobs import export
 
     out = tmp_path / "out"
-    assert export.main(["--run", "hfrun", "--storage", run_storage.uri, "--stage", "sft", "--out", str(out)]) == 0
+    assert export.main(["--run", "hfrun", "--storage", sft_run.uri, "--stage", "sft", "--out", str(out)]) == 0
     assert (out / "README.md").read_text().count("nanochat d2 (sft, run `hfrun`)") == 1
     code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True); "
             "t = AutoTokenizer.from_pretrained(sys.argv[1], local_files_only=True); "
             "ids = t.apply_chat_template([{'role': 'user', 'content': 'hello'}], add_generation_prompt=True, "
-            "return_tensors='pt', return_dict=True); print(type(m).__name__, m.generate(**ids, max_new_tokens=3).shape)")
+            "return_tensors='pt', return_dict=True); "
+            "print(type(m).__name__, m.generate(**ids, max_new_tokens=3).shape)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "NanoChatForCausalLM" in res.stdout
-    assert export.main(["--run", "hfrun", "--storage", run_storage.uri, "--stage", "rl", "--out",
+    assert export.main(["--run", "hfrun", "--storage", sft_run.uri, "--stage", "rl", "--out",
                         str(tmp_path / "x")]) == 2
 
 
@@ -387,7 +387,7 @@ def test_export_and_import_run_without_transformers(exported, tmp_path):
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (exported / "model.safetensors").read_bytes()
 
 
-def test_chat_rl_and_evaluation_stages_start_from_a_transformers_directory(exported, run_storage):
+def test_chat_rl_and_evaluation_stages_start_from_a_transformers_directory(exported, sft_run):
     from cluster.artifacts import find_model, read_model_config
     from jobs import evaluate
     from jobs.config import load_stage_config
@@ -397,11 +397,11 @@ def test_chat_rl_and_evaluation_stages_start_from_a_transformers_directory(expor
     saved = read_model_config(str(exported))["model_config"]
     assert saved["n_kv_head"] == 2 and saved["norm_eps"] is None and saved["sequence_len"] == 128
     settings = load_stage_config(SftConfig, "sft", "micro", [f"init_from={exported}"]).to_spec()
-    ref = find_model(run_storage, settings.previous, settings.init_from)
+    ref = find_model(sft_run, settings.previous, settings.init_from)
     assert (ref.model, ref.tokenizer) == (str(exported), str(exported))
-    assert model_inputs(run_storage, RLConfig(model_dir=str(exported))) == (str(exported), str(exported))
+    assert model_inputs(sft_run, RLConfig(model_dir=str(exported))) == (str(exported), str(exported))
     cfg = evaluate.EvaluateConfig(model_dir=str(exported))  # the run has no midtrain stage: not needed
-    assert evaluate.stage_inputs(run_storage, "midtrain", cfg) == (str(exported), None, {})
+    assert evaluate.stage_inputs(sft_run, "midtrain", cfg) == (str(exported), None, {})
 
 
 def test_serving_loads_a_transformers_directory(exported, tokenizer):
@@ -464,17 +464,17 @@ def test_sft_and_evaluation_start_from_a_directory_saved_by_transformers(ray_clu
     assert result["model"] == str(hf_dir) and result["eval_bpb"] > 0
 
 
-def test_report_has_the_inference_section(run_storage):
+def test_report_has_the_inference_section(sft_run):
     from jobs import report
 
-    argv = ["--run", "hfrun", "--storage", run_storage.uri, "--set", "inference_prompt_tokens=16",
+    argv = ["--run", "hfrun", "--storage", sft_run.uri, "--set", "inference_prompt_tokens=16",
             "--set", "inference_new_tokens=4"]
     assert report.main(argv) == 0
-    text = (Path(run_storage.stage_path("report")) / "report.md").read_text()
+    text = (Path(sft_run.stage_path("report")) / "report.md").read_text()
     section = text.split("## Inference", 1)[1].split("\n## ", 1)[0]
     for b in (1, 8, 32):
         assert f"\n| {b} | " in section
-    figures = run_storage.read_meta("report")["metrics"]["inference"]
+    figures = sft_run.read_meta("report")["metrics"]["inference"]
     assert figures["stage"] == "sft" and figures["new_tokens"] == 4
     assert all(m["tokens_per_s"] > 0 and m["ttft_ms"] > 0 for m in figures["batches"].values())
     assert figures["peak_memory_mib"] > 0

@@ -17,11 +17,14 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.muon import Muon, _balanced_owners, orthogonalize
 from nanochat.sharding import load_optimizer_shards, optimizer_shard_state
 from nanochat.train import LoopConfig, evaluate_bpb, train_loop
+from tests.helpers import tiny_gpt
 
 VOCAB = 75  # odd on purpose: the embedding rows do not split evenly over 2 ranks
 SEQ = 16
 STEPS = 4  # whole run; checkpoints are taken after HALF steps
 HALF = 2
+MODEL = GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=SEQ, head_dim=64)
+SEED = 1234
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -90,20 +93,13 @@ def test_matrix_owners_balance_work():
 # ---- training equivalence across world sizes -------------------------------------------------
 
 
-def make_model() -> GPT:
-    torch.manual_seed(1234)
-    model = GPT(GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=SEQ, head_dim=64))
-    model.init_weights()
-    return model
-
-
 def make_data() -> list[torch.Tensor]:
     """One (4, SEQ + 1) token block per step; rank r of 2 takes rows 2r, 2r + 1."""
     gen = torch.Generator().manual_seed(99)
     return [torch.randint(0, VOCAB, (4, SEQ + 1), generator=gen) for _ in range(STEPS)]
 
 
-def run(model: GPT, optimizers, data, dist: DistInfo, start: int, stop: int) -> None:
+def train_steps(model: GPT, optimizers, data, dist: DistInfo, start: int, stop: int) -> None:
     rows = slice(2 * dist.rank, 2 * dist.rank + 2) if dist.is_distributed else slice(None)
     batches = iter([(d[rows, :-1], d[rows, 1:]) for d in data[start:stop]])
     cfg = LoopConfig(num_steps=STEPS, warmdown_ratio=0.5, grad_clip=0.5)  # 0.5 clips in this setup
@@ -132,7 +128,7 @@ def save_point(model: GPT, optimizers, dist: DistInfo) -> dict:
 
 def restore(points: list[dict], dist: DistInfo):
     """New model + optimizers, loaded from the save points of every rank of a run."""
-    model = make_model()
+    model = tiny_gpt(MODEL, SEED)
     model.load_state_dict(points[0]["model"])
     optimizers = model.setup_optimizers(dist=dist)
     for i, opt in enumerate(optimizers):
@@ -147,22 +143,22 @@ def _two_rank_worker(rank: int, store_path: str, out_dir: str) -> None:
         dist = DistInfo(rank=rank, world_size=2)
         data = make_data()
         results: dict[str, object] = {}
-        model = make_model()  # A: the whole run on 2 ranks
-        run(model, model.setup_optimizers(dist=dist), data, dist, 0, STEPS)
+        model = tiny_gpt(MODEL, SEED)  # A: the whole run on 2 ranks
+        train_steps(model, model.setup_optimizers(dist=dist), data, dist, 0, STEPS)
         results["full"] = model.state_dict()
         results["bpb"] = evaluate_bpb(model, bpb_batches(dist), token_bytes(), dist)
-        model = make_model()  # B: half the run, then save this rank's shard
+        model = tiny_gpt(MODEL, SEED)  # B: half the run, then save this rank's shard
         optimizers = model.setup_optimizers(dist=dist)
-        run(model, optimizers, data, dist, 0, HALF)
+        train_steps(model, optimizers, data, dist, 0, HALF)
         results["half_point"] = save_point(model, optimizers, dist)
         one_rank_point = torch.load(f"{out_dir}/one_rank_half.pt")  # C: resume a 1-rank run on 2
         model, optimizers = restore([one_rank_point], dist)
-        run(model, optimizers, data, dist, HALF, STEPS)
+        train_steps(model, optimizers, data, dist, HALF, STEPS)
         results["resumed_from_1"] = model.state_dict()
-        model = make_model()  # D: the fallback collectives (all_reduce + slice, list all_gather)
+        model = tiny_gpt(MODEL, SEED)  # D: the fallback collectives (all_reduce + slice, list all_gather)
         optimizers = model.setup_optimizers(dist=dist)
         optimizers[0]._tensor_collectives = False
-        run(model, optimizers, data, dist, 0, STEPS)
+        train_steps(model, optimizers, data, dist, 0, STEPS)
         results["fallback"] = model.state_dict()
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -178,13 +174,13 @@ def assert_same_params(a: dict, b: dict, what: str) -> None:
 
 def test_two_gloo_ranks_match_one_rank_and_reshard_both_ways(tmp_path):
     data, single = make_data(), DistInfo()
-    model = make_model()
+    model = tiny_gpt(MODEL, SEED)
     optimizers = model.setup_optimizers(dist=single)
-    run(model, optimizers, data, single, 0, HALF)
+    train_steps(model, optimizers, data, single, 0, HALF)
     torch.save(save_point(model, optimizers, single), tmp_path / "one_rank_half.pt")
-    run(model, optimizers, data, single, HALF, STEPS)
+    train_steps(model, optimizers, data, single, HALF, STEPS)
     reference = model.state_dict()
-    assert not torch.equal(reference["lm_head.weight"], make_model().state_dict()["lm_head.weight"])
+    assert not torch.equal(reference["lm_head.weight"], tiny_gpt(MODEL, SEED).state_dict()["lm_head.weight"])
 
     mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -198,17 +194,17 @@ def test_two_gloo_ranks_match_one_rank_and_reshard_both_ways(tmp_path):
     assert [s["params"][1]["rows"] for s in shards] == [[0, 38], [38, 75]]  # embedding rows split
 
     model, optimizers = restore([res["half_point"] for res in ranks], single)  # 2 -> 1
-    run(model, optimizers, data, single, HALF, STEPS)
+    train_steps(model, optimizers, data, single, HALF, STEPS)
     assert_same_params(model.state_dict(), reference, "2->1 resume")
 
 
 def test_load_rejects_incomplete_or_mismatched_shards():
-    model = make_model()
+    model = tiny_gpt(MODEL, SEED)
     optimizers = model.setup_optimizers()
     data = make_data()
-    run(model, optimizers, data, DistInfo(), 0, 1)
+    train_steps(model, optimizers, data, DistInfo(), 0, 1)
     shard = optimizer_shard_state(optimizers[0], DistInfo())
-    fresh = make_model().setup_optimizers()
+    fresh = tiny_gpt(MODEL, SEED).setup_optimizers()
     with pytest.raises(ValueError, match="one shard per rank"):
         load_optimizer_shards(fresh[0], [shard, shard], DistInfo())
     with pytest.raises(ValueError, match="cannot load them into Muon"):

@@ -38,7 +38,6 @@ from nanochat.data.dataloader import (
     rank_batches,
     validation_rows,
 )
-from nanochat.data.dataset import iter_row_groups
 from nanochat.tokenizer import Tokenizer
 from nanochat.train import evaluate_bpb, train_loop
 
@@ -48,16 +47,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def micro_spec(*overrides: str) -> PretrainSpec:
     """The micro preset's pretraining spec, built as a user's run builds it: preset + `key=value` overrides."""
     return load_stage_config(PretrainConfig, "pretrain", "micro", list(overrides)).to_spec("micro")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(embedded_pack, tmp_path_factory) -> str:
-    """A 512-token tokenizer trained on the first documents of the embedded pack."""
-    train, _ = resolve_shards(str(embedded_pack))
-    texts = next(iter_row_groups(train)).texts[:300]
-    path = tmp_path_factory.mktemp("tok") / "tokenizer"
-    Tokenizer.train_from_iterator(texts, 512).save(path)
-    return str(path)
 
 
 def new_run(storage_dir: Path, run: str, tokenizer_dir: str) -> RunStorage:
@@ -182,7 +171,7 @@ class Killer(threading.Thread):
 
 @pytest.mark.cluster
 def test_two_workers_match_one_process_survive_a_failure_and_resume_on_one(ray_cluster, embedded_pack,
-                                                                             tokenizer_dir, tmp_path):
+                                                                             pack_tokenizer_dir, tmp_path):
     """One run, several scenarios (each Train start costs tens of seconds on 2 cores):
     2 workers from scratch = the single-process loop on the same global batches (losses and val
     bpb); a killed worker is retried from the last checkpoint with the same losses; a second
@@ -190,7 +179,7 @@ def test_two_workers_match_one_process_survive_a_failure_and_resume_on_one(ray_c
     finishes; the tokens/s gauge is on the Prometheus endpoint meanwhile; the export loads."""
     import ray.train
 
-    storage = new_run(tmp_path, "run", tokenizer_dir)
+    storage = new_run(tmp_path, "run", pack_tokenizer_dir)
     settings = ("num_iterations=30", "checkpoint_every=5", "eval_every=10", "max_failures=1", "metrics_interval_s=1",
                 f"data={embedded_pack}")
     spec = micro_spec(*settings, "num_workers=2")
@@ -204,7 +193,7 @@ def test_two_workers_match_one_process_survive_a_failure_and_resume_on_one(ray_c
     killer.join()
     assert len(killer.killed) == 2 and not storage.is_complete("pretrain")
 
-    losses, _ = reference_losses(spec, tokenizer_dir, str(embedded_pack), world=2)
+    losses, _ = reference_losses(spec, pack_tokenizer_dir, str(embedded_pack), world=2)
     first, second = attempts(storage)[:2]
     for rec in first + second:  # same data, same global batch: the single-process trajectory
         if rec.get("loss") is not None:
@@ -283,12 +272,12 @@ def two_node_run(workdir: Path, data: str, tokenizer_dir: str) -> dict:
 
 @pytest.mark.cluster  # its own 2-node cluster in a child process, not the session's
 @pytest.mark.slow
-def test_removing_the_worker_node_mid_run_still_finishes(embedded_pack, tokenizer_dir, tmp_path):
+def test_removing_the_worker_node_mid_run_still_finishes(embedded_pack, pack_tokenizer_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run(
         [sys.executable, "-m", "tests.test_pretrain_cluster", "two-nodes", str(tmp_path), str(embedded_pack),
-         tokenizer_dir], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+         pack_tokenizer_dir], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["final_step"] == 24 and result["removed_at"]
@@ -309,8 +298,9 @@ def test_batch_that_does_not_divide_is_refused():
         make_plan(micro_spec("total_batch_tokens=1000").train, 512, 2)
 
 
-def test_tokenizer_vocab_differing_from_the_checkpoint_is_refused(embedded_pack, tokenizer_dir, tmp_path):
-    storage = new_run(tmp_path, "vocab", tokenizer_dir)
+def test_tokenizer_vocab_differing_from_the_checkpoint_is_refused(embedded_pack, pack_tokenizer_dir,
+                                                                  tmp_path):
+    storage = new_run(tmp_path, "vocab", pack_tokenizer_dir)
     spec = micro_spec(f"data={embedded_pack}")
     other = build_model(make_plan(spec.train, 1024, 1).model, "cpu", 0)  # trained with a 1,024-token tokenizer
     ckpt.save_training_checkpoint(storage.local_path("pretrain") / "checkpoint_0000010", other,
@@ -319,20 +309,20 @@ def test_tokenizer_vocab_differing_from_the_checkpoint_is_refused(embedded_pack,
         preflight(spec, storage)
 
 
-def test_storage_without_write_access_is_refused(embedded_pack, tokenizer_dir, tmp_path):
+def test_storage_without_write_access_is_refused(embedded_pack, pack_tokenizer_dir, tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
     storage = RunStorage("r", str(tmp_path / "a_file" / "runs"))
     with pytest.raises(StorageError, match="not writable"):
-        preflight(micro_spec(f"data={embedded_pack}", f"tokenizer={tokenizer_dir}"), storage)
+        preflight(micro_spec(f"data={embedded_pack}", f"tokenizer={pack_tokenizer_dir}"), storage)
 
 
-def test_missing_or_empty_shards_are_refused(tmp_path, tokenizer_dir):
+def test_missing_or_empty_shards_are_refused(tmp_path, pack_tokenizer_dir):
     storage = RunStorage("r", str(tmp_path / "runs"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no \\*.parquet shards"):
-        preflight(micro_spec(f"data={tmp_path / 'empty'}", f"tokenizer={tokenizer_dir}"), storage)
+        preflight(micro_spec(f"data={tmp_path / 'empty'}", f"tokenizer={pack_tokenizer_dir}"), storage)
     with pytest.raises(FileNotFoundError, match="no shard directory"):
-        preflight(micro_spec(f"data={tmp_path / 'nowhere'}", f"tokenizer={tokenizer_dir}"), storage)
+        preflight(micro_spec(f"data={tmp_path / 'nowhere'}", f"tokenizer={pack_tokenizer_dir}"), storage)
 
 
 def test_missing_tokenizer_stage_is_refused(tmp_path, embedded_pack):

@@ -16,9 +16,10 @@ import torch
 
 from nanochat import rl
 from nanochat.common import DistInfo
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.schedule import LearningRates
 from nanochat.tasks.end_letter import EndLetter, last_letter
+from tests.helpers import tiny_gpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,13 +28,8 @@ def sample(prompt, tokens, mask=None, logprobs=None, reward=0.0, version=0) -> r
     return rl.Sample(list(prompt), list(tokens), list(mask or [1] * len(tokens)), logprobs, reward, version)
 
 
-def tiny_gpt(seed: int = 0, vocab: int = 64) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=32, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    model.init_weights()
-    with torch.no_grad():  # nanochat's init zeroes the lm_head: give the model an opinion to change
-        model.lm_head.weight.normal_(0, 0.02)
-    return model
+POLICY = GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+LM_HEAD_STD = 0.02  # nanochat's init zeroes the lm_head: give the model an opinion to change
 
 
 # ---------------------------------------------------------------- advantages and packing
@@ -141,7 +137,7 @@ def test_config_and_staleness_errors():
 
 
 def test_learner_step_moves_probability_toward_positive_advantage():
-    model = tiny_gpt()
+    model = tiny_gpt(POLICY, lm_head_std=LM_HEAD_STD)
     optimizers = model.setup_optimizers(LearningRates(embedding_lr=0.05, unembedding_lr=0.05, matrix_lr=0.02))
     good, bad = [7, 8, 9], [10, 11, 12]
     groups = [[sample([1, 2], good, reward=1.0), sample([1, 2], bad, reward=0.0)]]
@@ -195,9 +191,10 @@ def test_checksum_sees_one_flipped_bit_and_moved_values(dtype):
 
 
 def test_state_checksums_name_the_corrupted_tensor_and_shape_changes():
-    model = tiny_gpt()
+    model = tiny_gpt(POLICY, lm_head_std=LM_HEAD_STD)
     want = rl.state_checksums(model.state_dict())
-    assert rl.checksum_mismatches(want, rl.state_checksums(tiny_gpt().state_dict())) == []
+    same = tiny_gpt(POLICY, lm_head_std=LM_HEAD_STD)
+    assert rl.checksum_mismatches(want, rl.state_checksums(same.state_dict())) == []
     noisy = {k: v.clone() for k, v in model.state_dict().items()}
     noisy["transformer.h.0.mlp.c_fc.weight"] += 1e-6 * torch.randn_like(noisy["transformer.h.0.mlp.c_fc.weight"])
     problems = rl.checksum_mismatches(want, rl.state_checksums(noisy))
@@ -210,7 +207,7 @@ def test_state_checksums_name_the_corrupted_tensor_and_shape_changes():
 
 
 def test_probe_logprobs_agree_for_equal_weights_and_differ_for_noise():
-    a, b = tiny_gpt(), tiny_gpt()
+    a, b = tiny_gpt(POLICY, lm_head_std=LM_HEAD_STD), tiny_gpt(POLICY, lm_head_std=LM_HEAD_STD)
     inputs, targets = rl.probe_batch(64, rows=3, length=16)
     assert inputs.shape == targets.shape == (3, 16)
     assert torch.equal(rl.probe_batch(64, 3, 16)[0], inputs)  # fixed

@@ -136,22 +136,22 @@ TRAIN_TEXT = [
 
 
 @pytest.fixture(scope="module")
-def tok() -> rustbpe.Tokenizer:
+def rust_tok() -> rustbpe.Tokenizer:
     return rustbpe.Tokenizer.from_iterator(iter(TRAIN_TEXT), 420)
 
 
 @pytest.fixture(scope="module")
-def tiktoken_enc(tok) -> tiktoken.Encoding:
-    return tiktoken.Encoding("test", pat_str=tok.get_pattern(), mergeable_ranks=dict(tok.get_mergeable_ranks()),
-                             special_tokens={})
+def tiktoken_enc(rust_tok) -> tiktoken.Encoding:
+    return tiktoken.Encoding("test", pat_str=rust_tok.get_pattern(),
+                             mergeable_ranks=dict(rust_tok.get_mergeable_ranks()), special_tokens={})
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=200))
-def test_ids_equal_tiktoken_and_decode_round_trips(tok, tiktoken_enc, s):
-    ids = tok.encode(s)
+def test_ids_equal_tiktoken_and_decode_round_trips(rust_tok, tiktoken_enc, s):
+    ids = rust_tok.encode(s)
     assert ids == tiktoken_enc.encode_ordinary(s)
-    assert tok.decode(ids) == s.encode("utf-8")
+    assert rust_tok.decode(ids) == s.encode("utf-8")
 
 
 @settings(max_examples=200, deadline=None)
@@ -174,23 +174,24 @@ def test_default_splitter_equals_regex_module(s):
     "😀" * 500,
     "naïve café 中文 " * 100,
 ])
-def test_long_and_edge_texts_equal_tiktoken(tok, tiktoken_enc, text):
-    assert tok.encode(text) == tiktoken_enc.encode_ordinary(text)
+def test_long_and_edge_texts_equal_tiktoken(rust_tok, tiktoken_enc, text):
+    assert rust_tok.encode(text) == tiktoken_enc.encode_ordinary(text)
 
 
-def test_batch_encode_equals_single_encodes(tok):
+def test_batch_encode_equals_single_encodes(rust_tok):
     texts = TRAIN_TEXT + ["", "x", "the the the"]
-    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
-    assert tok.encode_batch(texts, num_threads=1) == tok.encode_batch(pa.array(texts, pa.large_string()), num_threads=2)
+    assert rust_tok.encode_batch(texts) == [rust_tok.encode(t) for t in texts]
+    arrow = pa.array(texts, pa.large_string())
+    assert rust_tok.encode_batch(texts, num_threads=1) == rust_tok.encode_batch(arrow, num_threads=2)
     with pytest.raises(ValueError, match="num_threads"):
-        tok.encode_batch(texts, num_threads=0)
+        rust_tok.encode_batch(texts, num_threads=0)
 
 
-def test_decode_is_bytes_even_when_ids_split_a_character(tok):
+def test_decode_is_bytes_even_when_ids_split_a_character(rust_tok):
     ids = list("é".encode())  # two byte tokens of one character
-    assert tok.decode(ids[:1]) == b"\xc3"
+    assert rust_tok.decode(ids[:1]) == b"\xc3"
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        tok.decode([tok.vocab_size])
+        rust_tok.decode([rust_tok.vocab_size])
 
 
 def test_custom_pattern_uses_the_regex_engine():
@@ -218,7 +219,8 @@ def test_counts_of_split_blocks_merge_to_counts_of_the_whole(texts, data):
 def test_counts_are_arrow_buffers_shared_without_copy():
     counts = rustbpe.count_chunks(["b a b", "a c"])
     first, second = pa.record_batch(counts), pa.record_batch(counts)
-    assert first.schema == pa.schema([pa.field("chunk", pa.large_binary(), False), pa.field("count", pa.uint64(), False)])
+    assert first.schema == pa.schema([pa.field("chunk", pa.large_binary(), False),
+                                      pa.field("count", pa.uint64(), False)])
     assert first["chunk"].buffers()[2].address == second["chunk"].buffers()[2].address
     assert first["chunk"].to_pylist() == [b" a", b" b", b" c", b"a", b"b"]  # sorted by bytes
     del counts, second
@@ -270,15 +272,15 @@ def test_bad_input_gives_clear_errors():
         rustbpe.Tokenizer([(300, 1)])
 
 
-def test_save_load_round_trip_and_failed_save_leaves_nothing(tok, tmp_path):
+def test_save_load_round_trip_and_failed_save_leaves_nothing(rust_tok, tmp_path):
     path = tmp_path / "tok.rbpe"
-    tok.save(str(path))
+    rust_tok.save(str(path))
     assert path.read_text().startswith("rustbpe merges v1\n")
     back = rustbpe.Tokenizer.load(str(path))
-    assert back.get_merges() == tok.get_merges() and back.get_pattern() == tok.get_pattern()
-    assert back.encode(TRAIN_TEXT[2]) == tok.encode(TRAIN_TEXT[2])
+    assert back.get_merges() == rust_tok.get_merges() and back.get_pattern() == rust_tok.get_pattern()
+    assert back.encode(TRAIN_TEXT[2]) == rust_tok.encode(TRAIN_TEXT[2])
     with pytest.raises(ValueError, match="cannot save"):
-        tok.save(str(tmp_path / "missing_dir" / "tok.rbpe"))
+        rust_tok.save(str(tmp_path / "missing_dir" / "tok.rbpe"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok.rbpe"]
     (tmp_path / "bad.rbpe").write_text("rustbpe merges v1\npattern 99\nab\n")
     with pytest.raises(ValueError, match="bad.rbpe"):

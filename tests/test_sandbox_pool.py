@@ -87,7 +87,7 @@ def naive_program(prompt: str, completion: str, test: str, entry_point: str) -> 
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Sandbox:
+def scoring_sandbox() -> Sandbox:
     return Sandbox(SandboxLimits(timeout_s=20.0, cpu_time_s=10))
 
 
@@ -155,28 +155,30 @@ def test_build_check_rejects_bad_input() -> None:
 
 
 @needs_bwrap
-def test_correct_solution_passes_and_wrong_fails(sandbox: Sandbox) -> None:
-    good = check_completion(sandbox.run, PROMPT, GOOD, TEST, "add")
+def test_correct_solution_passes_and_wrong_fails(scoring_sandbox: Sandbox) -> None:
+    good = check_completion(scoring_sandbox.run, PROMPT, GOOD, TEST, "add")
     assert good.passed, good.result
     assert good.reason == "passed"
-    wrong = check_completion(sandbox.run, PROMPT, WRONG, TEST, "add")
+    wrong = check_completion(scoring_sandbox.run, PROMPT, WRONG, TEST, "add")
     assert not wrong.passed and wrong.reason == "AssertionError"
-    full_function = check_completion(sandbox.run, PROMPT, "def add(a, b):\n    return b + a\n", TEST, "add")
+    full_function = check_completion(scoring_sandbox.run, PROMPT, "def add(a, b):\n    return b + a\n", TEST,
+                                     "add")
     assert full_function.passed  # a completion may redefine the whole function
 
 
 @needs_bwrap
 @pytest.mark.parametrize("name", sorted(FORGERIES))
-def test_forged_results_fool_the_naive_harness_but_not_the_judge(sandbox: Sandbox, name: str) -> None:
+def test_forged_results_fool_the_naive_harness_but_not_the_judge(scoring_sandbox: Sandbox, name: str) -> None:
     completion = FORGERIES[name]
-    assert sandbox.run(naive_program(PROMPT, completion, TEST, "add")).ok, "the forgery no longer works"
-    verdict = check_completion(sandbox.run, PROMPT, completion, TEST, "add")
+    forged = naive_program(PROMPT, completion, TEST, "add")
+    assert scoring_sandbox.run(forged).ok, "the forgery no longer works"
+    verdict = check_completion(scoring_sandbox.run, PROMPT, completion, TEST, "add")
     assert not verdict.passed, verdict.result
 
 
 @needs_bwrap
-def test_solution_cannot_reach_the_judge(sandbox: Sandbox) -> None:
-    verdict = check_completion(sandbox.run, PROMPT, SNOOP, TEST, "add")
+def test_solution_cannot_reach_the_judge(scoring_sandbox: Sandbox) -> None:
+    verdict = check_completion(scoring_sandbox.run, PROMPT, SNOOP, TEST, "add")
     assert verdict.passed  # the answer is right; what it tried on the side got nothing
     assert "LEAKED 0" in verdict.result.stderr
     assert "stolen" not in verdict.result.stdout
@@ -197,22 +199,23 @@ def test_exits_kills_and_hangs_fail(completion: str, reason: str) -> None:
 
 
 @needs_bwrap
-def test_canonical_solutions_of_tricky_problems_pass(sandbox: Sandbox) -> None:
+def test_canonical_solutions_of_tricky_problems_pass(scoring_sandbox: Sandbox) -> None:
     """Problems whose tests call prompt helpers (32, 38, 50), the entry point by name (33), use
     `is True` (72) or floats (2, 4); each canonical solution passes and an empty body fails."""
     rows = {r["id"]: r for r in _humaneval_rows()}
     for n in (2, 4, 32, 33, 38, 50, 72):
         row = rows[f"HumanEval/{n}"]
         args = (row["prompt"], row["canonical_solution"], row["test"], row["entry_point"])
-        assert check_completion(sandbox.run, *args).passed, n
-        assert not check_completion(sandbox.run, row["prompt"], "    return None\n", *args[2:]).passed, n
+        assert check_completion(scoring_sandbox.run, *args).passed, n
+        nothing = check_completion(scoring_sandbox.run, row["prompt"], "    return None\n", *args[2:])
+        assert not nothing.passed, n
 
 
 @needs_bwrap
 @pytest.mark.slow
-def test_all_canonical_solutions_pass(sandbox: Sandbox) -> None:
+def test_all_canonical_solutions_pass(scoring_sandbox: Sandbox) -> None:
     rows = _humaneval_rows()
-    run = functools.partial(sandbox.run, timeout_s=30.0)
+    run = functools.partial(scoring_sandbox.run, timeout_s=30.0)
     with ThreadPoolExecutor(2) as pool:
         verdicts = list(pool.map(
             lambda r: check_completion(run, r["prompt"], r["canonical_solution"], r["test"], r["entry_point"]), rows))

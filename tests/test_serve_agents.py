@@ -1,6 +1,7 @@
 """The chat API as agents use it, driven by the official `openai` client against the deployed service:
 structured outputs (`response_format`), function calling (`tools`, `tool_choice`, tool messages in
-the history) and top log-probs, on a random 2-layer GPT (vocab 512, context 1024: the tool listing is long in 512 tokens) on the session's Ray cluster.
+the history) and top log-probs, on a random 2-layer GPT (vocab 512, context 1024: the tool listing
+is long in 512 tokens) on the session's Ray cluster.
 
 - six fixed schemas at temperature 1, max_tokens 256: 100 replies each (10 requests of n=10);
   every "stop" reply parses and validates; bounded schemas end with "stop" at least 95% of the
@@ -26,10 +27,12 @@ import torch
 from cluster.local import free_port
 from serve_app.config import ServeConfig
 from serve_app.testing import write_random_checkpoint
+from tests.helpers import hi
 
 pytestmark = pytest.mark.cluster
 
 CHAT, BASE = "nanochat-sft", "nanochat-base"
+ASK = "answer in JSON"  # the user turn of most requests below
 
 
 def obj(**props) -> dict:
@@ -65,7 +68,7 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(ray_cluster, ckpt):
+def agent_client(ray_cluster, ckpt):
     from ray import serve
 
     from serve_app.app import deploy
@@ -97,10 +100,6 @@ def local(ckpt):
     return model.eval(), tok
 
 
-def hi(text: str = "answer in JSON") -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
 def schema_format(name: str) -> dict:
     return {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name][0], "strict": True}}
 
@@ -117,9 +116,10 @@ def many(client, n_requests: int, **kw) -> list:
 
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
-def test_schema_replies_validate(client, name) -> None:
+def test_schema_replies_validate(agent_client, name) -> None:
     schema, bounded = SCHEMAS[name]
-    choices = many(client, 10, messages=hi(), temperature=1.0, max_tokens=256, response_format=schema_format(name))
+    choices = many(agent_client, 10, messages=hi(ASK), temperature=1.0, max_tokens=256,
+                   response_format=schema_format(name))
     assert len(choices) == 100
     finishes = [c.finish_reason for c in choices]
     assert set(finishes) <= {"stop", "length"}
@@ -132,8 +132,8 @@ def test_schema_replies_validate(client, name) -> None:
         assert share >= 0.95
 
 
-def test_json_object_replies_parse(client) -> None:
-    choices = many(client, 10, messages=hi(), temperature=1.0, max_tokens=256,
+def test_json_object_replies_parse(agent_client) -> None:
+    choices = many(agent_client, 10, messages=hi(ASK), temperature=1.0, max_tokens=256,
                    response_format={"type": "json_object"})
     stops = [c for c in choices if c.finish_reason == "stop"]
     print(f"\n[structured] json_object: {len(stops)}/100 stop")
@@ -163,7 +163,7 @@ def reference_greedy(local, messages: list[dict], grammar, max_tokens: int) -> t
 
 
 @pytest.mark.parametrize("fmt", ["nested", "array", "unbounded_string", "json_object"])
-def test_greedy_equals_reference_loop(client, local, fmt) -> None:
+def test_greedy_equals_reference_loop(agent_client, local, fmt) -> None:
     from serve_app.grammar import GrammarCompiler
 
     _, tok = local
@@ -171,28 +171,29 @@ def test_greedy_equals_reference_loop(client, local, fmt) -> None:
     grammar = compiler.json_object() if fmt == "json_object" else compiler.json_schema(SCHEMAS[fmt][0])
     response_format = {"type": "json_object"} if fmt == "json_object" else schema_format(fmt)
     for text in ("answer in JSON", "Ka lo mi ne ru"):
-        reply = client.chat.completions.create(model=CHAT, messages=hi(text), temperature=0, max_tokens=96,
-                                               response_format=response_format, logprobs=True)
+        reply = agent_client.chat.completions.create(model=CHAT, messages=hi(text), temperature=0,
+                                                     max_tokens=96, response_format=response_format, logprobs=True)
         ref, finish = reference_greedy(local, hi(text), grammar, 96)
         choice = reply.choices[0]
         assert [bytes(e.bytes) for e in choice.logprobs.content] == [tok.core.id_to_bytes(t) for t in ref]
         assert choice.message.content == tok.decode(ref) and choice.finish_reason == finish
 
 
-def test_constrained_streaming_equals_whole(client) -> None:
-    kw = dict(model=CHAT, messages=hi(), temperature=1.0, max_tokens=128, seed=3, response_format=schema_format("nested"))
-    whole = client.chat.completions.create(**kw).choices[0]
-    chunks = list(client.chat.completions.create(stream=True, **kw))
+def test_constrained_streaming_equals_whole(agent_client) -> None:
+    kw = dict(model=CHAT, messages=hi(ASK), temperature=1.0, max_tokens=128, seed=3,
+              response_format=schema_format("nested"))
+    whole = agent_client.chat.completions.create(**kw).choices[0]
+    chunks = list(agent_client.chat.completions.create(stream=True, **kw))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.message.content and chunks[-1].choices[0].finish_reason == whole.finish_reason
 
 
-def test_unenforceable_schema_is_a_400_naming_it(client) -> None:
+def test_unenforceable_schema_is_a_400_naming_it(agent_client) -> None:
     bad = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "array", "uniqueItems": True}}}
     with pytest.raises(openai.BadRequestError, match="uniqueItems"):
-        client.chat.completions.create(model=CHAT, messages=hi(), response_format=bad)
+        agent_client.chat.completions.create(model=CHAT, messages=hi(ASK), response_format=bad)
     with pytest.raises(openai.BadRequestError, match="not a valid JSON Schema"):
-        client.chat.completions.create(model=CHAT, messages=hi(), response_format={
+        agent_client.chat.completions.create(model=CHAT, messages=hi(ASK), response_format={
             "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": 5}}})
 
 
@@ -206,8 +207,8 @@ def check_calls(choice, names: set[str]) -> None:
         jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
 
 
-def test_tool_choice_required_gives_valid_calls(client) -> None:
-    choices = many(client, 10, messages=hi("weather in Oslo?"), tools=TOOLS, tool_choice="required",
+def test_tool_choice_required_gives_valid_calls(agent_client) -> None:
+    choices = many(agent_client, 10, messages=hi("weather in Oslo?"), tools=TOOLS, tool_choice="required",
                    parallel_tool_calls=False, temperature=1.0, max_tokens=256)
     assert len(choices) == 100
     for c in choices:
@@ -215,12 +216,12 @@ def test_tool_choice_required_gives_valid_calls(client) -> None:
         assert len(c.message.tool_calls) == 1
 
 
-def test_named_tool_choice_and_parallel_calls(client) -> None:
+def test_named_tool_choice_and_parallel_calls(agent_client) -> None:
     named = {"type": "function", "function": {"name": "convert"}}
-    for c in many(client, 2, messages=hi(), tools=TOOLS, tool_choice=named, parallel_tool_calls=False,
-                  max_tokens=256):
+    for c in many(agent_client, 2, messages=hi(ASK), tools=TOOLS, tool_choice=named,
+                  parallel_tool_calls=False, max_tokens=256):
         check_calls(c, {"convert"})
-    parallel = many(client, 2, messages=hi(), tools=TOOLS, tool_choice="required", max_tokens=256)
+    parallel = many(agent_client, 2, messages=hi(ASK), tools=TOOLS, tool_choice="required", max_tokens=256)
     for c in parallel:
         if c.finish_reason == "tool_calls":
             check_calls(c, set(PARAMS))
@@ -229,21 +230,21 @@ def test_named_tool_choice_and_parallel_calls(client) -> None:
     assert any(c.finish_reason == "tool_calls" for c in parallel)
 
 
-def test_auto_tool_choice_answers_text_or_calls(client) -> None:
-    for c in many(client, 2, messages=hi(), tools=TOOLS, max_tokens=64):
+def test_auto_tool_choice_answers_text_or_calls(agent_client) -> None:
+    for c in many(agent_client, 2, messages=hi(ASK), tools=TOOLS, max_tokens=64):
         if c.message.tool_calls and c.finish_reason == "tool_calls":
             check_calls(c, set(PARAMS))
         else:
             assert c.finish_reason in ("stop", "length")
 
 
-def test_streamed_tool_call_deltas_rebuild_the_whole_answer(client) -> None:
-    kw = dict(model=CHAT, messages=hi(), tools=TOOLS, tool_choice="required", seed=5, max_tokens=256,
+def test_streamed_tool_call_deltas_rebuild_the_whole_answer(agent_client) -> None:
+    kw = dict(model=CHAT, messages=hi(ASK), tools=TOOLS, tool_choice="required", seed=5, max_tokens=256,
               temperature=1.0)
-    whole = client.chat.completions.create(**kw).choices[0]
+    whole = agent_client.chat.completions.create(**kw).choices[0]
     calls: dict[int, dict] = {}
     finish = None
-    for chunk in client.chat.completions.create(stream=True, **kw):
+    for chunk in agent_client.chat.completions.create(stream=True, **kw):
         delta = chunk.choices[0].delta
         for d in delta.tool_calls or []:
             if d.id is not None:  # the first delta of a call: id, type and name, empty arguments
@@ -256,7 +257,7 @@ def test_streamed_tool_call_deltas_rebuild_the_whole_answer(client) -> None:
         (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
 
 
-def test_tool_results_in_the_history(client, local) -> None:
+def test_tool_results_in_the_history(agent_client, local) -> None:
     _, tok = local
     messages = [
         {"role": "user", "content": "weather in Oslo?"},
@@ -269,7 +270,7 @@ def test_tool_results_in_the_history(client, local) -> None:
 
     for stream in (False, True):
         extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
-        reply = client.chat.completions.create(model=CHAT, messages=messages, tools=TOOLS, max_tokens=16, **extra)
+        reply = agent_client.chat.completions.create(model=CHAT, messages=messages, tools=TOOLS, max_tokens=16, **extra)
         usage = list(reply)[-1].usage if stream else reply.usage
         req = parse_request(ChatCompletionRequest, json.dumps({"model": CHAT, "messages": messages,
                                                               "tools": TOOLS}).encode())
@@ -278,7 +279,7 @@ def test_tool_results_in_the_history(client, local) -> None:
         assert expected[-1] == tok.encode_special("<|output_end|>")
     bad = [*messages[:2], {"role": "tool", "tool_call_id": "call_9", "content": "x"}]
     with pytest.raises(openai.BadRequestError, match="answers no earlier assistant tool call"):
-        client.chat.completions.create(model=CHAT, messages=bad, tools=TOOLS)
+        agent_client.chat.completions.create(model=CHAT, messages=bad, tools=TOOLS)
 
 
 # ---- log-probs ---------------------------------------------------------------------------------
@@ -301,21 +302,21 @@ def check_top(logp_row: torch.Tensor, tok, top: dict[bytes, float], chosen: byte
         assert abs(top[chosen] - chosen_lp) < 1e-6
 
 
-def test_chat_top_logprobs_equal_a_teacher_forced_pass(client, local) -> None:
+def test_chat_top_logprobs_equal_a_teacher_forced_pass(agent_client, local) -> None:
     _, tok = local
     by_bytes = {tok.core.id_to_bytes(i): i for i in range(tok.vocab_size - 9)}
     prompt = tok.render_for_completion({"messages": hi("Mi ka lo")})
-    seed = next(s for s in range(20) if len(client.chat.completions.create(  # a reply of text tokens only
+    seed = next(s for s in range(20) if len(agent_client.chat.completions.create(  # a reply of text tokens
         model=CHAT, messages=hi("Mi ka lo"), max_tokens=20, seed=s, logprobs=True,
         extra_body={"ignore_eos": True}).choices[0].logprobs.content) == 20)
     for stream in (False, True):
         kw = dict(model=CHAT, messages=hi("Mi ka lo"), max_tokens=20, seed=seed, logprobs=True, top_logprobs=5,
                   extra_body={"ignore_eos": True})
         if stream:
-            entries = [e for c in client.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
-                       for e in c.choices[0].logprobs.content]
+            chunks = agent_client.chat.completions.create(stream=True, **kw)
+            entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
         else:
-            entries = client.chat.completions.create(**kw).choices[0].logprobs.content
+            entries = agent_client.chat.completions.create(**kw).choices[0].logprobs.content
         assert len(entries) == 20
         tokens = [by_bytes[bytes(e.bytes)] for e in entries]
         logp = teacher_forced(local, prompt, tokens)
@@ -324,7 +325,7 @@ def test_chat_top_logprobs_equal_a_teacher_forced_pass(client, local) -> None:
             check_top(logp[j], tok, {bytes(t.bytes): t.logprob for t in e.top_logprobs}, bytes(e.bytes), e.logprob, 5)
 
 
-def test_completion_top_logprobs_equal_a_teacher_forced_pass(client, local) -> None:
+def test_completion_top_logprobs_equal_a_teacher_forced_pass(agent_client, local) -> None:
     _, tok = local
 
     def text(i: int) -> str:
@@ -335,8 +336,9 @@ def test_completion_top_logprobs_equal_a_teacher_forced_pass(client, local) -> N
 
     # legacy log-probs name tokens by text: the longest run of tokens without a cut character
     # (half of the random model's 512 ids are raw bytes, most of them half a character)
-    replies = [client.completions.create(model=BASE, prompt="Ka lo mi", max_tokens=16, seed=seed, logprobs=3,
-                                         extra_body={"ignore_eos": True}).choices[0].logprobs for seed in range(8)]
+    replies = [agent_client.completions.create(model=BASE, prompt="Ka lo mi", max_tokens=16, seed=seed,
+                                               logprobs=3, extra_body={"ignore_eos": True}).choices[0].logprobs
+               for seed in range(8)]
     lp = max((r for r in replies if len(r.tokens) == 16), key=lambda r: clean_prefix(r.tokens))  # no hidden token
     by_text = {text(i): i for i in range(tok.vocab_size - 9)}
     prompt = tok.encode("Ka lo mi", prepend="<|bos|>")

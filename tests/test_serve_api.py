@@ -24,6 +24,7 @@ import requests
 from cluster.local import free_port
 from serve_app.config import ServeConfig
 from serve_app.testing import write_random_checkpoint
+from tests.helpers import hi
 
 pytestmark = pytest.mark.cluster
 
@@ -59,10 +60,6 @@ def service(ray_cluster, tmp_path_factory):
 @pytest.fixture
 def client(service) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{service}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def hi(text: str = "hello there") -> list[dict]:
-    return [{"role": "user", "content": text}]
 
 
 # ---- the OpenAI API ----------------------------------------------------------------------------
@@ -176,7 +173,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 def post(service: str, body: bytes | dict, path: str = "/v1/chat/completions") -> requests.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return requests.post(f"{service}{path}", data=data, timeout=60, headers={**AUTH, "Content-Type": "application/json"})
+    return requests.post(f"{service}{path}", data=data, timeout=60,
+                         headers={**AUTH, "Content-Type": "application/json"})
 
 
 def step_log(service: str, last: int) -> list[dict]:

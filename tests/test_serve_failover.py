@@ -24,7 +24,7 @@ APP, MODEL = "nanochat-failover", "nanochat-sft"
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tmp_path_factory):
+def failover_service(ray_cluster, tmp_path_factory):
     """Deployed by `python -m jobs.serve` from a run directory holding a complete sft stage."""
     from ray import serve
 
@@ -35,7 +35,8 @@ def service(ray_cluster, tmp_path_factory):
     (storage / "r1" / "sft" / "meta.json").write_text(json.dumps({"stage": "sft"}))
     port = free_port()
     sets = [f"app_name={APP}", f"port={port}", "num_replicas=2", "num_cpus=1", "torch_threads=1", "max_batch_size=8"]
-    assert main(["--run", "r1", "--storage", str(storage), "--stage", "sft", *(a for s in sets for a in ("--set", s))]) == 0
+    overrides = [a for s in sets for a in ("--set", s)]
+    assert main(["--run", "r1", "--storage", str(storage), "--stage", "sft", *overrides]) == 0
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -79,15 +80,15 @@ def replica_actor(replica_id: str):
     return ray.get_actor(f"SERVE_REPLICA::{APP}#ChatServer#{replica_id}", namespace="serve")
 
 
-def test_killing_a_replica_under_load(service) -> None:
+def test_killing_a_replica_under_load(failover_service) -> None:
     import ray
 
-    replicas = {ask(service).headers["x-nanochat-replica"] for _ in range(20)}
+    replicas = {ask(failover_service).headers["x-nanochat-replica"] for _ in range(20)}
     assert len(replicas) == 2, f"requests reached {replicas}, expected both replicas"
 
     results = [{} for _ in range(6)]
     events = [threading.Event() for _ in results]
-    threads = [threading.Thread(target=stream_until_end, args=(service, out, ev))
+    threads = [threading.Thread(target=stream_until_end, args=(failover_service, out, ev))
                for out, ev in zip(results, events, strict=True)]
     for t in threads:
         t.start()
@@ -110,5 +111,5 @@ def test_killing_a_replica_under_load(service) -> None:
         assert r["done"] and r["error"] is None and r["tokens"] > 0, r
 
     time.sleep(3.0)
-    statuses = [ask(service).status_code for _ in range(8)]
+    statuses = [ask(failover_service).status_code for _ in range(8)]
     assert statuses == [200] * 8

@@ -22,6 +22,7 @@ from serve_app.responses import chat_response
 from serve_app.schemas import ApiError, ChatCompletionRequest, parse_request
 from serve_app.testing import synthetic_texts
 from serve_app.textstream import ChoiceText, ToolTokens
+from tests.helpers import tiny_gpt
 
 VOCAB = 512
 
@@ -30,19 +31,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
+def synthetic_tok() -> Tokenizer:
     return Tokenizer.train_from_iterator(synthetic_texts(200), VOCAB)
 
 
 @pytest.fixture(scope="module")
 def model() -> GPT:
-    torch.manual_seed(0)
     config = GPTConfig(sequence_len=256, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
-    m = GPT(config)
-    m.init_weights()
-    with torch.no_grad():
-        m.lm_head.weight.normal_(0, 0.25)  # varied logits (init zeroes lm_head)
-    return m.eval()
+    return tiny_gpt(config, lm_head_std=0.25).eval()  # varied logits (init zeroes lm_head)
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, int]:
@@ -97,14 +93,14 @@ def test_engine_rejects_a_wrong_number_of_constraints(model) -> None:
         Engine(model, max_batch_size=4).add_group([1], SamplingParams(n=2), [EvenTokens()])
 
 
-def test_schema_grammar_greedy_equals_reference_and_validates(tok, model) -> None:
+def test_schema_grammar_greedy_equals_reference_and_validates(synthetic_tok, model) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 50},
                                                "tag": {"enum": ["a", "bb"]}},
               "required": ["n", "tag"], "additionalProperties": False}
-    compiler = GrammarCompiler(tok, stop_ids(tok))
+    compiler = GrammarCompiler(synthetic_tok, stop_ids(synthetic_tok))
     grammar = compiler.json_schema(schema)
-    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
-    params = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=stop_ids(tok))
+    prompt = synthetic_tok.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
+    params = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=stop_ids(synthetic_tok))
     engine = Engine(model, max_batch_size=2)
     slot = engine.add_group(prompt, params, [grammar.constraint()])[0]
     while engine.has_unfinished():
@@ -118,16 +114,16 @@ def test_schema_grammar_greedy_equals_reference_and_validates(tok, model) -> Non
             c.fill_bitmask(words)
             t = int(apply_bitmask(model(torch.tensor([ids]))[0, -1:], words[None]).argmax())
             ref.append(t)
-            if t in stop_ids(tok):
+            if t in stop_ids(synthetic_tok):
                 break
             c.accept(t)
             ids.append(t)
     assert got.tokens == ref and got.finish_reason == "stop"
-    jsonschema.validate(json.loads(tok.decode(ref[:-1])), schema)
+    jsonschema.validate(json.loads(synthetic_tok.decode(ref[:-1])), schema)
 
 
-def test_unenforceable_schemas_are_named(tok) -> None:
-    compiler = GrammarCompiler(tok, stop_ids(tok))
+def test_unenforceable_schemas_are_named(synthetic_tok) -> None:
+    compiler = GrammarCompiler(synthetic_tok, stop_ids(synthetic_tok))
     with pytest.raises(GrammarError, match="uniqueItems"):
         compiler.json_schema({"type": "array", "uniqueItems": True})
     with pytest.raises(GrammarError, match="not a valid JSON Schema"):
@@ -137,15 +133,15 @@ def test_unenforceable_schemas_are_named(tok) -> None:
             "x": {"type": "string", "pattern": "a(?=b)"}}}}], "required", False)
 
 
-def test_tool_call_pieces_stream_name_then_arguments(tok) -> None:
-    sp = {n: tok.encode_special(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
-                                              "<|output_end|>")}
+def test_tool_call_pieces_stream_name_then_arguments(synthetic_tok) -> None:
+    sp = {n: synthetic_tok.encode_special(n) for n in ("<|python_start|>", "<|python_end|>",
+                                                        "<|output_start|>", "<|output_end|>")}
     tools = ToolTokens(*sp.values())
-    token_bytes = [b for b, _ in tok.core.get_mergeable_ranks()] + [b""] * 9
+    token_bytes = [b for b, _ in synthetic_tok.core.get_mergeable_ranks()] + [b""] * 9
     ct = ChoiceText(token_bytes, tools, frozenset(), tool_calls=True)
     call = render_tool_call("get_weather", {"city": "Oslo", "days": 3})
     pieces = ct.push(sp["<|python_start|>"])
-    for t in tok.encode(call):
+    for t in synthetic_tok.encode(call):
         pieces += ct.push(t)
     pieces += ct.push(sp["<|python_end|>"]) + ct.finish()
     assert pieces[0].name == "get_weather" and pieces[0].call_id.startswith("call_") and pieces[0].text == ""
@@ -156,7 +152,7 @@ def test_tool_call_pieces_stream_name_then_arguments(tok) -> None:
     assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city":"Oslo","days":3}'}
 
 
-def test_tool_messages_render_into_one_assistant_turn(tok) -> None:
+def test_tool_messages_render_into_one_assistant_turn(synthetic_tok) -> None:
     from serve_app.conversation import TOOLS_PREAMBLE, to_conversation
 
     body = {"model": "m", "tools": [{"type": "function", "function": {"name": "add", "parameters": {
@@ -168,12 +164,13 @@ def test_tool_messages_render_into_one_assistant_turn(tok) -> None:
     req = parse_request(ChatCompletionRequest, json.dumps(body).encode())
     conv = to_conversation(req.messages, req.tools)
     assert conv[0]["role"] == "system" and conv[0]["content"].startswith(TOOLS_PREAMBLE)
-    assert conv[2] == {"role": "assistant", "content": [{"type": "python", "text": '{"name":"add","arguments":{"a":2}}'},
+    call = '{"name":"add","arguments":{"a":2}}'
+    assert conv[2] == {"role": "assistant", "content": [{"type": "python", "text": call},
                                                          {"type": "python_output", "text": "4"}]}
-    ids = tok.render_for_completion({"messages": conv}, continue_last=True)
-    sp = tok.encode_special
-    tail = [sp("<|assistant_start|>"), sp("<|python_start|>"), *tok.encode('{"name":"add","arguments":{"a":2}}'),
-            sp("<|python_end|>"), sp("<|output_start|>"), *tok.encode("4"), sp("<|output_end|>")]
+    ids = synthetic_tok.render_for_completion({"messages": conv}, continue_last=True)
+    sp = synthetic_tok.encode_special
+    tail = [sp("<|assistant_start|>"), sp("<|python_start|>"), *synthetic_tok.encode(call),
+            sp("<|python_end|>"), sp("<|output_start|>"), *synthetic_tok.encode("4"), sp("<|output_end|>")]
     assert ids[-len(tail):] == tail  # the turn stays open: the model answers after the tool output
     bad = {**body, "messages": [*body["messages"][:2], {"role": "tool", "tool_call_id": "nope", "content": "4"}]}
     with pytest.raises(ApiError, match="answers no earlier assistant tool call"):

@@ -25,19 +25,14 @@ from nanochat.train import (
     evaluate_bpb,
     train_loop,
 )
+from tests.helpers import tiny_gpt
 
 VOCAB, SEQ = 64, 16
+MODEL = GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=SEQ, head_dim=64)
 SINGLE = DistInfo()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def make_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=SEQ, head_dim=64))
-    model.init_weights()
-    return model
 
 
 def blocks(n: int, rows: int, seed: int = 5) -> list[torch.Tensor]:
@@ -100,7 +95,7 @@ def test_compile_pays_back_on_cpu_only_over_enough_steps():
 
 
 def test_the_loop_reports_whether_it_compiled():
-    model = make_model()
+    model = tiny_gpt(MODEL)
     final = train_loop(model, model.setup_optimizers(), as_batches(blocks(2, 2)), LoopConfig(2), SINGLE)
     assert final["compiled"] is False  # 2 tiny steps on CPU: the rule says no
 
@@ -109,7 +104,7 @@ def test_the_loop_reports_whether_it_compiled():
 
 
 def test_loss_goes_down_on_a_tiny_batch_and_metrics_are_reported():
-    model = make_model()
+    model = tiny_gpt(MODEL)
     optimizers = model.setup_optimizers()
     data = blocks(1, rows=4) * 25
     seen = []
@@ -124,7 +119,7 @@ def test_loss_goes_down_on_a_tiny_batch_and_metrics_are_reported():
 
 
 def test_mfu_uses_the_flops_estimate():
-    model = make_model()
+    model = tiny_gpt(MODEL)
     final = train_loop(
         model, model.setup_optimizers(), as_batches(blocks(1, 2)), LoopConfig(1, peak_flops=1e9), SINGLE
     )
@@ -134,9 +129,9 @@ def test_mfu_uses_the_flops_estimate():
 
 def test_gradient_accumulation_equals_one_big_batch():
     data = blocks(3, rows=4)
-    big = make_model()
+    big = tiny_gpt(MODEL)
     train_loop(big, big.setup_optimizers(), as_batches(data), LoopConfig(num_steps=3), SINGLE)
-    small = make_model()
+    small = tiny_gpt(MODEL)
     halves = [half for d in data for half in (d[:2], d[2:])]
     train_loop(small, small.setup_optimizers(), as_batches(halves), LoopConfig(3, grad_accum_steps=2), SINGLE)
     for (name, a), b in zip(big.state_dict().items(), small.state_dict().values(), strict=True):
@@ -146,10 +141,10 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_resume_equals_uninterrupted_training():
     data = blocks(6, rows=2)
     cfg = LoopConfig(num_steps=6, warmdown_ratio=0.5, grad_clip=0.5)
-    straight = make_model()
+    straight = tiny_gpt(MODEL)
     train_loop(straight, straight.setup_optimizers(), as_batches(data), cfg, SINGLE)
 
-    first = make_model()
+    first = tiny_gpt(MODEL)
     optimizers = first.setup_optimizers()
     checkpoints = []
     train_loop(
@@ -160,7 +155,7 @@ def test_resume_equals_uninterrupted_training():
     saved_optim = [optimizer_shard_state(opt, SINGLE) for opt in optimizers]
     del first, optimizers
 
-    resumed = make_model(seed=1)  # different init: everything must come from the checkpoint
+    resumed = tiny_gpt(MODEL, seed=1)  # different init: everything must come from the checkpoint
     resumed.load_state_dict(saved_model)
     optimizers = resumed.setup_optimizers()
     for opt, shard in zip(optimizers, saved_optim, strict=True):
@@ -171,7 +166,7 @@ def test_resume_equals_uninterrupted_training():
 
 
 def test_evaluate_and_checkpoint_hooks_fire_on_schedule():
-    model = make_model()
+    model = tiny_gpt(MODEL)
     evaluated, checkpoints, logged = [], [], []
     cfg = LoopConfig(num_steps=7, eval_every=3, checkpoint_every=2, log_every=4)
     train_loop(
@@ -196,7 +191,7 @@ def test_evaluate_and_checkpoint_hooks_fire_on_schedule():
 
 
 def test_running_out_of_batches_names_the_step():
-    model = make_model()
+    model = tiny_gpt(MODEL)
     with pytest.raises(RuntimeError, match="ran out at step 1, micro-batch 1"):
         train_loop(
             model,
@@ -208,7 +203,7 @@ def test_running_out_of_batches_names_the_step():
 
 
 def test_clipping_bounds_the_global_norm():
-    model = make_model()
+    model = tiny_gpt(MODEL)
     optimizers = model.setup_optimizers()
     x = blocks(1, 4)[0]
     model(x[:, :-1], x[:, 1:]).backward()
@@ -220,7 +215,7 @@ def test_clipping_bounds_the_global_norm():
 
 
 def test_evaluate_bpb_counts_only_real_bytes():
-    model = make_model()
+    model = tiny_gpt(MODEL)
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)
     token_bytes = torch.randint(1, 4, (VOCAB,))
