@@ -300,7 +300,16 @@ class HostCluster:
                  else [h.name for h in self.hosts.values() if h.role != "client"])
         names.sort(key=lambda n: self.hosts[n].role != "head")
         for name in names:
-            self.run(name, self.ray_start_command(name), timeout=timeout)
+            try:
+                self.run(name, self.ray_start_command(name), timeout=timeout)
+            except HostError as first:
+                # one retry, as a cluster launcher would: on an overloaded machine a head's dashboard
+                # module has been seen to die while starting ("Module MetricsHead failed to start")
+                self.run(name, ["ray", "stop", "--force"], check=False, timeout=timeout)
+                try:
+                    self.run(name, self.ray_start_command(name), timeout=timeout)
+                except HostError as second:
+                    raise second from first
 
     def ray_start_command(self, host: str) -> list[str]:
         h = self.host(host)
