@@ -36,9 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PROMPT = "Ka lo mi ne ru sa ti vo ze pa. Qu da fe gi ho ju be co wy xi an el in os um."
 N_LAYER, N_EMBD, N_HEAD, VOCAB, SEQ = 6, 384, 6, 8192, 1024
@@ -76,6 +77,18 @@ def pct(values: list[float], q: float) -> float:
 # ---- the load generator ------------------------------------------------------------------------
 
 
+async def sse_chunks(response: Any) -> AsyncIterator[dict]:
+    """The JSON chunks of a server-sent-events response (aiohttp), up to `data: [DONE]`."""
+    buf = b""
+    async for data in response.content.iter_any():
+        buf += data
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            line = event.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
 async def one_request(session, url: str, body: dict, ttft: list, itl: list) -> tuple[int, int]:
     """Stream one completion; returns (completion tokens, text chunks)."""
     t0 = time.perf_counter()
@@ -84,25 +97,17 @@ async def one_request(session, url: str, body: dict, ttft: list, itl: list) -> t
     async with session.post(url, json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
-        buf = b""
-        async for data in r.content.iter_any():
-            buf += data
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                line = event.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    now = time.perf_counter()
-                    if last is None:
-                        ttft.append(now - t0)
-                    else:
-                        itl.append(now - last)
-                    last = now
-                    chunks += 1
+        async for chunk in sse_chunks(r):
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                now = time.perf_counter()
+                if last is None:
+                    ttft.append(now - t0)
+                else:
+                    itl.append(now - last)
+                last = now
+                chunks += 1
     return tokens, chunks
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -48,7 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.serve_load import exit_on_sigterm, free_port, pct, wait_http
+from benchmarks.serve_load import exit_on_sigterm, free_port, pct, sse_chunks, wait_http
 
 N_LAYER, N_EMBD, N_HEAD, VOCAB, SEQ = 6, 384, 6, 8192, 2048
 NAME = "nanochat-chat"
@@ -112,26 +111,18 @@ async def chat_turn(session, url: str, model: str, messages: list[dict], max_tok
     async with session.post(url, json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
-        buf = b""
-        async for data in r.content.iter_any():
-            buf += data
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                line = event.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
-                if delta.get("content"):
-                    now = time.monotonic()
-                    if first is None:
-                        first = now
-                    else:
-                        itl.append(now - last)
-                    last = now
-                    text.append(delta["content"])
+        async for chunk in sse_chunks(r):
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
+            if delta.get("content"):
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                else:
+                    itl.append(now - last)
+                last = now
+                text.append(delta["content"])
     details = usage.get("prompt_tokens_details") or {}
     # a random model may sample the end of its turn first: an empty reply, no first token to time
     return Turn(None if first is None else first - t0, itl, usage.get("completion_tokens", len(text)),
