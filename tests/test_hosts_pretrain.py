@@ -219,6 +219,10 @@ def clean_machine():
         yield
 
 
+# make test-all only for now: alone it passes (183 s), but twice in the full `make test` on this 2-core
+# machine the head host's `ray start` failed before any training (Ray's dashboard module MetricsHead
+# died while starting: "Received EOF from pipe"), which a red CI must not hinge on until it is understood
+@pytest.mark.slow
 def test_worker_host_killed_mid_pretraining_resumes_from_the_shared_checkpoint(
         embedded_pack, tokenizer, tmp_path, clean_machine):
     timings = Timings()
