@@ -47,6 +47,7 @@ SUBNET = "10.77.0"  # /24; the switch has no address, hosts get .2 (head), .11..
 SHARED_MOUNT = "/srv"  # where every host sees the shared (NFS stand-in) directory
 HOST_HOME = "/home/nanochat"
 GCS_PORT, DASHBOARD_PORT = 6379, 8265
+START_ATTEMPTS = 3  # `ray start` per host, see start_ray
 OBJECT_STORE_BYTES = 256 * 1024**2  # per host: the micro stages need little, and /dev/shm is a 2 GiB tmpfs
 
 
@@ -300,16 +301,37 @@ class HostCluster:
                  else [h.name for h in self.hosts.values() if h.role != "client"])
         names.sort(key=lambda n: self.hosts[n].role != "head")
         for name in names:
-            try:
-                self.run(name, self.ray_start_command(name), timeout=timeout)
-            except HostError as first:
-                # one retry, as a cluster launcher would: on an overloaded machine a head's dashboard
-                # module has been seen to die while starting ("Module MetricsHead failed to start")
-                self.run(name, ["ray", "stop", "--force"], check=False, timeout=timeout)
+            for attempt in range(1, START_ATTEMPTS + 1):
                 try:
                     self.run(name, self.ray_start_command(name), timeout=timeout)
-                except HostError as second:
-                    raise second from first
+                    break
+                except HostError as e:
+                    # retried, as a cluster launcher would: on an overloaded machine a head's dashboard
+                    # module has been seen to die while starting ("Module MetricsHead failed to start.
+                    # Received EOF from pipe."); the error carries Ray's own logs of that host
+                    logs = self.ray_log_tails(name)
+                    self.run(name, ["ray", "stop", "--force"], check=False, timeout=timeout)
+                    if attempt == START_ATTEMPTS:
+                        raise HostError(f"{e}\n{logs}") from None
+                    print(f"hosts: ray start on {name} failed (attempt {attempt} of {START_ATTEMPTS}), "
+                          f"retrying:\n{logs}", file=sys.stderr, flush=True)
+                    time.sleep(2.0 * attempt)
+
+    def ray_log_tails(self, host: str, lines: int = 15) -> str:
+        """The last lines of the Ray logs that explain a failed start on `host` (its newest session)."""
+        logs = self.host_dir(host) / "tmp" / "ray" / "session_latest" / "logs"
+        names = ["dashboard.log", "dashboard.err", "gcs_server.err", "raylet.err"]
+        found = [logs / n for n in names] + sorted(logs.glob("dashboard_*.log")) if logs.is_dir() else []
+        parts = []
+        for path in found:
+            try:
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            if tail:
+                parts.append(f"--- {host}:{path.relative_to(self.host_dir(host))} (last {len(tail)} lines)\n"
+                             + "\n".join(tail))
+        return "\n".join(parts) or f"(no Ray logs found under {logs})"
 
     def ray_start_command(self, host: str) -> list[str]:
         h = self.host(host)
