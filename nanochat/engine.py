@@ -599,26 +599,39 @@ class Engine:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> Iterator[tuple[int, StepOutput]]:
         """Generate params.n samples per prompt, admitting prompts as slots free up; yields
-        (row, output) for every token, row = prompt_index * n + sample_index."""
-        if params.n > self.cache.batch_size:
-            raise ValueError(f"n = {params.n} exceeds max_batch_size = {self.cache.batch_size}")
-        for p in prompts:
+        (row, output) for every token, row = prompt_index * n + sample_index. A seeded `params`
+        gives prompt i the seed params.seed + i."""
+        each = [params if params.seed is None else replace(params, seed=params.seed + i)
+                for i in range(len(prompts))]
+        for i, j, out in self.stream_each(prompts, each):
+            yield i * params.n + j, out
+
+    def stream_each(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> Iterator[tuple[int, int, StepOutput]]:
+        """Like `stream`, with one SamplingParams per prompt (its own seed, n, limits); yields
+        (prompt index, sample index, output). Prompts are admitted in order while slots are free,
+        so a batch of requests shares decode steps; each row samples from its own seeded draws."""
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts; give one per prompt")
+        for p, sp in zip(prompts, params, strict=True):
+            if sp.n > self.cache.batch_size:
+                raise ValueError(f"n = {sp.n} exceeds max_batch_size = {self.cache.batch_size}")
             self._check_prompt(p)  # fail before any work
-        queue = deque(enumerate(prompts))
-        row_of: dict[int, int] = {}
+        queue = deque(enumerate(zip(prompts, params, strict=True)))
+        row_of: dict[int, tuple[int, int]] = {}
         try:
             while queue or row_of:
-                while queue and len(self.free_slots()) >= params.n:
-                    i, prompt = queue.popleft()
-                    seeded = params if params.seed is None else replace(params, seed=params.seed + i)
-                    for j, slot in enumerate(self.add_group(prompt, seeded)):
-                        row_of[slot] = i * params.n + j
+                while queue and len(self.free_slots()) >= queue[0][1][1].n:
+                    i, (prompt, sp) = queue.popleft()
+                    for j, slot in enumerate(self.add_group(prompt, sp)):
+                        row_of[slot] = (i, j)
                 outputs = self.step()
                 if not outputs and not self.has_unfinished():
                     raise RuntimeError("engine idle with rows outstanding: slots were removed elsewhere")
                 for out in outputs:
                     if out.slot in row_of:
-                        yield row_of[out.slot], out
+                        yield *row_of[out.slot], out
                         if out.finished:
                             row_of.pop(out.slot)
                             self.remove(out.slot)
@@ -628,10 +641,17 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         """All generations, ordered prompt-major (len(prompts) * params.n of them)."""
-        gens = [Generation([], [], [] if params.logprobs else None, "length")
-                for _ in range(len(prompts) * params.n)]
-        for row, out in self.stream(prompts, params):
-            g = gens[row]
+        each = [params if params.seed is None else replace(params, seed=params.seed + i)
+                for i in range(len(prompts))]
+        return [g for gens in self.generate_each(prompts, each) for g in gens]
+
+    def generate_each(self, prompts: Sequence[Sequence[int]],
+                      params: Sequence[SamplingParams]) -> list[list[Generation]]:
+        """Every prompt's generations (params[i].n of them), the prompts sharing decode steps."""
+        gens = [[Generation([], [], [] if sp.logprobs else None, "length") for _ in range(sp.n)]
+                for sp in params]
+        for i, j, out in self.stream_each(prompts, params):
+            g = gens[i][j]
             g.tokens.append(out.token)
             g.mask.append(0 if out.forced else 1)
             if g.logprobs is not None:

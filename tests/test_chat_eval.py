@@ -26,7 +26,7 @@ from nanochat.evals.harness import EvalState, TaskTotals, aggregate
 from nanochat.kv_cache import dense_mask
 from nanochat.tasks import GSM8K, HumanEval, Identity, MultipleChoiceTask, eval_tasks
 from nanochat.tokenizer import Tokenizer
-from tests.helpers import tiny_gpt
+from tests.helpers import random_gpt, tiny_gpt
 
 ROWS = [  # hand-made multiple-choice rows: gold letters A, B, B, C, A, B, D, B
     {"question": f"Question {i}?", "choices": [f"w{i}", f"x{i}", f"y{i}", f"z{i}"], "answer": a}
@@ -184,6 +184,28 @@ def test_sampling_is_seeded_per_item_whatever_the_chunk(byte_tok):
     together = sampler(state_of(model, byte_tok), requests)
     alone = sampler(state_of(model, byte_tok), requests[1:])
     assert together[1].texts == alone[0].texts and len(set(together[1].texts)) == 3
+
+
+def test_a_real_model_answers_each_item_in_a_batch_as_it_would_alone(byte_tok, monkeypatch):
+    """Items decode together (GENERATION_ROWS rows, admitted as rows free up): a random GPT gives
+    every item the same samples and format text as when it runs on its own, at temperature 1 and
+    greedy, with fewer rows than samples in flight (admission as rows free up)."""
+    from nanochat.gpt import GPTConfig
+
+    model = random_gpt(GPTConfig.from_depth(2, byte_tok.vocab_size, 256, head_dim=64), seed=5)
+    state = EvalState(model, byte_tok, "cpu", 256)
+    evals = eval_tasks(offline=True)
+    requests = chat_eval.chat_requests({"gsm8k": evals["gsm8k"]}, max_per_task=5)
+    formats = chat_eval.format_requests(evals, 7)
+    monkeypatch.setattr(chat_eval, "GENERATION_ROWS", 4)  # 5 items x 2 samples > 4 rows: queued
+    for settings in (SampleSettings(num_samples=2, max_new_tokens=10, temperature=1.0, seed=3),
+                     SampleSettings(num_samples=1, max_new_tokens=10, temperature=0.0)):
+        sampler = SampleAnswers(settings)
+        together = [a.texts for a in sampler(state, requests)]
+        alone = [sampler(state, [r])[0].texts for r in requests]
+        assert together == alone and len(set(together)) > 1
+    together = [(a.texts, a.score) for a in chat_eval.check_format(state, formats)]
+    assert together == [(a.texts, a.score) for r in formats for a in chat_eval.check_format(state, [r])]
 
 
 def test_bad_sample_settings_are_refused():

@@ -27,8 +27,11 @@ Notable:
   token allowed) counts as well formed when it is exactly one of the item's letters followed by
   <|assistant_end|>. It measures whether a model learned the chat answer format, whatever it knows.
 
-Every item is run on its own (batch of one prompt, or its k samples), so sharding over any number
-of actors gives the same totals. Tests: `python -m pytest tests/test_chat_eval.py`.
+Generative and format items of one chunk decode together (up to GENERATION_ROWS rows, admitted
+as rows free up); each row draws from a generator seeded by its item (`item_seed`), so an item's
+samples do not depend on its batch, chunk or actor, and sharding over any number of actors gives
+the same totals (up to the last bits of a batched matmul; tested against one item at a time).
+Tests: `python -m pytest tests/test_chat_eval.py`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ SELECT_SEED = 1337  # a capped task evaluates a seeded sample of its items (sort
 FORMAT_TASK = "format"  # the task name of format results
 FORMAT_TOKENS = 8  # free tokens generated per format item: a letter and <|assistant_end|> need 2
 MIN_ANSWER_ROOM = 16  # context positions a generative prompt always leaves for the answer
+GENERATION_ROWS = 32  # rows an evaluation actor decodes together (its KV cache: rows x context)
 
 
 @dataclass(frozen=True)
@@ -235,58 +239,63 @@ class SampleAnswers:
 
     @torch.no_grad()
     def __call__(self, state: EvalState, requests: Sequence[ChatRequest]) -> list[ChatAnswer]:
-        from nanochat.engine import Engine, SamplingParams
+        from nanochat.engine import SamplingParams
 
         s = self.settings
         tok = state.tokenizer
-        tool = _tool_use(tok, self.tool_run) if self.tool_run is not None else None
-        engine = Engine(state.model, max_batch_size=s.num_samples, max_seq_len=state.max_seq_len,
-                        tool_use=tool)
         limit = _generation_limit(state, s.max_new_tokens)
         stops = _stop_ids(tok)
-        out = []
-        try:
-            for r in requests:
-                t0 = time.perf_counter()
-                ids, cut = fit_prompt(tok.render_for_completion(r.conversation), limit)
-                params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                        top_k=s.top_k,
-                                        seed=item_seed(s.seed, r.task, r.index), stop_token_ids=stops,
-                                        n=s.num_samples)
-                with autocast_context(state.device):
-                    gens = engine.generate([ids], params)
-                texts = tuple(tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
-                              for g in gens)
-                out.append(ChatAnswer(r.task, r.index, texts, None, cut, time.perf_counter() - t0))
-        finally:
-            engine.close()
-        return out
+        prompts = [fit_prompt(tok.render_for_completion(r.conversation), limit) for r in requests]
+        params = [SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                                 seed=item_seed(s.seed, r.task, r.index), stop_token_ids=stops,
+                                 n=s.num_samples) for r in requests]
+        tool = _tool_use(tok, self.tool_run) if self.tool_run is not None else None
+        gens, seconds = _generate_together(state, [ids for ids, _ in prompts], params, tool)
+        def text(g: Any) -> str:
+            return tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
+
+        return [ChatAnswer(r.task, r.index, tuple(text(g) for g in item), None, cut, seconds)
+                for r, (_, cut), item in zip(requests, prompts, gens, strict=True)]
+
+
+def _generate_together(state: EvalState, prompts: list[list[int]], params: list[Any],
+                       tool: Any = None) -> tuple[list[list[Any]], float]:
+    """Every prompt's generations, up to GENERATION_ROWS rows decoding together (each row samples
+    from its own seeded draws, so the tokens are those of one prompt at a time); and the seconds
+    per prompt (the batch's wall time shared equally)."""
+    from nanochat.engine import Engine
+
+    if not prompts:
+        return [], 0.0
+    t0 = time.perf_counter()
+    rows = max(max(p.n for p in params), min(GENERATION_ROWS, sum(p.n for p in params)))
+    engine = Engine(state.model, max_batch_size=rows, max_seq_len=state.max_seq_len, tool_use=tool)
+    try:
+        with autocast_context(state.device):
+            gens = engine.generate_each(prompts, params)
+    finally:
+        engine.close()
+    return gens, (time.perf_counter() - t0) / len(prompts)
 
 
 @torch.no_grad()
 def check_format(state: EvalState, requests: Sequence[ChatRequest]) -> list[ChatAnswer]:
     """Format items: greedy free generation; 1.0 when it is exactly one of the item's letters, then
     <|assistant_end|>, else 0.0. The text (at most FORMAT_TOKENS tokens) is kept for people."""
-    from nanochat.engine import Engine, SamplingParams
+    from nanochat.engine import SamplingParams
 
     tok = state.tokenizer
     end = tok.encode_special("<|assistant_end|>")
-    engine = Engine(state.model, max_batch_size=1, max_seq_len=state.max_seq_len)
     params = SamplingParams(max_new_tokens=FORMAT_TOKENS, temperature=0.0, stop_token_ids=_stop_ids(tok))
     limit = _generation_limit(state, FORMAT_TOKENS)
+    prompts = [fit_prompt(tok.render_for_completion(r.conversation), limit) for r in requests]
+    gens, seconds = _generate_together(state, [ids for ids, _ in prompts], [params] * len(requests))
     out = []
-    try:
-        for r in requests:
-            t0 = time.perf_counter()
-            ids, cut = fit_prompt(tok.render_for_completion(r.conversation), limit)
-            with autocast_context(state.device):
-                tokens = engine.generate([ids], params)[0].tokens
-            ok = (len(tokens) == 2 and tokens[1] == end
-                  and tokens[0] in letter_ids(tok, r.conversation["letters"]))
-            out.append(ChatAnswer(r.task, r.index, (tok.decode(tokens),), float(ok), cut,
-                                  time.perf_counter() - t0))
-    finally:
-        engine.close()
+    for r, (_, cut), item in zip(requests, prompts, gens, strict=True):
+        tokens = item[0].tokens
+        ok = (len(tokens) == 2 and tokens[1] == end
+              and tokens[0] in letter_ids(tok, r.conversation["letters"]))
+        out.append(ChatAnswer(r.task, r.index, (tok.decode(tokens),), float(ok), cut, seconds))
     return out
 
 
