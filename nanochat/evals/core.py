@@ -33,6 +33,7 @@ Tests: `python -m pytest tests/test_core_eval.py`.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import random
 import shutil
@@ -236,17 +237,29 @@ def score_request(model: Callable[[torch.Tensor], torch.Tensor], tokenizer: Any,
     for row, t in enumerate(tokens):
         idx[row, : len(t)] = torch.tensor(t, dtype=torch.long)
     idx = idx.to(device)
+    # position p predicts token p + 1: the scored positions of a row are s - 1 .. e - 2; a model that
+    # takes `logits_at` (nanochat's GPT) computes the output layer there only (rows padded with
+    # their last position), others give every position's logits
+    width = max(e - s for s, e in spans)
+    at = torch.tensor([[min(s - 1 + k, e - 2) for k in range(width)] for s, e in spans], device=idx.device)
     with autocast_context(device):
-        logits = model(idx).float()  # (B, T, V)
+        if _takes_logits_at(model):
+            logits = model(idx, logits_at=at).float()  # (B, width, V)
+        else:
+            logits = model(idx).float()[torch.arange(len(spans), device=idx.device)[:, None], at]
     if request.task_type == "language_modeling":
         s, e = spans[0]
-        predicted = logits[0, s - 1: e - 1].argmax(dim=-1)  # position p predicts token p + 1
+        predicted = logits[0, : e - s].argmax(dim=-1)
         return float(torch.equal(predicted, idx[0, s:e]))
     mean_losses = []
     for row, (s, e) in enumerate(spans):
-        nll = F.cross_entropy(logits[row, s - 1: e - 1], idx[row, s:e], reduction="none")  # (e - s,) nats
+        nll = F.cross_entropy(logits[row, : e - s], idx[row, s:e], reduction="none")  # (e - s,) nats
         mean_losses.append(float(nll.double().mean()))  # float64: equal losses give equal means for any n
     return option_credit(mean_losses, request.gold)
+
+
+def _takes_logits_at(model: Any) -> bool:
+    return "logits_at" in inspect.signature(getattr(model, "forward", model)).parameters
 
 
 def score_requests(state: EvalState, requests: Sequence[CoreRequest]) -> list[ItemResult]:

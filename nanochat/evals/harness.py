@@ -99,7 +99,8 @@ def load_eval_state(model_dir: str | Path, tokenizer_dir: str | Path | None, dev
     """Load an exported model (nanochat.checkpoint) and its tokenizer onto `device`, in eval mode.
 
     tokenizer_dir None: the tokenizer exported beside the weights (model_dir/tokenizer). The context
-    limit is the model's training sequence length: it never saw later positions."""
+    limit is the model's training sequence length: it never saw later positions. On CPU the model's
+    linear layers take their prepacked-weight path (GPT.set_cpu_prepack), as in the engine."""
     from nanochat.checkpoint import load_model
     from nanochat.tokenizer import Tokenizer
 
@@ -114,6 +115,8 @@ def load_eval_state(model_dir: str | Path, tokenizer_dir: str | Path | None, dev
             f"but the tokenizer at {tokenizer_dir} "
             f"has {tokenizer.vocab_size}: they come from different runs"
         )
+    if device == "cpu":  # the inference fast path of the linear layers (as the engine uses it)
+        model.set_cpu_prepack(True)
     return EvalState(model, tokenizer, device, model.config.sequence_len, meta)
 
 
