@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from nanochat import compile_cache
 from nanochat.common import DistInfo, autocast_context
 from nanochat.muon import Muon
 from nanochat.schedule import (
@@ -68,6 +69,7 @@ class LoopConfig:
 # median; the issue's 2,500 vs 3,556 tok/s on a quiet machine: 30%); an eager step runs at ~75 GFLOP/s
 # (the plain loop's 2,654 tok/s x 28.3 MFLOP per token on a quiet machine, README).
 CPU_COMPILE_COLD_S = 40.0
+CPU_COMPILE_WARM_S = 5.0  # the same graphs again, inductor's cache warm (nanochat/compile_cache.py)
 CPU_COMPILE_SAVED_FRAC = 0.28
 CPU_EAGER_FLOPS = 75e9
 
@@ -88,23 +90,34 @@ def compile_pays_back(device_type: str, steps: int, step_flops: float, *,
 
 class _Forward:
     """model(x, y) for the loop, compiled or not: decided at the first micro-batch, whose shape gives
-    the FLOPs of a step (cfg.compile, else `compile_pays_back`)."""
+    the FLOPs of a step (cfg.compile, else `compile_pays_back`, with the warm compile cost when this
+    machine's inductor cache already holds the graph: nanochat/compile_cache.py)."""
 
     def __init__(self, model: torch.nn.Module, cfg: LoopConfig, steps: int, device_type: str) -> None:
         self.model, self.cfg, self.steps, self.device_type = model, cfg, steps, device_type
         self.fn: Callable[..., torch.Tensor] | None = None
         self.compiled = False
+        self.warm_cache = False  # the graph was compiled on this machine before
+        self._record: str | None = None  # a signature to note in the ledger once its compile is done
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.fn is None:
+            sig = compile_cache.signature(self.model, x)
+            self.warm_cache = compile_cache.was_compiled(sig)
             use = self.cfg.compile
             if use is None:
                 per_token = self.model.estimate_flops() if hasattr(self.model, "estimate_flops") else 0
+                cost = CPU_COMPILE_WARM_S if self.warm_cache else CPU_COMPILE_COLD_S
                 use = compile_pays_back(self.device_type, self.steps,
-                                        per_token * x.numel() * self.cfg.grad_accum_steps)
+                                        per_token * x.numel() * self.cfg.grad_accum_steps, compile_s=cost)
             self.compiled = bool(use)
             self.fn = torch.compile(self.model, dynamic=False) if use else self.model
-        return self.fn(x, y)
+            self._record = sig if use and not self.warm_cache else None
+        out = self.fn(x, y)
+        if self._record is not None:  # the first compiled call has compiled (forward and backward graphs)
+            compile_cache.record_compiled(self._record)
+            self._record = None
+        return out
 
 
 def _set_hyperparams(optimizers: list[ShardedOptimizer], step: int, cfg: LoopConfig) -> float:
@@ -220,6 +233,7 @@ def train_loop(
         if _due(done, cfg.log_every, stop):
             metrics.update(_step_metrics(loss, grad_norm, lrm, tokens, wait, dt, cfg, dist, flops_per_token))
             metrics["compiled"] = forward.compiled
+            metrics["compile_cache_warm"] = forward.warm_cache
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"training loss is {metrics['loss']} at step {done}: lower the lrs")
         if evaluate is not None and _due(done, cfg.eval_every, cfg.num_steps):

@@ -6,6 +6,7 @@ Run: PYTHONPATH=. python -m pytest tests/test_train_loop.py -q
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from nanochat.sharding import load_optimizer_shards, optimizer_shard_state
 from nanochat.train import (
     CPU_COMPILE_COLD_S,
     CPU_COMPILE_SAVED_FRAC,
+    CPU_COMPILE_WARM_S,
     CPU_EAGER_FLOPS,
     LoopConfig,
     clip_grad_norm,
@@ -98,6 +100,49 @@ def test_the_loop_reports_whether_it_compiled():
     model = tiny_gpt(MODEL)
     final = train_loop(model, model.setup_optimizers(), as_batches(blocks(2, 2)), LoopConfig(2), SINGLE)
     assert final["compiled"] is False  # 2 tiny steps on CPU: the rule says no
+
+
+def test_a_warm_inductor_cache_makes_compiling_pay_back_sooner(tmp_path, monkeypatch):
+    """The ledger in inductor's cache directory: a graph compiled once is known warm next time, and the
+    rule then uses the warm cost: the tiny preset's 80-step midtraining and 60-step SFT (micro-batches
+    of the pretraining shape) compile after its pretraining has, not on a fresh machine."""
+    from nanochat import compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    tiny_model = GPT(GPTConfig.from_depth(4, vocab_size=4096, sequence_len=256, head_dim=64))
+    batch = torch.zeros(8, 256, dtype=torch.long)
+    sig = compile_cache.signature(tiny_model, batch)
+    assert sig != compile_cache.signature(tiny_model, torch.zeros(4, 256, dtype=torch.long))
+    assert not compile_cache.was_compiled(sig)
+    compile_cache.record_compiled(sig)
+    compile_cache.record_compiled(sig)  # once is enough
+    assert compile_cache.was_compiled(sig) and json.loads(compile_cache.ledger_path().read_text()) == [sig]
+    assert compile_cache.ledger_path().parent == tmp_path / "inductor"
+    compile_cache.ledger_path().write_text("{not json")  # a damaged ledger: nothing is known warm
+    assert not compile_cache.was_compiled(sig)
+    step = tiny_model.estimate_flops() * 2048
+    for steps in (80, 120):  # midtraining's 80 steps of 2,048 tokens, SFT's 60 of 4,096
+        assert compile_pays_back("cpu", steps, step, compile_s=CPU_COMPILE_WARM_S)
+        assert not compile_pays_back("cpu", steps, step, compile_s=CPU_COMPILE_COLD_S)
+
+
+def test_the_loop_compiles_on_a_warm_cache_and_notes_what_it_compiled(tmp_path, monkeypatch):
+    """A run the cold rule leaves eager compiles when the ledger knows its graph; a run that compiles
+    (cfg.compile) notes its graph. torch.compile is replaced by a recorder: what is tested is the
+    decision and the ledger, not inductor."""
+    from nanochat import compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    model = tiny_gpt(MODEL)
+    data = blocks(2, 2)
+    sig = compile_cache.signature(model, data[0][:, :-1])
+    final = train_loop(model, model.setup_optimizers(), as_batches(data), LoopConfig(2, compile=True), SINGLE)
+    assert final["compiled"] and not final["compile_cache_warm"] and compile_cache.was_compiled(sig)
+    monkeypatch.setattr("nanochat.train.CPU_COMPILE_WARM_S", 0.0)  # any saving beats a free compile
+    final = train_loop(model, model.setup_optimizers(), as_batches(data), LoopConfig(2), SINGLE)
+    assert final["compiled"] and final["compile_cache_warm"] and len(compiled) == 2
 
 
 # ---- the loop ---------------------------------------------------------------------------------
