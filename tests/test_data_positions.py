@@ -1,7 +1,8 @@
 """Tests of the data position across world-size changes (nanochat/data/positions.py) with the
 pretraining row stream (nanochat/data/dataloader.py): runs that resize 2 -> 1 -> 2 (and random
 sequences of sizes) read every row at most once, leave no hole below the frontier, and consume
-exactly steps x global batch rows; a fixed world size reads exactly the old stride order. No Ray.
+exactly steps x global batch rows; a fixed world size reads exactly the old stride order. No Ray, but
+for one cluster-marked test: Ray Data's rows of a resized position are the local path's.
 
 Run: PYTHONPATH=. python -m pytest tests/test_data_positions.py -q
 """
@@ -194,3 +195,26 @@ def test_inconsistent_positions_are_refused():
         DataPosition(0, 0, ((1, 0),))
     with pytest.raises(ValueError, match="not in this rank's stream"):
         DataPosition(0, 0, (), 2, 2).at(3, 0)
+
+
+@pytest.mark.cluster  # the session's Ray cluster: the one test of this file that needs Ray
+def test_ray_data_reads_a_resized_position_exactly_as_the_local_path(ray_cluster, embedded_pack, pack_tokenizer_dir):
+    from cluster.artifacts import load_tokenizer
+    from cluster.pretrain_data import ray_row_chunks
+
+    plan, row_len = dl.plan_row_groups(list_shards(str(embedded_pack))[:-1]), 1025
+    # 2 -> 1: items 0 from row 5, 2 (unreached), 3 from row 7, then 4, 5, ...: two Datasets of 5 items each
+    start = resume_positions([DataPosition(0, 5).pinned(2), DataPosition(3, 7).pinned(2)], 1)[0]
+    assert start == DataPosition(0, 5, ((2, 0), (3, 7)), 4, 1)
+    local = dl.local_row_chunks(plan, load_tokenizer(pack_tokenizer_dir), row_len, start, 1)
+    want = [np.concatenate(part) for part in zip(*(next(local) for _ in range(7)), strict=True)]
+    remote = ray_row_chunks(plan, pack_tokenizer_dir, row_len, start, 1, batch_size=64)
+    got, n = [], 0
+    while n < len(want[0]):
+        chunk = next(remote)
+        got.append(chunk)
+        n += len(chunk[0])
+    remote.close()
+    got = [np.concatenate(part)[: len(want[0])] for part in zip(*got, strict=True)]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert want[1][0] == 0 and want[2][0] == 5 and sorted(set(want[1].tolist())) == [0, 2, 3, 4, 5, 6, 7]
