@@ -1,11 +1,12 @@
 """Pretraining data on Ray Data: read row groups → tokenize and pack in an actor pool → rows.
 
 Each Train worker builds its own pipeline over ITS items (nanochat/data/dataloader.py: rank r of W
-reads items r, r + W, ...), starting at its checkpointed DataPosition, and consumes it with
+reads items r, r + W, ...; after a change of world size first the leftover items dealt to it,
+nanochat/data/positions.py), starting at its checkpointed DataPosition, and consumes it with
 prefetching. No streaming_split: the assignment is fixed, so the position is exact and ranks
 never wait on each other for data.
 
-    items (from_items: shard, row group, rows to skip)
+    items (from_items: item, shard, row group, rows to skip)
       ─▶ map_batches(ReadTokenizePack): an ActorPoolStrategy pool, fractional CPU per actor, the
          tokenizer loaded once per actor; each call reads one row group, tokenizes and packs it
       ─▶ rows {tokens (row_len,), item, row} ─▶ iter_batches(prefetch) in the worker
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from itertools import islice
 
 import numpy as np
 import ray
@@ -53,23 +55,22 @@ class ReadTokenizePack:
 
 def rank_dataset(
     plan: Sequence[Item],
-    items: Sequence[int],
-    first_skip: int,
+    items: Sequence[tuple[int, int]],
     tokenizer_uri: str,
     row_len: int,
     *,
     actors: int = 1,
     actor_cpus: float = 0.25,
 ) -> ray.data.Dataset:
-    """Rows of `items` in order (the first item without its first `first_skip` rows)."""
+    """Rows of `items` ((item, rows to skip) pairs) in order, each item without its first skipped rows."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the position is only exact if rows come in order
     ctx.enable_progress_bars = False  # runs inside Train workers: keep their logs readable
     ctx.print_on_execution_start = False
     records = [
         {"item": i, "shard": item_source(plan, i)[0], "row_group": item_source(plan, i)[1],
-         "skip": first_skip if k == 0 else 0}
-        for k, i in enumerate(items)
+         "skip": skip}
+        for i, skip in items
     ]
     return ray.data.from_items(records, override_num_blocks=len(records)).map_batches(
         ReadTokenizePack,
@@ -92,15 +93,15 @@ def ray_row_chunks(
     actors: int = 1,
     actor_cpus: float = 0.25,
 ) -> Iterator[RowChunk]:
-    """This rank's rows from `start` on, endless: one Dataset per pass over the rank's share of
-    the row groups (ceil(N / W) items), the next pass built when one ends."""
+    """This rank's rows from `start` on (its items: `start.stream`), endless: one Dataset per pass
+    over the next ceil(N / W) items of the stream (a pass over the rank's share of the row groups),
+    the next pass built when one ends."""
     per_pass = max(1, math.ceil(len(plan) / world_size))
-    item, skip = start.item, start.row
+    stream = start.stream(world_size)
     while True:
-        items = [item + k * world_size for k in range(per_pass)]
-        ds = rank_dataset(plan, items, skip, tokenizer_uri, row_len, actors=actors, actor_cpus=actor_cpus)
+        items = list(islice(stream, per_pass))
+        ds = rank_dataset(plan, items, tokenizer_uri, row_len, actors=actors, actor_cpus=actor_cpus)
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy",
                                      prefetch_batches=prefetch_batches):
             yield batch["tokens"], batch["item"], batch["row"]
-        item, skip = item + per_pass * world_size, 0
 

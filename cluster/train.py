@@ -63,11 +63,7 @@ from cluster.specs import Schedule, TrainSpec
 from cluster.storage import RunStorage, StorageError, write_text_atomic
 from nanochat import checkpoint as ckpt
 from nanochat.common import DistInfo, peak_bf16_flops, set_seed
-from nanochat.data.dataloader import (
-    DataPosition,
-    resume_positions,
-    start_positions,
-)
+from nanochat.data.positions import DataPosition, leftovers, resume_positions, start_positions
 from nanochat.errors import ConfigError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedule import grad_accum_steps, num_steps_from
@@ -292,10 +288,12 @@ def _restore(model: GPT, optimizers: list, dist: DistInfo,
     if state.step > num_steps:
         raise ckpt.CheckpointError(f"the checkpoint is at step {state.step}, past this run's horizon "
                                    f"{num_steps}")
-    positions = resume_positions([DataPosition.from_dict(p) for p in state.data], dist.world_size)
+    saved = [DataPosition.from_dict(p) for p in state.data]
+    positions = resume_positions(saved, dist.world_size)
     if dist.is_main:
-        how = "exact" if state.world_size == dist.world_size else "approximate (another world size)"
-        _say(f"resuming from step {state.step} (saved by {state.world_size} ranks; data position {how})")
+        left, frontier = leftovers(saved) if state.world_size != dist.world_size else ([], None)
+        how = f"; {len(left)} leftover items below item {frontier} re-dealt" if left else ""
+        _say(f"resuming from step {state.step} (saved by {state.world_size} ranks; data position exact{how})")
     return state.step, positions, state.loop
 
 

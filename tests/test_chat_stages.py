@@ -9,6 +9,8 @@ position, mixture determinism, the train/eval split check and bad input (unknown
 from __future__ import annotations
 
 import itertools
+import re
+from collections import Counter
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from nanochat.data.chat_data import (
     targets,
 )
 from nanochat.data.dataloader import DataPosition
+from nanochat.data.positions import leftovers, resume_positions, start_positions
 from nanochat.tasks import Task
 from nanochat.tokenizer import Tokenizer
 
@@ -154,6 +157,24 @@ def test_the_position_is_the_first_conversation_not_handed_out(byte_tok):
                           DataPosition(0), 2)
     next(batcher)
     assert batcher.position == DataPosition(8)
+
+
+@pytest.mark.parametrize("layout", ["pack", "pad"])
+def test_a_run_resized_2_1_3_2_reads_every_conversation_once(byte_tok, layout):
+    data = chat_data(layout, n=1000)  # conversation g says "q<g>" (one epoch here)
+    seen, saved = Counter(), None
+    for world, steps in [(2, 4), (1, 5), (3, 3), (2, 2)]:
+        positions = start_positions(world) if saved is None else resume_positions(saved, world)
+        batchers = [data.batcher(byte_tok, 64, 6 // world, p, world) for p in positions]  # 6 rows a step
+        for _ in range(steps):
+            for b in batchers:
+                x, _ = next(b)
+                seen.update(int(g) for row in x.tolist() for g in re.findall(r"q(\d+)", byte_tok.decode(row)))
+        saved = [DataPosition.from_dict(b.position.as_dict()) for b in batchers]  # the checkpoint
+        left, frontier = leftovers(saved)
+        assert max(seen.values()) == 1  # no conversation twice
+        assert not set(seen) & {g for g, _ in left} and set(seen) | {g for g, _ in left} == set(range(frontier))
+        assert all(row == 0 for _, row in left)  # rows end on conversations: a leftover is unread
 
 
 # ----------------------------------------------------------------------------- mixtures and bad input

@@ -121,12 +121,12 @@ def test_batches_are_shifted_rows():
     assert x.dtype == torch.long and batcher.position == dl.DataPosition(0, 2)
 
 
-def test_resume_positions_at_another_world_size_skip_nothing():
-    saved = [dl.DataPosition(8, 3), dl.DataPosition(5, 0), dl.DataPosition(10, 1)]  # 3 ranks
-    assert dl.resume_positions(saved, 3) == saved
-    assert dl.resume_positions(saved, 2) == [dl.DataPosition(5, 0), dl.DataPosition(6, 0)]
-    assert dl.resume_positions(saved, 4) == [dl.DataPosition(5 + r, 0) for r in range(4)]
-    assert dl.start_positions(2) == [dl.DataPosition(0), dl.DataPosition(1)]
+def test_resume_positions_at_the_same_world_size_keep_the_stride_rule():
+    saved = [dl.DataPosition(9, 3), dl.DataPosition(4, 0), dl.DataPosition(11, 1)]  # 3 ranks
+    assert dl.resume_positions(saved, 3) == [p.pinned(3) for p in saved]
+    assert list(islice(dl.resume_positions(saved, 3)[1].stream(3), 3)) == [(4, 0), (7, 0), (10, 0)]
+    assert dl.start_positions(2) == [dl.DataPosition(0, 0, (), 2, 2), dl.DataPosition(1, 0, (), 3, 2)]
+    # another world size: exact, tests/test_data_positions.py
 
 
 def test_validation_rows_are_shared_out_over_ranks(shards):

@@ -8,7 +8,9 @@ restart's start step, the constant global batch), not real hosts (tests/test_hos
 
 - elastic: num_workers 2, min_workers 1; a worker node is killed mid-run; the run goes on with one
   worker from the last checkpoint, with the same global batch (twice the gradient accumulation), and
-  metrics.jsonl shows world size 2 -> 1 with the start step of each attempt. (Growing back when a
+  metrics.jsonl shows world size 2 -> 1 with the start step of each attempt. The data positions of the
+  checkpoints (copied as they appear) show the resized rank read on exactly from the positions the
+  two ranks saved (nanochat/data/positions.py): no row of theirs again, none skipped. (Growing back when a
   node returns is Ray Train's resize check; here a node added back to a cluster_utils cluster under
   load never registered in time, so that half waits for the host harness.)
 - preemption: the node of one worker is drained with reason PREEMPTION and a 10 s deadline (as the
@@ -29,6 +31,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.artifacts import CHECKPOINT_PREFIX, is_complete
+from nanochat.checkpoint import data_file
+from nanochat.data.positions import DataPosition, resume_positions
 from tests.test_pretrain_cluster import attempts, micro_spec, new_run, registered_checkpoint
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -87,9 +92,26 @@ def elastic_run(workdir: Path, data: str, tokenizer_dir: str) -> dict:
         except Exception as e:  # noqa: BLE001 (reported in the result, where the test shows it)
             events.append(f"error: {e!r}")
 
+    positions: dict[int, list[dict]] = {}  # step -> every rank's saved data position
+
+    def copy_positions() -> None:
+        while "done" not in events:
+            for path in storage.local_path("pretrain").glob(f"{CHECKPOINT_PREFIX}*"):
+                state = is_complete(storage.fs, str(path))
+                if state is not None and int(state["step"]) not in positions:
+                    positions[int(state["step"])] = [json.loads((path / data_file(r)).read_text())
+                                                     for r in range(int(state["world_size"]))]
+            time.sleep(0.1)
+
     threading.Thread(target=lose_a_host, daemon=True).start()
+    watcher = threading.Thread(target=copy_positions, daemon=True)
+    watcher.start()
     meta = run_pretrain(micro_spec(*SETTINGS, f"num_iterations={ELASTIC_STEPS}", f"data={data}"), storage, config={})
+    events.append("done")
+    watcher.join()
+    events.remove("done")
     result = {"final_step": meta["metrics"]["final_step"], "tokens": meta["metrics"]["tokens"], "events": events,
+              "positions": positions,
               "attempts": [{"world_size": run[-1]["world_size"], "start_step": run[-1]["start_step"],
                             "first": run[0]["step"], "last": run[-1]["step"]} for run in attempts(storage)]}
     _shutdown(cluster)
@@ -157,6 +179,45 @@ def test_a_lost_host_shrinks_the_run_which_finishes_on_the_rest(embedded_pack, p
     for before, after in zip(result["attempts"], result["attempts"][1:], strict=False):
         assert after["start_step"] % 5 == 0 and before["last"] - after["start_step"] <= 5, result["attempts"]
     assert result["tokens"] == ELASTIC_STEPS * micro_spec().train.total_batch_tokens  # constant global batch
+    check_rows_after_the_resize(result, embedded_pack, pack_tokenizer_dir)
+
+
+def rows_read_on_from(start: DataPosition, rows: int, rows_in) -> DataPosition:
+    """The position a single rank reaches from `start` after `rows` more rows (RowBatcher's rule)."""
+    pos = start
+    for item, skip in start.stream(1):
+        take = min(rows, rows_in(item) - skip)
+        if take > 0:
+            pos, rows = pos.at(item, skip + take), rows - take
+        if rows == 0:
+            return pos
+    raise AssertionError("unreachable: the stream is endless")
+
+
+def check_rows_after_the_resize(result: dict, data: Path, tokenizer_dir: str) -> None:
+    """The first attempt on one worker starts at a checkpoint of two ranks; its next checkpoint is exactly
+    (steps between) x global batch rows further along the stream dealt from the two ranks' positions."""
+    from cluster.artifacts import load_tokenizer
+    from cluster.pretrain import resolve_shards
+    from nanochat.data import dataloader as dl
+
+    positions = {int(k): [DataPosition.from_dict(p) for p in v] for k, v in result["positions"].items()}
+    s0 = next(a["start_step"] for a in result["attempts"] if a["world_size"] == 1)
+    s1 = min(s for s, p in positions.items() if s > s0 and len(p) == 1)
+    assert len(positions[s0]) == 2, (s0, positions)
+    spec = micro_spec().train
+    plan, tok = dl.plan_row_groups(resolve_shards(str(data))[0]), load_tokenizer(tokenizer_dir)
+    counts: dict[int, int] = {}
+
+    def rows_in(item: int) -> int:
+        if item % len(plan) not in counts:
+            texts = dl.read_texts(*dl.item_source(plan, item))
+            counts[item % len(plan)] = len(dl.tokenize_and_pack(tok, texts, spec.sequence_len + 1))
+        return counts[item % len(plan)]
+
+    dealt = resume_positions(positions[s0], 1)[0]
+    rows = (s1 - s0) * spec.total_batch_tokens // spec.sequence_len
+    assert rows_read_on_from(dealt, rows, rows_in) == positions[s1][0], (dealt, positions[s1])
 
 
 def test_a_preempted_host_is_saved_at_the_notice_and_not_counted_as_a_failure(embedded_pack,

@@ -11,9 +11,11 @@ Notable:
   `check` refuses a mixture that holds an item of the run's evaluation sets (`check_disjoint`)
   and an empty one, naming the stage;
 - stream: conversation g (g = 0, 1, 2, ...) is training conversation g mod N (epoch g // N); rank r
-  of W reads g = r, r + W, r + 2W, ... A rank's place is `DataPosition(item=g)`, the next
-  conversation it has not put in a handed-out row (nanochat/data/dataloader.py's position type, so a
-  different world size resumes as pretraining does: every rank restarts at the earliest one);
+  of W reads g = r, r + W, r + 2W, ... A rank's place is a `DataPosition` whose item g is the next
+  conversation it has not put in a handed-out row (row always 0: rows end on conversations). Its
+  type is pretraining's (nanochat/data/positions.py), so a different world size resumes exactly as
+  pretraining does: the old ranks' next conversations and those below the frontier their strides
+  had not reached are dealt to the new ranks, none read twice or skipped;
 - every conversation is `Tokenizer.render_conversation` (BOS first; mask 1 on what the assistant
   writes). One longer than a row keeps its first row_len tokens; one left with no assistant token
   to learn is skipped (both counted in `stats`);
@@ -62,14 +64,15 @@ def targets(ids: Sequence[int], mask: Sequence[int]) -> list[int]:
 def conversations(task: Task, indices: Sequence[int], tokenizer: Any, max_tokens: int, start: DataPosition,
                   world_size: int, stats: StreamStats | None = None,
                   stop: int | None = None) -> Iterator[Rendered]:
-    """This rank's rendered conversations from `start`: g = start.item, + world_size, ... until `stop`
-    (None: endless); g reads task item indices[g % len(indices)]. Cropped to max_tokens; those
-    without a target are skipped."""
+    """This rank's rendered conversations from `start`: g in `start.stream(world_size)` (g = start.item,
+    + world_size, ... at a fixed world size) until `stop` (None: endless); g reads task item
+    indices[g % len(indices)]. Cropped to max_tokens; those without a target are skipped."""
     if not indices:
         raise ConfigError(f"no training conversations in {task.describe()}: the mixture is empty")
     stats = stats if stats is not None else StreamStats()
-    g = start.item
-    while stop is None or g < stop:
+    for g, _ in start.stream(world_size):
+        if stop is not None and g >= stop:
+            break
         ids, mask = tokenizer.render_conversation(task.get(indices[g % len(indices)]), max_tokens + 1)
         stats.read += 1
         if len(ids) > max_tokens:
@@ -79,14 +82,14 @@ def conversations(task: Task, indices: Sequence[int], tokenizer: Any, max_tokens
             yield g, ids, mask
         else:
             stats.skipped += 1
-        g += world_size
 
 
 def build_rows(stream: Iterator[Rendered], layout: Layout, row_len: int,
                world_size: int) -> Iterator[tuple[list[int], list[int], int]]:
     """Rows (ids, mask, g of the first conversation not in this row or an earlier one) from a
     stream of conversations no longer than row_len: one per row ("pad"), or whole conversations
-    in order while they fit ("pack"). A finite stream ends with its last, partly filled row."""
+    in order while they fit ("pack"). A finite stream ends with its last, partly filled row (its g:
+    the last conversation's + world_size; an endless stream always names the one it read ahead)."""
     if layout not in ("pack", "pad"):
         raise ConfigError(f"layout must be 'pack' (midtrain) or 'pad' (SFT), got {layout!r}")
     pending = next(stream, None)
@@ -141,7 +144,7 @@ class ChatBatcher:
         for ids, mask, next_g in self.rows:
             rows.append((ids, mask))
             if len(rows) == self.batch_size:
-                self.position = DataPosition(next_g)
+                self.position = self.position.at(next_g, 0)
                 return pad_rows(rows, batch_width(self.layout, self.row_len, rows), self.pad_id)
         raise StopIteration  # only a finite stream ends
 

@@ -7,8 +7,9 @@ Notable:
 - The unit of reading is one row group of one training shard, an "item". Items form one endless
   sequence: item i is row group `plan[i % N]` (N row groups in all) in epoch i // N. Rank r of W
   reads items r, r + W, r + 2W, ... — a fixed assignment, never a dynamic split, so every rank
-  always has data and its place in the stream is two integers:
-  `DataPosition(item, row)` = the item being read and how many of its rows are already used.
+  always has data. Its place is a `DataPosition` (nanochat/data/positions.py): the item being read
+  and how many of its rows are already used, plus, after a change of world size, the leftover items
+  dealt to it and where its strided tail starts.
 - `pack_rows` turns one item's documents into rows of exactly `row_len` tokens, each starting
   with BOS: a document longer than a row is cut into row-sized pieces, every piece after the
   first getting a BOS of its own; the remaining shorter pieces are packed best-fit (largest piece
@@ -16,11 +17,14 @@ Notable:
   behind a new BOS, goes back to the pool. No token is lost except the last partial row of an
   item (< row_len tokens per row group of ~1,000 documents). Deterministic: same documents,
   same rows.
-- Exact resume at the same world size: re-read and re-pack item `item`, skip `row` rows.
-- Resume at another world size is approximate (`resume_positions`): every new rank restarts at
-  the earliest item any old rank had not finished, i0, new rank r taking i0 + r, i0 + r + W', ...
-  Nothing is skipped; rows of the items the old ranks had started at or after i0 are read again
-  (at most W_old items, partly).
+- Exact resume: re-read and re-pack item `item`, skip `row` rows, go on with the rank's stream.
+- Exact at another world size too (`resume_positions`, any sequence of sizes): the old ranks'
+  partly read items and the items below the frontier they had not reached are dealt round-robin to
+  the new ranks, each item going on at the row its old owner stopped at; the untouched tail is
+  strided over the new ranks. No row is skipped or read twice; the global batch (rows per step)
+  does not depend on the world size. What a resize costs: the re-read and re-pack of each partly
+  read item (as at any resume), and ranks whose streams drift apart in item numbers (harmless).
+  A fixed world size reads exactly the order above.
 - `RowBatcher` turns chunks of rows into (B, T) input/target micro-batches and keeps the position
   just after the last row it handed out: that is what a checkpoint saves.
 """
@@ -31,7 +35,6 @@ import bisect
 import concurrent.futures
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any, Protocol
 
@@ -39,7 +42,10 @@ import numpy as np
 import torch
 
 from nanochat.data.dataset import iter_row_groups, validate_shard
+from nanochat.data.positions import DataPosition, resume_positions, start_positions
 from nanochat.errors import ConfigError
+
+__all__ = ["DataPosition", "resume_positions", "start_positions"]  # re-exported (home: positions.py)
 
 Item = tuple[str, int]  # (shard path or URI, row group index inside it)
 # rows (n, row_len) int, their items (n,), row indices (n,)
@@ -53,40 +59,6 @@ class TextTokenizer(Protocol):
                num_threads: int | None = None) -> Any: ...
 
     def get_bos_token_id(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class DataPosition:
-    """Where one rank is in its item stream."""
-
-    item: int  # global index of the item being read (item % N is the row group, item // N the epoch)
-    row: int = 0  # rows of that item already consumed
-
-    def as_dict(self) -> dict[str, int]:
-        return {"item": self.item, "row": self.row}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataPosition:
-        return cls(int(d["item"]), int(d["row"]))
-
-
-def start_positions(world_size: int) -> list[DataPosition]:
-    """Fresh run: rank r starts at item r."""
-    return [DataPosition(r, 0) for r in range(world_size)]
-
-
-def resume_positions(saved: Sequence[DataPosition], new_world_size: int) -> list[DataPosition]:
-    """Positions for `new_world_size` ranks from the positions of every rank of a saved run.
-
-    Same world size: the saved positions (exact). Otherwise all ranks restart at the earliest
-    unfinished item i0 (every item before i0 was fully consumed by its old owner), new rank r at
-    i0 + r: no data is skipped, some rows are seen twice (see the module docstring)."""
-    if new_world_size < 1 or not saved:
-        raise ValueError(f"need saved positions and a world size >= 1, got {len(saved)} and {new_world_size}")
-    if len(saved) == new_world_size:
-        return list(saved)
-    first = min(p.item for p in saved)
-    return [DataPosition(first + r, 0) for r in range(new_world_size)]
 
 
 def plan_row_groups(shards: Sequence[str], threads: int = 16) -> list[Item]:
@@ -200,14 +172,12 @@ def tokenize_and_pack(tokenizer: TextTokenizer, texts: Any, row_len: int, num_th
 def local_row_chunks(
     plan: Sequence[Item], tokenizer: TextTokenizer, row_len: int, start: DataPosition, world_size: int
 ) -> Iterator[RowChunk]:
-    """This rank's rows item by item, read and packed in this process (no Ray): the reference
-    for the cluster pipeline, and the data path of single-process runs. Endless."""
-    item, skip = start.item, start.row
-    while True:
+    """This rank's rows item by item (`start.stream`), read and packed in this process (no Ray):
+    the reference for the cluster pipeline, and the data path of single-process runs. Endless."""
+    for item, skip in start.stream(world_size):
         rows = tokenize_and_pack(tokenizer, read_texts(*item_source(plan, item)), row_len)[skip:]
         n = len(rows)
         yield rows, np.full(n, item, dtype=np.int64), np.arange(skip, skip + n, dtype=np.int64)
-        item, skip = item + world_size, 0
 
 
 class RowBatcher:
@@ -219,11 +189,12 @@ class RowBatcher:
     def __init__(self, chunks: Iterator[RowChunk], batch_size: int, start: DataPosition) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.chunks, self.batch_size, self.position = chunks, batch_size, start
+        self.chunks, self.batch_size, self.position = chunks, batch_size, start  # `start`: of the stream
         self._rows: list[np.ndarray] = []
         self._items: list[np.ndarray] = []
         self._idx: list[np.ndarray] = []
         self._buffered = 0
+        self.last_rows: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     def __iter__(self) -> RowBatcher:
         return self
@@ -251,7 +222,8 @@ class RowBatcher:
         b = self.batch_size
         self._rows, self._items, self._idx = [rows[b:]], [items[b:]], [idx[b:]]
         self._buffered -= b
-        self.position = DataPosition(int(items[b - 1]), int(idx[b - 1]) + 1)
+        self.position = self.position.at(int(items[b - 1]), int(idx[b - 1]) + 1)
+        self.last_rows = items[:b], idx[:b]  # (item, row) of each row handed out: for checks
         batch = torch.from_numpy(rows[:b].astype(np.int64))  # (B, row_len)
         return batch[:, :-1], batch[:, 1:]
 
