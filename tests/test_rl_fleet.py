@@ -1,7 +1,8 @@
 """The rollout fleet's logic without Ray (cluster/rl_fleet.py): a lost actor replaced when Ray places
 the replacement in time, dropped (the run carries on smaller) when not, the queued replacement
 admitted once placed, the limits; and the placement settings (rollout_resources / learner_resources)
-from the RL config to the spec, the stage's demand and the placement check.
+from the RL config to the spec, the stage's demand and the placement check, and the host harness's
+per-host resources (`python -m cluster.hosts up --resources`) that match them.
 The same logic on a real cluster of hosts: tests/test_hosts_rl.py.
 """
 
@@ -149,3 +150,18 @@ def test_a_cluster_without_the_rollout_resource_is_refused_before_any_actor_star
 def test_bad_placement_settings_are_refused_with_a_message(setting, message):
     with pytest.raises(ConfigError, match=message):
         _spec(setting)
+
+
+def test_the_harness_gives_hosts_the_resources_the_placement_settings_ask_for():
+    from cluster.hosts import main, parse_host_resources
+
+    hosts = ["head", "w1", "w2", "w3"]
+    assert parse_host_resources(["w1=learner_host:1", "w2,w3=rollout_host:1,big:0.5"], hosts) == {
+        "w1": {"learner_host": 1.0}, "w2": {"rollout_host": 1.0, "big": 0.5}, "w3": {"rollout_host": 1.0, "big": 0.5}}
+    for bad, message in [("w9=x:1", "no host 'w9'"), ("w1=CPU:2", "set by the harness or Ray"),
+                         ("w1=host_w2:1", "set by the harness or Ray"), ("w1=x:0", "must be a number > 0"),
+                         ("w1=x:many", "must be a number > 0"), ("w1", "use HOST")]:
+        with pytest.raises(Exception, match=message):
+            parse_host_resources([bad], hosts)
+    # the CLI refuses before making anything: exit 2 and the message
+    assert main(["--cluster", "nores", "up", "--workers", "1", "--resources", "w2=rollout_host:1"]) == 2
