@@ -14,6 +14,7 @@ Notable:
   without, CPUs per actor shrink to fit the cluster, fractions allowed: on a 2-core box two
   actors of 1 CPU, or four of 0.5 when four are asked for. torch threads = whole CPUs reserved
   (at least 1), set in the actor, since Ray's OMP_NUM_THREADS is not what torch uses everywhere;
+- the actors are placed with Ray's SPREAD strategy: over several hosts where room allows;
 - `map` cuts the items into contiguous chunks (several per actor) handed to whichever actor is
   free (ray.util.ActorPool) and puts the results back in item order; the results are those of
   one process because every item is scored on its own;
@@ -111,7 +112,10 @@ class EvalPool:
             raise EvalPoolError("Ray is not initialised: call ray.init() (or run as a Ray job) "
                                 "before EvalPool")
         self.spec = spec
-        remote = ray.remote(EvalActor).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
+        # SPREAD: on several hosts the actors go to different ones where room allows (more hosts' cores
+        # and memory for one evaluation; a lost host takes fewer actors with it); one node: no change
+        remote = ray.remote(EvalActor).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+                                               scheduling_strategy="SPREAD")
         self.actors = [remote.remote(loader, spec.threads) for _ in range(spec.num_actors)]
         self._described: list[dict[str, Any]] | None = None
 

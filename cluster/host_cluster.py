@@ -66,6 +66,9 @@ class Host:
     token: str = "cluster"
     init_pid: int | None = None
     booted_at: float | None = None
+    # custom Ray resources its `ray start` declares besides host_<name> (as a cluster.yaml node type's
+    # `resources:`), e.g. {"rollout_host": 1}; kept across a restart
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -338,7 +341,7 @@ class HostCluster:
         common = [f"--node-ip-address={h.ip}", f"--num-cpus={h.num_cpus}", "--num-gpus=0",
                   "--temp-dir=/tmp/ray", "--disable-usage-stats",
                   f"--object-store-memory={OBJECT_STORE_BYTES}",
-                  f"--resources={json.dumps({'host_' + host: 1})}"]
+                  f"--resources={json.dumps({'host_' + host: 1, **h.resources})}"]
         if h.role == "head":
             return ["ray", "start", "--head", f"--port={GCS_PORT}", f"--dashboard-host={h.ip}",
                     f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true", *common]

@@ -1,6 +1,8 @@
 """Real hosts on one Linux machine: a multi-host Ray cluster in namespaces, with lost hosts and cut links.
 
     python -m cluster.hosts up --workers 2          # head + 2 workers + client, Ray running, token auth
+    python -m cluster.hosts up --workers 3 --resources w1=learner_host:1 --resources w2,w3=rollout_host:1
+                                                    # custom Ray resources per host, as node types declare
     python -m cluster.hosts status
     python -m cluster.hosts run client -- ray job submit --address http://10.77.0.2:8265 -- python -c 1
     python -m cluster.hosts kill w1                 # power loss: every process of the host at once
@@ -52,6 +54,32 @@ def _cli_cluster(cluster_id: str) -> HostCluster:
     return HostCluster.load(cluster_id)
 
 
+def parse_host_resources(items: list[str], hosts: list[str]) -> dict[str, dict[str, float]]:
+    """`["w1=learner_host:1", "w2,w3=rollout_host:1,x:2"]` -> {host: {resource: amount}}; HostError
+    naming the problem for an unknown host, a reserved name or a bad amount."""
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        names, _, spec = item.partition("=")
+        pairs = [p.partition(":") for p in spec.split(",") if p]
+        if not names or not pairs:
+            raise HostError(f"--resources {item!r}: use HOST[,HOST]=NAME:AMOUNT[,NAME:AMOUNT]")
+        for host in names.split(","):
+            if host not in hosts:
+                raise HostError(f"--resources {item!r}: no host {host!r} (hosts: {', '.join(hosts)})")
+            for name, _, amount in pairs:
+                reserved = name in ("CPU", "GPU", "memory", "object_store_memory")
+                if reserved or name.startswith(("node:", "host_")):
+                    raise HostError(f"--resources {item!r}: {name!r} is set by the harness or Ray itself")
+                try:
+                    value = float(amount)
+                except ValueError:
+                    value = -1.0
+                if not value > 0:
+                    raise HostError(f"--resources {item!r}: amount of {name!r} must be a number > 0")
+                out.setdefault(host, {})[name] = value
+    return out
+
+
 @entrypoint
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -63,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--head-cpus", type=int, default=1)
     up.add_argument("--worker-cpus", type=int, default=1)
     up.add_argument("--no-ray", action="store_true", help="only the hosts, without Ray")
+    up.add_argument("--resources", action="append", default=[], metavar="HOST[,HOST]=NAME:AMOUNT[,...]",
+                    help="custom Ray resources a worker host declares (repeatable), e.g. w2=rollout_host:1")
     sub.add_parser("down", help="remove the cluster")
     sub.add_parser("status")
     sub.add_parser("cleanup", help="remove every harness leftover (all clusters, crashed or not)")
@@ -84,9 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removed: {', '.join(removed) or 'nothing'}")
         return 0
     if args.command == "up":
+        names = ["head", *(f"w{i}" for i in range(1, args.workers + 1))]
+        resources = parse_host_resources(args.resources, names)  # before anything is made
         hc = HostCluster.create(args.workers, head_cpus=args.head_cpus, worker_cpus=args.worker_cpus,
                                 owned=False, cluster_id=args.cluster)
         try:
+            for host, res in resources.items():
+                hc.host(host).resources = res
+            hc.save()
             if not args.no_ray:
                 hc.start_ray()
         except BaseException:

@@ -44,6 +44,8 @@ RL_GAUGES = {  # RL metrics.jsonl key -> description (name: RL_PREFIX + key)
     "verify_s": "seconds of the sync check",
     "staleness": "largest version gap between learner and a trained rollout",
     "actor_restarts": "rollout actors replaced so far",
+    "rollout_actors": "live rollout actors after the step's sync (fewer while a lost one's replacement "
+                      "is not placed)",
 }
 
 

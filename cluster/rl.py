@@ -11,8 +11,13 @@ One driver step (numbered as the Ray calls happen):
   1. prompts of the step (a seeded shuffle of the task, so a resume picks up the same ones) are cut
      into one contiguous chunk per rollout actor: `RolloutWorker.rollout` samples G completions per
      prompt with the engine (tool calls run on the SandboxPool) and scores them with the task;
-  2. a rollout actor that dies is replaced (a fresh actor loads the learner's weights) and its chunk
-     is re-issued; the step completes. Each sample records the weights version that made it;
+  2. a rollout actor that dies (or its host) is replaced (a fresh actor loads the learner's weights
+     and is checked) and its chunk is re-issued; the step completes. If Ray cannot place the
+     replacement within `replace_wait_s` (the lost host was the only one with room), the step goes
+     on with the remaining actors: the dead actor's chunk goes to the live actor with the least work,
+     the broadcast group is rebuilt for the smaller set at the next sync and the checks cover the
+     actors that are left; the replacement stays queued in Ray and joins at a later sync, once
+     placed (cluster/rl_fleet.py). Each sample records the weights version that made it;
   3. the driver turns rewards into group advantages and one TrainBatch (nanochat/rl.py), puts it in
      the object store once, and every learner rank trains on its shard (`LearnerWorker.train_step`);
   4. weight sync: object store (learner rank 0 returns its CPU state_dict, every actor loads it) or
@@ -25,6 +30,11 @@ One driver step (numbered as the Ray calls happen):
 With `max_staleness = 1` (one-step-off-policy) the actors sample step t+1 while the learner trains
 step t; such rollouts are one version old and the loss uses the clipped importance ratio against
 the behaviour log-probs the engine recorded.
+
+Placement: `rollout_resources` / `learner_resources` are custom Ray resources each actor also
+requires (a node type declares them in cluster.yaml's `resources:`, or `ray start --resources`), so
+rollout actors and learners can be kept on different kinds of hosts. Only rollout actors are
+replaced; a lost learner host stops the run (relaunch resumes from the last checkpoint).
 
 Why an actor group and not TorchTrainer for the learner: the driver must call the learner between
 rollouts and syncs every step (train, give weights, checksum, probe, broadcast), which is a method
@@ -48,6 +58,7 @@ from cluster import artifacts
 from cluster.artifacts import localize
 from cluster.metrics import StageMetrics, rl_metrics
 from cluster.rl_actors import LearnerWorker, RolloutWorker, WeightSyncError, loss_config
+from cluster.rl_fleet import RayBackend, RolloutFleet
 from cluster.sandbox_pool import SandboxPool
 from cluster.specs import RLSpec
 from cluster.storage import RunStorage
@@ -61,7 +72,7 @@ STAGE = "rl"
 
 @dataclass
 class _Pending:
-    """Rollout calls in flight: ref -> (actor slot, task items, position of the first item, seed)."""
+    """Rollout calls in flight: ref -> (actor, task items, position of the first item, seed)."""
 
     split: Literal["train", "eval"]
     n: int
@@ -100,10 +111,11 @@ class RLRun:
         self.ray_metrics = ray_metrics
         self.sandbox: SandboxPool | None = None
         self.learners: list[Any] = []
-        self.actors: list[Any] = []
+        self.fleet: RolloutFleet | None = None
         self.learner_version = self.actor_version = 0
         self.start_step = self.restarts = self.generation = 0
         self.regroup = False
+        self.redispatched = 0  # rollout chunks sent to another live actor after a death
         self.history: list[dict[str, Any]] = []
         self.eval_rewards: list[list[float]] = []  # per evaluation: the mean reward of each held-out prompt
 
@@ -115,7 +127,8 @@ class RLRun:
         if s.sandbox_actors > 0:
             self.sandbox = SandboxPool(s.sandbox_actors, s.sandbox_cpus)
             self.sandbox.ready()
-        learner = ray.remote(LearnerWorker).options(num_cpus=s.learner_cpus, num_gpus=s.learner_gpus)
+        learner = ray.remote(LearnerWorker).options(num_cpus=s.learner_cpus, num_gpus=s.learner_gpus,
+                                                    resources=dict(s.learner_resources) or None)
         self.learners = [learner.remote(r, s.num_learners, s) for r in range(s.num_learners)]  # 1. learners
         master = ray.get(self.learners[0].address.remote())
         info = ray.get([w.setup.remote(self.model_uri, master) for w in self.learners])[0]
@@ -128,8 +141,12 @@ class RLRun:
             print(f"rl: resuming from step {self.start_step} (weights version {self.learner_version})",
                   flush=True)
         self._rollout_cls = ray.remote(RolloutWorker).options(num_cpus=s.rollout_cpus,
-                                                              num_gpus=s.rollout_gpus)
-        self.actors = [self._new_actor() for _ in range(s.num_rollout_actors)]  # 2. rollout actors
+                                                              num_gpus=s.rollout_gpus,
+                                                              resources=dict(s.rollout_resources) or None)
+        self.fleet = RolloutFleet(RayBackend(self._new_actor), s.num_rollout_actors,
+                                  replace_wait_s=s.replace_wait_s, max_restarts=s.max_actor_restarts,
+                                  restarts=self.restarts, log=lambda m: print(m, flush=True))
+        self.fleet.start()  # 2. rollout actors
         self._prepare_items()
         self.probe = rl.probe_batch(self.model_config["vocab_size"], rows=4,
                                     length=min(32, self.model_config["sequence_len"]))
@@ -140,6 +157,11 @@ class RLRun:
 
     def _new_actor(self) -> Any:
         return self._rollout_cls.remote(self.model_config, self.tokenizer_uri, self.spec, self.sandbox)
+
+    @property
+    def actors(self) -> list[Any]:
+        """The live rollout actors, in slot order (fewer than num_rollout_actors after a lost host)."""
+        return self.fleet.actors if self.fleet is not None else []
 
     def _prepare_items(self) -> None:
         """Items whose prompt fits the engine's context, for training and held-out evaluation."""
@@ -175,24 +197,33 @@ class RLRun:
     def launch(self, split: Literal["train", "eval"], items: list[int], seed: int, n: int) -> _Pending:
         """One contiguous chunk of `items` per rollout actor; item at position p uses seed + p."""
         pending = _Pending(split, n)
-        for slot, (a, b) in enumerate(_chunks(len(items), len(self.actors))):
+        for actor, (a, b) in zip(self.actors, _chunks(len(items), len(self.actors)), strict=True):
             if b > a:
-                ref = self.actors[slot].rollout.remote(split, items[a:b], seed + a, n)
-                pending.calls[ref] = (slot, items[a:b], a, seed + a)
+                ref = actor.rollout.remote(split, items[a:b], seed + a, n)
+                pending.calls[ref] = (actor, items[a:b], a, seed + a)
         return pending
 
     def gather(self, pending: _Pending) -> _Rollouts:
-        """Wait for every chunk; a chunk whose actor died goes to its replacement."""
+        """Wait for every chunk; a chunk whose actor died goes to its replacement or, when none could be
+        placed, to the live actor with the fewest chunks in flight (same items and seed: same samples)."""
         done: dict[int, dict[str, Any]] = {}
         while pending.calls:
             ready, _ = ray.wait(list(pending.calls), num_returns=1)
-            slot, items, start, seed = pending.calls.pop(ready[0])
+            actor, items, start, seed = pending.calls.pop(ready[0])
             try:
                 done[start] = ray.get(ready[0])
             except ray.exceptions.RayActorError as e:
-                self._replace(slot, f"it died during rollouts ({type(e).__name__})")
-                ref = self.actors[slot].rollout.remote(pending.split, items, seed, pending.n)
-                pending.calls[ref] = (slot, items, start, seed)
+                target = self._replace(actor, f"it died during rollouts ({type(e).__name__})")
+                if target is None:
+                    load: dict[int, int] = {}
+                    for a, *_ in pending.calls.values():
+                        load[id(a)] = load.get(id(a), 0) + 1
+                    target = self.fleet.least_busy(load)
+                    self.redispatched += 1
+                    print(f"rl: the chunk of {len(items)} prompt(s) from position {start} goes to a "
+                          "remaining rollout actor", flush=True)
+                ref = target.rollout.remote(pending.split, items, seed, pending.n)
+                pending.calls[ref] = (target, items, start, seed)
         outs = [done[k] for k in sorted(done)]
         return _Rollouts([g for o in outs for g in o["groups"]], sum(o["tokens"] for o in outs),
                          max(o["seconds"] for o in outs), time.perf_counter() - pending.started)
@@ -204,33 +235,32 @@ class RLRun:
             on_dispatch(step, list(self.actors))
         return pending
 
-    def _replace(self, slot: int, why: str) -> None:
-        """A fresh actor in `slot` with the learner's current weights, checked like any sync."""
-        self.restarts += 1
-        if self.restarts > self.spec.max_actor_restarts:
-            raise RuntimeError(f"rollout actor {slot} failed: {why}; {self.restarts} replacements exceed "
-                               f"max_actor_restarts = {self.spec.max_actor_restarts}: look at the actors' "
-                               "logs (out of memory? a crashing node?) or raise the limit")
-        print(f"rl: replacing rollout actor {slot}: {why}", flush=True)
-        ray.kill(self.actors[slot], no_restart=True)
-        self.actors[slot] = self._new_actor()
-        ray.get(self.actors[slot].load_weights.remote(self.learners[0].weights.remote()))
+    def _replace(self, actor: Any, why: str) -> Any | None:
+        """`actor` died: a fresh one in its slot with the learner's current weights, checked like any
+        sync, and returned; or None when none could be placed in time (the fleet carries on smaller)."""
+        new = self.fleet.lost(actor, why)
+        self.restarts = self.fleet.restarts
         self.regroup = self.spec.sync_method == "broadcast"
-        self.verify_sync([slot])
+        if new is not None:
+            ray.get(new.load_weights.remote(self.learners[0].weights.remote()))
+            self.verify_sync([new])
+        return new
 
     # ---- weight sync -----------------------------------------------------------------------------
 
     def sync(self) -> dict[str, float]:
         """Learner weights -> every rollout actor (object store or broadcast), then check them."""
         t0 = time.perf_counter()
+        if self.fleet.admit():  # queued replacements placed since: synced and checked with the others
+            self.regroup = self.spec.sync_method == "broadcast"
         if self.spec.sync_method == "object_store":
             payload = self.learners[0].weights.remote()
-            refs = [a.load_weights.remote(payload) for a in self.actors]
-            for slot, ref in enumerate(refs):
+            refs = [(a, a.load_weights.remote(payload)) for a in self.actors]
+            for actor, ref in refs:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    self._replace(slot, f"it died during the weight sync ({type(e).__name__})")
+                    self._replace(actor, f"it died during the weight sync ({type(e).__name__})")
         else:
             if self.regroup:
                 self._regroup()
@@ -250,23 +280,24 @@ class RLRun:
                    for i, a in enumerate(self.actors)])
         self.regroup = False
 
-    def verify_sync(self, slots: list[int] | None = None) -> dict[str, float]:
-        """Check rollout actors against the learner: same version, identical per-tensor checksums,
-        probe log-probs within probe_atol. Raises WeightSyncError naming the actor and tensors."""
+    def verify_sync(self, actors: list[Any] | None = None) -> dict[str, float]:
+        """Check rollout actors (default: every live one) against the learner: same version, identical
+        per-tensor checksums, probe log-probs within probe_atol. Raises WeightSyncError naming the actor
+        and tensors."""
         t0 = time.perf_counter()
         version, want = ray.get(self.learners[0].checksums.remote())
         _, reference = ray.get(self.learners[0].probe.remote(*self.probe))
-        slots = list(range(len(self.actors))) if slots is None else slots
-        refs = {i: (self.actors[i].checksums.remote(), self.actors[i].probe.remote(*self.probe))
-                for i in slots}
+        checked = list(self.actors) if actors is None else actors
+        refs = [(a, a.checksums.remote(), a.probe.remote(*self.probe)) for a in checked]
         worst = 0.0
-        for slot, pair in refs.items():
+        for actor, *pair in refs:
             try:
-                (got_version, got), (_, logp) = ray.get(list(pair))
+                (got_version, got), (_, logp) = ray.get(pair)
             except ray.exceptions.RayActorError as e:
-                # checks its successor
-                self._replace(slot, f"it died during the sync check ({type(e).__name__})")
+                # checks its successor, if one is placed
+                self._replace(actor, f"it died during the sync check ({type(e).__name__})")
                 continue
+            slot = self.actors.index(actor) if actor in self.actors else "?"
             where = f"rollout actor {slot} (weights version {got_version}, learner version {version})"
             if got_version != version:
                 raise WeightSyncError(f"weight sync check failed: {where} did not receive the learner's "
@@ -355,7 +386,8 @@ class RLRun:
                 "rollout_tokens": rollouts.tokens, "rollout_s": rollouts.seconds,
                 "rollout_wall_s": rollouts.wall_s,
                 "rollout_tokens_per_s": rollouts.tokens / max(rollouts.seconds, 1e-9),
-                "learner_s": max(r["seconds"] for r in ranks), "actor_restarts": self.restarts})
+                "learner_s": max(r["seconds"] for r in ranks), "actor_restarts": self.restarts,
+                "rollout_actors": len(self.actors), "chunks_redispatched": self.redispatched})
             if sum(r.get("tokens", 0) for r in ranks) and s.max_staleness > 0:
                 record["clip_frac"] = (sum(r.get("clipped_tokens", 0) for r in ranks)
                                        / sum(r["tokens"] for r in ranks))
@@ -394,7 +426,8 @@ class RLRun:
         steps = [r for r in self.history if "reward_mean" in r]
         evals = [r for r in self.history if "pass_at_1" in r]
         out: dict[str, Any] = {"final_step": steps[-1]["step"] if steps else self.start_step,
-                               "version": self.learner_version, "actor_restarts": self.restarts}
+                               "version": self.learner_version, "actor_restarts": self.restarts,
+                               "rollout_actors_lost": self.fleet.dropped if self.fleet is not None else 0}
         if steps:
             out.update(reward_mean_first=steps[0]["reward_mean"], reward_mean_last=steps[-1]["reward_mean"],
                        rollout_tokens_per_s=sum(r["rollout_tokens_per_s"] for r in steps) / len(steps),
@@ -421,9 +454,11 @@ class RLRun:
 
     def close(self) -> None:
         """Kill every actor this run started."""
-        for actor in self.actors + self.learners:
+        if self.fleet is not None:
+            self.fleet.close()
+        for actor in self.learners:
             ray.kill(actor)
-        self.actors, self.learners = [], []
+        self.learners = []
         if self.sandbox is not None:
             self.sandbox.close()
             self.sandbox = None

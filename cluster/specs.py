@@ -155,14 +155,17 @@ class RLSpec:
     rollout_cpus: float
     rollout_gpus: float
     rollout_slots: int  # engine KV-cache rows per actor; 0: 2 x group_size
+    rollout_resources: dict[str, float]  # custom Ray resources per rollout actor ({}: none)
     num_learners: int
     learner_cpus: float
     learner_gpus: float
+    learner_resources: dict[str, float]  # custom Ray resources per learner rank ({}: none)
     sandbox_actors: int  # 0: no Python tool
     sandbox_cpus: float
     weight_sync: Literal["auto", "object_store", "broadcast"]
     probe_atol: float
     max_actor_restarts: int
+    replace_wait_s: float  # how long a lost rollout actor's replacement may take to be placed
     eval_every: int
     eval_examples: int
     eval_samples: int

@@ -74,11 +74,19 @@ class RLConfig(OptimizerSettings):
     rollout_gpus: float | None = Field(None, ge=0, description="GPUs per rollout actor; null: 1 when the "
                                                                "cluster has GPUs, else 0")
     rollout_slots: int = Field(0, ge=0, description="engine KV-cache rows per actor; 0: 2 x group_size")
+    rollout_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each rollout actor also requires, to keep "
+                                          "them on hosts of one kind: e.g. {rollout_host: 1} where "
+                                          "cluster.yaml's rollout node type declares resources: "
+                                          "{rollout_host: 4} (or `ray start --resources`); {}: any node")
     num_learners: int = Field(1, ge=1,
                               description="learner ranks (torch.distributed group, sharded optimizers)")
     learner_cpus: float = Field(1.0, gt=0, description="CPUs per learner rank")
     learner_gpus: float | None = Field(None, ge=0, description="GPUs per learner rank; null: 1 when the "
                                                                "cluster has GPUs, else 0")
+    learner_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each learner rank also requires (as "
+                                          "rollout_resources), e.g. {learner_host: 1}; {}: any node")
     sandbox_actors: int = Field(1, ge=0, description="sandbox actors running the model's Python tool calls "
                                                      "(0: no tool)")
     sandbox_cpus: float = Field(0.25, ge=0, description="CPUs reserved per sandbox actor")
@@ -88,6 +96,10 @@ class RLConfig(OptimizerSettings):
                                                       "learner and an actor after a sync")
     max_actor_restarts: int = Field(3, ge=0,
                                     description="rollout actors that may die and be replaced in one run")
+    replace_wait_s: float = Field(
+        60.0, ge=0, description="seconds a dead rollout actor's replacement may take to be placed and "
+                                "started; past it the step completes on the remaining actors and the "
+                                "replacement joins at a later weight sync once Ray places it")
     eval_every: int = Field(60, description="steps between pass@k evaluations on held-out problems "
                                             "(<= 0: never)")
     eval_examples: int = Field(400, ge=1, description="held-out problems per evaluation")
@@ -106,6 +118,15 @@ class RLConfig(OptimizerSettings):
         if self.rollout_slots and self.rollout_slots < self.group_size:
             raise ValueError(f"rollout_slots {self.rollout_slots} < group_size {self.group_size}: a group is "
                              "sampled in one batch; raise rollout_slots or set it to 0")
+        for name, res in (("rollout_resources", self.rollout_resources),
+                          ("learner_resources", self.learner_resources)):
+            for key, amount in res.items():
+                if key in ("CPU", "GPU", "memory", "object_store_memory") or key.startswith("node:"):
+                    raise ValueError(f"{name} names {key!r}, which Ray manages itself: use rollout_cpus / "
+                                     "rollout_gpus / learner_cpus / learner_gpus, and keep custom resources "
+                                     "(e.g. rollout_host) here")
+                if not amount > 0:
+                    raise ValueError(f"{name}: {key} = {amount}; a required resource amount must be > 0")
         return self
 
     def to_spec(self, cluster_gpus: float) -> RLSpec:
@@ -126,10 +147,13 @@ class RLConfig(OptimizerSettings):
             max_staleness=self.max_staleness, clip_eps=self.clip_eps, advantage_sign=1.0,
             num_rollout_actors=self.num_rollout_actors, rollout_cpus=self.rollout_cpus,
             rollout_gpus=gpu if self.rollout_gpus is None else self.rollout_gpus,
-            rollout_slots=self.rollout_slots, num_learners=self.num_learners, learner_cpus=self.learner_cpus,
+            rollout_slots=self.rollout_slots, rollout_resources=dict(self.rollout_resources),
+            num_learners=self.num_learners, learner_cpus=self.learner_cpus,
             learner_gpus=gpu if self.learner_gpus is None else self.learner_gpus,
+            learner_resources=dict(self.learner_resources),
             sandbox_actors=self.sandbox_actors, sandbox_cpus=self.sandbox_cpus, weight_sync=self.weight_sync,
             probe_atol=self.probe_atol, max_actor_restarts=self.max_actor_restarts,
+            replace_wait_s=self.replace_wait_s,
             eval_every=self.eval_every, eval_examples=self.eval_examples, eval_samples=self.eval_samples,
             checkpoint_every=self.checkpoint_every, checkpoints_to_keep=self.checkpoints_to_keep,
             seed=self.seed)
@@ -153,11 +177,12 @@ def cluster_description() -> ClusterDescription:
 
 def demand(spec: RLSpec) -> Demand:
     """Every actor the stage starts, as resource bundles."""
-    def bundle(cpus: float, gpus: float) -> dict[str, float]:
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    def bundle(cpus: float, gpus: float, custom: dict[str, float] | None = None) -> dict[str, float]:
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(custom or {})}
 
-    bundles = [bundle(spec.learner_cpus, spec.learner_gpus)] * spec.num_learners
-    bundles += [bundle(spec.rollout_cpus, spec.rollout_gpus)] * spec.num_rollout_actors
+    bundles = [bundle(spec.learner_cpus, spec.learner_gpus, spec.learner_resources)] * spec.num_learners
+    rollout = bundle(spec.rollout_cpus, spec.rollout_gpus, spec.rollout_resources)
+    bundles += [rollout] * spec.num_rollout_actors
     bundles += [bundle(spec.sandbox_cpus, 0.0)] * spec.sandbox_actors
     return Demand(STAGE, tuple(bundles))
 

@@ -5,7 +5,8 @@ on the shared mount (NANOCHAT_HOME=/srv/home, --storage /srv/runs), the training
 storage shared (and the driver checks it on every node). `python -m jobs.pipeline --address
 http://<head>:8265` runs on the client host and submits each stage to the head; the stages' work is
 placed by Ray over the hosts. Checked: every stage complete, both workers ran Ray workers and the
-head the stages' drivers (Ray's worker records), and nothing of the harness is left.
+head the stages' drivers (Ray's worker records), each evaluation's actors ran on more than one host
+(the nodes its record names), and nothing of the harness is left.
 
 Run: PYTHONPATH=. python -m pytest tests/test_hosts_pipeline.py -q -s
 """
@@ -53,3 +54,8 @@ def test_micro_pipeline_through_ray_job_submit_from_the_client_host(embedded_pac
         assert {hc.host("w1").ip, hc.host("w2").ip} <= {ip for ip, kind in ran if kind == "WORKER"}, ran
         assert (hc.head.ip, "DRIVER") in ran  # the stages' drivers ran on the head, none on the client
         assert hc.host("client").ip not in {ip for ip, _ in ran}
+        for stage in ("pretrain", "midtrain", "sft", "rl"):  # each evaluation's actors (SPREAD) on several hosts
+            doc = json.loads((hc.shared / "runs" / "hp" / "evaluate" / f"{stage}.json").read_text())
+            nodes = {a["node"] for a in doc["pool"]["actors"]}
+            print(f"evaluate {stage}: {len(doc['pool']['actors'])} actors on {sorted(nodes)}", flush=True)
+            assert len(nodes) > 1, (stage, doc["pool"])

@@ -139,6 +139,35 @@ def test_sync_check_catches_corruption_and_a_killed_actor_is_replaced_mid_step(r
         run.verify_sync()
 
 
+@pytest.mark.cluster
+@pytest.mark.parametrize("sync", ["object_store", "broadcast"])
+def test_without_a_placed_replacement_the_step_completes_on_the_remaining_actor(ray_cluster, tokenizer_dir,
+                                                                                tmp_path, sync):
+    """replace_wait_s = 0: no replacement is ever placed in time, as when the lost host was the only
+    one with room; the dead actor's chunk goes to the other, the sync (and the broadcast group) works
+    with one actor, and the queued replacement joins at a later sync once placed."""
+    import ray
+
+    with start_run(tmp_path, tokenizer_dir, toy("num_steps=2", "replace_wait_s=0", f"weight_sync={sync}")) as run:
+        killed = []
+
+        def kill_second_actor(step: int, actors: list) -> None:
+            if step == 0 and not killed:
+                ray.kill(actors[1], no_restart=True)
+                killed.append(actors[1])
+
+        summary = run.run(on_dispatch=kill_second_actor)
+        steps = [r for r in run.history if "reward_mean" in r]
+        assert summary["final_step"] == 2 and summary["rollout_actors_lost"] == 1 and run.restarts == 1
+        assert steps[0]["samples"] == 4 * 8 and steps[0]["chunks_redispatched"] == 1  # every prompt
+        assert steps[0]["probe_gap"] <= TOY.probe_atol
+        assert killed[0] not in run.actors and len(run.actors) + len(run.fleet.recruits) == 2
+        assert run.fleet.backend.wait_placed(run.fleet.recruits, 120) == run.fleet.recruits
+        run.sync()  # admits the replacement: synced and checked with the other
+        assert len(run.actors) == 2 and run.fleet.recruits == []
+        run.verify_sync()
+
+
 # ---------------------------------------------------------------- learning is real
 
 
