@@ -195,10 +195,11 @@ def test_a_drained_spot_host_is_saved_at_the_notice_and_not_counted_as_a_failure
             while notice is None and time.time() < deadline:
                 notice = next((r for r in storage.read_metrics("pretrain") if r.get("preemption_notice")), None)
                 time.sleep(0.1)
+            assert notice is not None, "no preemption notice reached the workers before the deadline"
+            deadline = notice["deadline_ms"] / 1000  # the GCS's: set when the drain-node command ran
             # what storage holds just before the harness kills the host at the deadline
             while time.time() < deadline - 0.5:
                 time.sleep(0.1)
-            assert notice is not None, "no preemption notice reached the workers before the deadline"
             missing, registered = checkpoint_files(storage, notice["step"]), registered_checkpoint(storage)
             hc.kill("w2")
             timings["notice after the drain (s)"] = notice["time"] - notice["checkpoint_s"] - drained_at
