@@ -19,6 +19,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 
 from cluster.pretrain import run_pretrain
@@ -39,6 +40,17 @@ def step_times(records: list[dict], every: int) -> tuple[list[float], list[float
     return plain, saved
 
 
+def checkpoint_bytes(storage: RunStorage) -> int:
+    """Bytes of the run's newest pretraining checkpoint in storage (every rank's files)."""
+    files = storage.fs.get_file_info(pafs.FileSelector(storage.stage_path("pretrain"), recursive=True))
+    per_dir: dict[str, int] = {}
+    for f in files:
+        parts = f.path.split("/")
+        if f.type == pafs.FileType.File and len(parts) > 1 and parts[-2].startswith("checkpoint_"):
+            per_dir[parts[-2]] = per_dir.get(parts[-2], 0) + f.size
+    return per_dir[max(per_dir)] if per_dir else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60)
@@ -55,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = next(iter_row_groups(train_val_split(list_shards(data))[0])).texts[:400]
         tok_dir = tmp / "tokenizer"
         Tokenizer.train_from_iterator(texts, 1024).save(tok_dir)
-        rows = {}
+        rows, size = {}, 0
         for mode in ("false", "true"):
             storage = RunStorage(f"bench-async-{mode}", root)
             with storage.writer("tokenizer", {}) as w:
@@ -66,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             spec = load_stage_config(PretrainConfig, "pretrain", args.preset, overrides).to_spec(args.preset)
             run_pretrain(spec, storage, config={}, force=True)
             rows[mode] = step_times(storage.read_metrics("pretrain"), args.every)
+            size = checkpoint_bytes(storage)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\npretraining ({args.preset} preset), {args.steps} steps, a checkpoint every {args.every}, "
-          f"storage {root}")
+          f"storage {root}, {size / 1e6:.1f} MB per checkpoint")
     print("| upload | median step s | median step + checkpoint s | spike | spike vs sync |")
     print("|---|---|---|---|---|")
     spikes = {}

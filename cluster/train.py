@@ -338,6 +338,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
                    after_step=_Preemption(spec.group.preemption_poll_every, reporter, dist))
     finally:
         batches.close()
+        if reporter.log is not None:  # an object store's metrics.jsonl is written whole, at flushes
+            reporter.log.flush()
 
 
 # ----------------------------------------------------------------------------- the driver

@@ -60,11 +60,12 @@ def pretrain_args(storage: str, **extra: str) -> list[str]:
     return args
 
 
-def submit(hc: HostCluster, job_id: str, entrypoint: list[str], wait: bool = True) -> list[str]:
+def submit(hc: HostCluster, job_id: str, entrypoint: list[str], wait: bool = True,
+           env: dict[str, str] | None = None) -> list[str]:
     """`ray job submit` to the head, as run on the client host (following the job's log to its end
-    unless not `wait`)."""
+    unless not `wait`); `env`: more environment variables of the job."""
     runtime_env = {"env_vars": {"PYTHONPATH": hc.env("client")["PYTHONPATH"],
-                                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(POLL_S)}}
+                                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(POLL_S), **(env or {})}}
     return ["ray", "job", "submit", "--address", hc.dashboard_url, "--submission-id", job_id,
             "--runtime-env-json", json.dumps(runtime_env), *([] if wait else ["--no-wait"]), "--", *entrypoint]
 
@@ -73,9 +74,10 @@ class Job:
     """A job submitted from the client host; its status asked from there (at most every 5 s).
     Not `ray job submit`'s own wait: its log stream can close early on an overloaded machine."""
 
-    def __init__(self, hc: HostCluster, job_id: str, entrypoint: list[str]) -> None:
+    def __init__(self, hc: HostCluster, job_id: str, entrypoint: list[str],
+                 env: dict[str, str] | None = None) -> None:
         self.hc, self.id, self._status, self._asked = hc, job_id, "PENDING", 0.0
-        hc.run("client", submit(hc, job_id, entrypoint, wait=False), timeout=300)
+        hc.run("client", submit(hc, job_id, entrypoint, wait=False, env=env), timeout=300)
 
     def status(self) -> str:
         if time.time() - self._asked > 5 and self._status in ("PENDING", "RUNNING"):
