@@ -171,6 +171,16 @@ class _Slot:
     version: Any = None  # weights version at admission (the prefix cache never mixes versions)
 
 
+def takes_logits_at(model: Any) -> bool:
+    """Whether `model`'s forward takes `logits_at` (nanochat's GPT does; the tests' mocks do not)."""
+    return "logits_at" in inspect.signature(getattr(model, "forward", model)).parameters
+
+
+def _seeded_per_prompt(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: a seeded `params` gives prompt i the seed params.seed + i."""
+    return [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(n)]
+
+
 class Engine:
     """Slots over one KV cache; see the module docstring for the step contract."""
 
@@ -221,7 +231,7 @@ class Engine:
         self._params = list(model.parameters()) if hasattr(model, "parameters") else []
         # a model whose forward takes logits_at (nanochat's GPT) also goes through KVCache.attend and
         # token_positions, so it can be fed packed rows; others (test mocks) get padded forwards
-        self._model_packs = "logits_at" in inspect.signature(getattr(model, "forward", model)).parameters
+        self._model_packs = takes_logits_at(model)
         self.weights_version = 0
         self._cached_version: tuple | None = None  # the version the prefix cache's blocks belong to
 
@@ -601,8 +611,7 @@ class Engine:
         """Generate params.n samples per prompt, admitting prompts as slots free up; yields
         (row, output) for every token, row = prompt_index * n + sample_index. A seeded `params`
         gives prompt i the seed params.seed + i."""
-        each = [params if params.seed is None else replace(params, seed=params.seed + i)
-                for i in range(len(prompts))]
+        each = _seeded_per_prompt(params, len(prompts))
         for i, j, out in self.stream_each(prompts, each):
             yield i * params.n + j, out
 
@@ -641,8 +650,7 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         """All generations, ordered prompt-major (len(prompts) * params.n of them)."""
-        each = [params if params.seed is None else replace(params, seed=params.seed + i)
-                for i in range(len(prompts))]
+        each = _seeded_per_prompt(params, len(prompts))
         return [g for gens in self.generate_each(prompts, each) for g in gens]
 
     def generate_each(self, prompts: Sequence[Sequence[int]],

@@ -251,6 +251,7 @@ class SampleAnswers:
                                  n=s.num_samples) for r in requests]
         tool = _tool_use(tok, self.tool_run) if self.tool_run is not None else None
         gens, seconds = _generate_together(state, [ids for ids, _ in prompts], params, tool)
+
         def text(g: Any) -> str:
             return tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
 

@@ -33,7 +33,6 @@ Tests: `python -m pytest tests/test_core_eval.py`.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import random
 import shutil
@@ -53,6 +52,7 @@ import yaml
 
 from nanochat.common import autocast_context
 from nanochat.data.dataset import DownloadError, SourceUnavailableError, check_reachable
+from nanochat.engine import takes_logits_at
 from nanochat.errors import ConfigError, NotFoundError
 from nanochat.evals.harness import EvalState, ItemResult, TaskTotals, centred_mean
 
@@ -243,7 +243,7 @@ def score_request(model: Callable[[torch.Tensor], torch.Tensor], tokenizer: Any,
     width = max(e - s for s, e in spans)
     at = torch.tensor([[min(s - 1 + k, e - 2) for k in range(width)] for s, e in spans], device=idx.device)
     with autocast_context(device):
-        if _takes_logits_at(model):
+        if takes_logits_at(model):
             logits = model(idx, logits_at=at).float()  # (B, width, V)
         else:
             logits = model(idx).float()[torch.arange(len(spans), device=idx.device)[:, None], at]
@@ -256,10 +256,6 @@ def score_request(model: Callable[[torch.Tensor], torch.Tensor], tokenizer: Any,
         nll = F.cross_entropy(logits[row, : e - s], idx[row, s:e], reduction="none")  # (e - s,) nats
         mean_losses.append(float(nll.double().mean()))  # float64: equal losses give equal means for any n
     return option_credit(mean_losses, request.gold)
-
-
-def _takes_logits_at(model: Any) -> bool:
-    return "logits_at" in inspect.signature(getattr(model, "forward", model)).parameters
 
 
 def score_requests(state: EvalState, requests: Sequence[CoreRequest]) -> list[ItemResult]:
