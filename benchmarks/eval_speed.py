@@ -6,8 +6,9 @@
    4,096-token vocabulary is a quarter of the tiny model's FLOPs per token). Rows: the pack's 14
    CORE tasks, --core-items items each.
 2. Chat generation: a chunk of generative items (GSM8K, greedy) and of format items (greedy, at most
-   8 tokens); the reference runs every item on its own engine call, as before; now a chunk's items
-   share decode steps (`nanochat.evals.chat.GENERATION_ROWS` rows).
+   8 tokens); the reference runs every item on its own engine call, as before; now a chunk's
+   generative items share decode steps (`nanochat.evals.chat.GENERATION_ROWS` rows) and its format
+   items run one at a time on one engine (prefill-bound: batched, their prompts would be padded).
 Both sides produce the same scores/answers (printed, and tested in tests/test_core_eval.py and
 tests/test_chat_eval.py). Same model, items and thread count (1, as an evaluation actor); the sides
 interleaved over --repeats runs; the best CPU time per side (process time, one thread: what the

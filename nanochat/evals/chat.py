@@ -27,10 +27,11 @@ Notable:
   token allowed) counts as well formed when it is exactly one of the item's letters followed by
   <|assistant_end|>. It measures whether a model learned the chat answer format, whatever it knows.
 
-Generative and format items of one chunk decode together (up to GENERATION_ROWS rows, admitted
-as rows free up); each row draws from a generator seeded by its item (`item_seed`), so an item's
-samples do not depend on its batch, chunk or actor, and sharding over any number of actors gives
-the same totals (up to the last bits of a batched matmul; tested against one item at a time).
+Generative items of one chunk decode together (up to GENERATION_ROWS rows, admitted as rows free
+up; format items, prefill-bound, run one at a time); each row draws from a generator seeded by its
+item (`item_seed`), so an item's samples do not depend on its batch, chunk or actor, and sharding
+over any number of actors gives the same totals (up to the last bits of a batched matmul; tested
+against one item at a time).
 Tests: `python -m pytest tests/test_chat_eval.py`.
 """
 
@@ -260,16 +261,16 @@ class SampleAnswers:
 
 
 def _generate_together(state: EvalState, prompts: list[list[int]], params: list[Any],
-                       tool: Any = None) -> tuple[list[list[Any]], float]:
-    """Every prompt's generations, up to GENERATION_ROWS rows decoding together (each row samples
-    from its own seeded draws, so the tokens are those of one prompt at a time); and the seconds
-    per prompt (the batch's wall time shared equally)."""
+                       tool: Any = None, rows: int = GENERATION_ROWS) -> tuple[list[list[Any]], float]:
+    """Every prompt's generations, up to `rows` rows decoding together (each row samples from its
+    own seeded draws, so the tokens are those of one prompt at a time); and the seconds per prompt
+    (the batch's wall time shared equally)."""
     from nanochat.engine import Engine
 
     if not prompts:
         return [], 0.0
     t0 = time.perf_counter()
-    rows = max(max(p.n for p in params), min(GENERATION_ROWS, sum(p.n for p in params)))
+    rows = max(max(p.n for p in params), min(rows, sum(p.n for p in params)))
     engine = Engine(state.model, max_batch_size=rows, max_seq_len=state.max_seq_len, tool_use=tool)
     try:
         with autocast_context(state.device):
@@ -290,7 +291,9 @@ def check_format(state: EvalState, requests: Sequence[ChatRequest]) -> list[Chat
     params = SamplingParams(max_new_tokens=FORMAT_TOKENS, temperature=0.0, stop_token_ids=_stop_ids(tok))
     limit = _generation_limit(state, FORMAT_TOKENS)
     prompts = [fit_prompt(tok.render_for_completion(r.conversation), limit) for r in requests]
-    gens, seconds = _generate_together(state, [ids for ids, _ in prompts], [params] * len(requests))
+    # one row: a format item is its prompt's prefill and 2 tokens, and prefills batched together are
+    # padded to the longest (benchmarks/eval_speed.py: 0.64x at 40 items, 0.98x at 100, batched)
+    gens, seconds = _generate_together(state, [ids for ids, _ in prompts], [params] * len(requests), rows=1)
     out = []
     for r, (_, cut), item in zip(requests, prompts, gens, strict=True):
         tokens = item[0].tokens
