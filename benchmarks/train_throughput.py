@@ -6,6 +6,8 @@ Both sides do the same data work: read the same row groups, tokenize and pack th
 inline in its process, the cluster path in a Ray Data actor). Rows, in one run on one machine:
 
   plain, compiled          the reference: this process, torch.compile on, nothing else running
+  plain, compiled, float32 (--compare-float32) the reference in float32, when --precision (default
+                           auto: bfloat16 on a CPU with native bf16) is not float32: speed and final bpb
   plain, eager             the same loop without compile (the stage's CPU default before issue 21)
   plain, compiled, Ray idle   (--diagnose) the reference while an idle local Ray cluster runs
   Train + Ray Data         the stage itself: cluster.pretrain.run_pretrain, 1 worker with 2 CPUs, compile
@@ -28,7 +30,9 @@ in one fresh process, their steps alternating (robust to a machine whose load dr
 an empty inductor cache (TORCHINDUCTOR_CACHE_DIR set to a fresh directory), then with that cache
 warm; the compile is the first compiled step's time beyond a median compiled step.
 
-Run: PYTHONPATH=. python benchmarks/train_throughput.py [--steps 300] [--repeats 3]
+Every row trains at `--precision` (the stage's setting, default auto: nanochat.common.training_dtype).
+
+Run: PYTHONPATH=. python benchmarks/train_throughput.py [--steps 300] [--repeats 3] [--compare-float32]
      PYTHONPATH=. python benchmarks/train_throughput.py --compile-cost [--steps 40]
 """
 
@@ -52,7 +56,7 @@ from cluster.storage import RunStorage
 from cluster.train import build_model, make_plan
 from jobs.config import load_stage_config
 from jobs.pretrain import PretrainConfig
-from nanochat.common import DistInfo
+from nanochat.common import DistInfo, training_dtype
 from nanochat.data.dataloader import (
     DataPosition,
     RowBatcher,
@@ -69,11 +73,12 @@ from nanochat.train import evaluate_bpb, train_loop
 THREADS = 2
 
 
-def spec_for(steps: int, compile: bool | None, data: str | None = None) -> PretrainSpec:
+def spec_for(steps: int, compile: bool | None, data: str | None = None,
+             precision: str = "auto") -> PretrainSpec:
     """The tiny preset's pretraining (depth 4, 8 x 256-token rows per step, 2 CPUs), as a user would set it:
     the preset plus overrides for the horizon, no intermediate evaluations or checkpoints, no retries."""
     overrides = [f"num_iterations={steps}", "eval_every=0", "checkpoint_every=0", "max_failures=0",
-                 f"cpus_per_worker={THREADS}",
+                 f"cpus_per_worker={THREADS}", f"precision={precision}",
                  f"compile={'null' if compile is None else str(compile).lower()}"]
     return load_stage_config(PretrainConfig, "pretrain", "tiny",
                              overrides + ([f"data={data}"] if data else [])).to_spec("tiny")
@@ -87,7 +92,8 @@ def plain_loop(pretrain: PretrainSpec, tokenizer_dir: str, data: str) -> list[di
     train, val = resolve_shards(data)
     plan = make_plan(spec, tok.vocab_size, 1)
     model = build_model(plan.model, "cpu", spec.seed)
-    optimizers = model.setup_optimizers(spec.lrs, DistInfo())
+    optimizers = model.setup_optimizers(spec.lrs, DistInfo(),
+                                        ns_dtype=training_dtype(plan.loop.precision, "cpu"))
     start = DataPosition(0)
     batches = RowBatcher(local_row_chunks(plan_row_groups(train), tok, spec.sequence_len + 1, start, 1),
                          spec.device_batch_size, start)
@@ -131,7 +137,7 @@ def paired_steps(steps: int, tokenizer_dir: str, data: str) -> dict[str, list[fl
     from nanochat.train import _micro_batches, _set_hyperparams, clip_grad_norm
 
     torch.set_num_threads(THREADS)
-    spec = spec_for(steps, None).train
+    spec = spec_for(steps, None, precision="float32").train  # what compiling saves in float32
     tok = Tokenizer.load(tokenizer_dir)
     plan = make_plan(spec, tok.vocab_size, 1)
     items = plan_row_groups(resolve_shards(data)[0])
@@ -194,6 +200,10 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--stage-compile", choices=("auto", "on", "off"), default="auto",
                    help="the stage's compile setting (auto: the stage's own rule for this many steps)")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="every row's precision setting (auto: the stage's default, bfloat16 where native)")
+    p.add_argument("--compare-float32", action="store_true",
+                   help="also the reference in float32 (the project's CPU numerics before issue 21's bf16)")
     p.add_argument("--diagnose", action="store_true", help="also the reference beside an idle Ray cluster")
     p.add_argument("--compile-cost", action="store_true",
                    help="measure compile time (cold/warm cache) instead")
@@ -207,6 +217,7 @@ def main() -> None:
         compile_cost(args, tokenizer_dir, data, tmp)
         return
     stage_compile = {"auto": None, "on": True, "off": False}[args.stage_compile]
+    prec = args.precision
 
     results: dict[str, list[tuple[float, float, float | None]]] = {}
     timings: dict[str, list[float]] = {}
@@ -219,8 +230,11 @@ def main() -> None:
     starts: list[float] = []
     compiled_stage: list[bool] = []
     for i in range(args.repeats):
-        add("plain, compiled", plain_loop(spec_for(args.steps, True, data), tokenizer_dir, data))
-        add("plain, eager", plain_loop(spec_for(args.steps, False, data), tokenizer_dir, data))
+        add("plain, compiled", plain_loop(spec_for(args.steps, True, data, prec), tokenizer_dir, data))
+        if args.compare_float32:
+            add("plain, compiled, float32",
+                plain_loop(spec_for(args.steps, True, data, "float32"), tokenizer_dir, data))
+        add("plain, eager", plain_loop(spec_for(args.steps, False, data, prec), tokenizer_dir, data))
         t0 = time.perf_counter()
         # a fresh local instance with its dashboard and metrics agent, as `python -m cluster.local start`
         # runs (2 logical CPUs per core), never a cluster that may already run on this machine
@@ -231,9 +245,9 @@ def main() -> None:
         try:
             if args.diagnose:
                 add("plain, compiled, Ray idle",
-                    plain_loop(spec_for(args.steps, True, data), tokenizer_dir, data))
-            steps, took = stage_path(spec_for(args.steps, stage_compile, data), tokenizer_dir, f"{tmp}/runs",
-                                     f"bench{i}")
+                    plain_loop(spec_for(args.steps, True, data, prec), tokenizer_dir, data))
+            steps, took = stage_path(spec_for(args.steps, stage_compile, data, prec), tokenizer_dir,
+                                     f"{tmp}/runs", f"bench{i}")
             compiled_stage.append(bool(steps and steps[-1].get("compiled")))
             add("Train + Ray Data (the stage)", steps, took)
         finally:
@@ -242,7 +256,8 @@ def main() -> None:
     refs = [r[0] for r in results["plain, compiled"]]
     print(f"\nparity config (depth 4, seq 256, 2,048-token steps, vocab {args.vocab_size}), "
           f"{THREADS} torch threads, {args.steps} steps, median tokens/s over steps > {args.skip}, "
-          f"{args.repeats} repeats; cluster start {statistics.median(starts):.0f} s; "
+          f"{args.repeats} repeats; precision {prec} (here: {training_dtype(prec, 'cpu')}); "
+          f"cluster start {statistics.median(starts):.0f} s; "
           f"the stage compiled: {compiled_stage}")
     print("| path | tokens/s (each repeat) | ratio vs plain compiled (each repeat) | median ratio "
           "| data-wait share | final val bpb | wall s per run |")

@@ -35,6 +35,7 @@ class Schedule:
     eval_every: int
     checkpoint_every: int
     compile: bool | None  # None: nanochat.train.compile_pays_back decides
+    precision: str  # "auto", "float32", "bfloat16": nanochat.common.training_dtype, on the worker's device
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ from cluster.shared_storage import verify_shared_storage
 from cluster.specs import Schedule, TrainSpec
 from cluster.storage import RunStorage, StorageError, write_text_atomic
 from nanochat import checkpoint as ckpt
-from nanochat.common import DistInfo, peak_bf16_flops, set_seed
+from nanochat.common import DistInfo, peak_bf16_flops, set_seed, training_dtype
 from nanochat.data.positions import DataPosition, leftovers, resume_positions, start_positions
 from nanochat.errors import ConfigError
 from nanochat.gpt import GPT, GPTConfig
@@ -118,7 +118,7 @@ def loop_config(schedule: Schedule, num_steps: int, grad_accum_steps: int) -> Lo
     return LoopConfig(num_steps=num_steps, grad_accum_steps=grad_accum_steps, warmup_ratio=s.warmup_ratio,
                       warmdown_ratio=s.warmdown_ratio, final_lr_frac=s.final_lr_frac, grad_clip=s.grad_clip,
                       eval_every=s.eval_every, checkpoint_every=s.checkpoint_every, log_every=s.log_every,
-                      compile=s.compile)
+                      compile=s.compile, precision=s.precision)
 
 
 def build_model(config: GPTConfig, device: str | torch.device, seed: int) -> GPT:
@@ -317,7 +317,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     model = build_model(plan.model, device, spec.seed)
     if cfg["init_from"]:
         _load_initial_weights(model, cfg["init_from"], device)  # a checkpoint of this stage overrides them
-    optimizers = model.setup_optimizers(spec.lrs, dist)
+    optimizers = model.setup_optimizers(spec.lrs, dist, ns_dtype=training_dtype(loop.precision, device))
     start_step, positions, loop_state = _restore(model, optimizers, dist, loop.num_steps)
     source: BatchSource = cfg["source"]
     batches = source.train_batches(spec, dist, cfg["tokenizer"], tokenizer, positions[dist.rank])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -75,6 +75,11 @@ class TrainingConfig(OptimizerSettings):
     compile: bool | None = Field(None, description="torch.compile the model; null: on CUDA, and on CPU when "
                                                    "the run is long enough to pay the compile back "
                                                    "(nanochat/train.py)")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="what a training step multiplies in: bfloat16 (autocast of forward and backward, "
+                            "and Muon's Newton-Schulz) or float32; auto: bfloat16 where bf16 matmuls are "
+                            "native (GPUs; CPUs with AVX512-BF16 or AMX), else float32. Validation bpb is "
+                            "measured alike either way (float32 on CPU)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters); with "
                                                   "min_workers, the most the run grows to")
     min_workers: int | None = Field(
@@ -116,7 +121,8 @@ class TrainingConfig(OptimizerSettings):
         return Schedule(grad_clip=self.grad_clip, warmup_ratio=self.warmup_ratio,
                         warmdown_ratio=self.warmdown_ratio, final_lr_frac=self.final_lr_frac,
                         log_every=self.log_every, eval_every=self.eval_every,
-                        checkpoint_every=self.checkpoint_every, compile=self.compile)
+                        checkpoint_every=self.checkpoint_every, compile=self.compile,
+                        precision=self.precision)
 
     def worker_group(self) -> WorkerGroup:
         return WorkerGroup(num_workers=self.num_workers, min_workers=self.min_workers,

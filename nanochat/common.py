@@ -5,13 +5,16 @@ Notable:
 - `DistInfo` is the one way distributed facts reach the core (rank, world size, device). It is
   built by the caller from what set up the process group (Ray Train's context, the RL learner
   actors); the core never calls init_process_group.
-- `compute_dtype`: bf16 autocast on CUDA, plain float32 on CPU.
+- `compute_dtype`: bf16 autocast on CUDA, plain float32 on CPU (evaluation, inference);
+  `training_dtype`: a training stage's `precision` setting, whose "auto" also trains in bf16 on a
+  CPU that multiplies bf16 natively (`native_bf16`: AVX512-BF16 or AMX).
 
 Nothing here runs at import time.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import uuid
@@ -69,15 +72,48 @@ def autodetect_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX tiles), so a bf16 matmul
+    runs at about twice the float32 rate instead of being emulated (slower than float32)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """True where bf16 matmuls are native: CUDA, and CPUs with AVX512-BF16 or AMX."""
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16())
+
+
 def compute_dtype(device: str | torch.device) -> torch.dtype:
     """The dtype matmuls run in: bfloat16 (via autocast) on CUDA, float32 on CPU."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def autocast_context(device: str | torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA; a disabled (no-op) autocast elsewhere so CPU stays float32."""
+PRECISIONS = ("auto", "float32", "bfloat16")  # a training stage's `precision` setting
+
+
+def training_dtype(precision: str | None, device: str | torch.device) -> torch.dtype:
+    """The dtype a training step's matmuls run in (autocast, and Muon's Newton-Schulz) for a stage's
+    `precision`: None: `compute_dtype(device)`; "auto": bfloat16 where bf16 matmuls are native
+    (`native_bf16`: GPUs, CPUs with AVX512-BF16 or AMX), else float32; "float32", "bfloat16": as named
+    (bfloat16 on a CPU without native bf16 runs, emulated, slower than float32)."""
+    if precision is None:
+        return compute_dtype(device)
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if precision in PRECISIONS:
+        return getattr(torch, precision)
+    raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def autocast_context(device: str | torch.device, dtype: torch.dtype | None = None) -> torch.autocast:
+    """Autocast to `dtype` (None: `compute_dtype(device)`: bf16 on CUDA); a disabled (no-op) autocast
+    for float32."""
     device_type = torch.device(device).type
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
 
 

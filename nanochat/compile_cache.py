@@ -34,8 +34,9 @@ def ledger_path() -> Path:
     return Path(cache_dir()) / LEDGER_NAME
 
 
-def signature(model: torch.nn.Module, x: torch.Tensor) -> str:
-    """A short hash of what makes a compiled training graph reusable."""
+def signature(model: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype = torch.float32) -> str:
+    """A short hash of what makes a compiled training graph reusable (`autocast`: the dtype the
+    forward runs under; float32: none)."""
     config = getattr(model, "config", None)
     described = {
         "torch": torch.__version__,
@@ -44,6 +45,7 @@ def signature(model: torch.nn.Module, x: torch.Tensor) -> str:
         "shape": list(x.shape),
         "dtype": str(x.dtype),
         "device": x.device.type,
+        **({} if autocast == torch.float32 else {"autocast": str(autocast)}),  # older entries had none
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

@@ -319,12 +319,13 @@ class GPT(nn.Module):
         head_dim = cfg.n_embd // cfg.n_head
         return 6 * nparams + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
 
-    def setup_optimizers(self, lrs: LearningRates | None = None,
-                         dist: DistInfo | None = None) -> list[AdamW | Muon]:
+    def setup_optimizers(self, lrs: LearningRates | None = None, dist: DistInfo | None = None,
+                         ns_dtype: torch.dtype | None = None) -> list[AdamW | Muon]:
         """[AdamW for lm_head + embedding, Muon for the block matrices], sharded over `dist`.
 
         `lrs` default to the seed's (LearningRates()); AdamW lrs scale by (n_embd / 768)^-0.5 and every
-        group records its "initial_lr" for the schedule. Without `dist`: one process on the model's device."""
+        group records its "initial_lr" for the schedule. Without `dist`: one process on the model's device.
+        `ns_dtype`: Muon's Newton-Schulz dtype (None: nanochat/muon.py's ns_dtype)."""
         lrs = lrs or LearningRates()
         dist = dist or DistInfo(device=str(self.lm_head.weight.device))
         scale = (self.config.n_embd / 768) ** -0.5
@@ -333,7 +334,8 @@ class GPT(nn.Module):
             dict(params=list(self.transformer.wte.parameters()), lr=lrs.embedding_lr * scale),
         ]
         adamw = AdamW(adam_groups, dist=dist, betas=(0.8, 0.95), eps=1e-10, weight_decay=lrs.weight_decay)
-        muon = Muon(list(self.transformer.h.parameters()), dist=dist, lr=lrs.matrix_lr, momentum=0.95)
+        muon = Muon(list(self.transformer.h.parameters()), dist=dist, lr=lrs.matrix_lr, momentum=0.95,
+                    ns_dtype=ns_dtype)
         optimizers: list[AdamW | Muon] = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

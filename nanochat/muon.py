@@ -4,8 +4,10 @@ sharded over ranks by whole matrices (ZeRO-2 style, no DDP).
 Notable:
 - Update: Nesterov momentum (buf = lerp(buf, g, 1 - momentum); u = lerp(g, buf, momentum)),
   then u is replaced by an approximately orthogonal matrix with the same row/column spaces
-  (5 quintic Newton-Schulz steps, bf16 on CUDA, float32 elsewhere), scaled by
-  sqrt(max(1, rows / cols)) and applied with the group's lr. No weight decay (as in the seed).
+  (5 quintic Newton-Schulz steps, bf16 on CUDA and in bf16 training on CPU, else float32), scaled
+  by sqrt(max(1, rows / cols)) and applied with the group's lr. No weight decay (as in the seed).
+  Same-shape matrices are orthogonalised together, as one stack (a transformer has a handful of
+  shapes, so one batched matmul replaces one per layer).
 - Momentum warmup (0.85 -> 0.95 over 300 steps) is done by the training loop through
   group["momentum"] (nanochat/schedule.py).
 - Distributed: every matrix has one owner rank (largest matrices first, each to the rank with the
@@ -30,20 +32,28 @@ from nanochat.sharding import ShardedOptimizer
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximate the orthogonal polar factor U V^T of g (rows, cols) by Newton-Schulz.
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """The Newton-Schulz iteration's default dtype: bf16 on CUDA, float32 elsewhere. A training stage
+    whose precision is bf16 passes bf16 on CPU too (native there with AVX512-BF16 or AMX: ~2.7x the
+    float32 speed on the demo's matrices, and the iteration tolerates it; nanochat/common.py)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    Runs in bf16 on CUDA (fast, the iteration tolerates it) and float32 elsewhere."""
-    if g.dim() != 2:
-        raise ValueError(f"orthogonalize needs a 2-D matrix, got shape {tuple(g.shape)}")
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximate the orthogonal polar factor U V^T of g (rows, cols) by Newton-Schulz; or of each
+    matrix of a stack g (n, rows, cols), in one batched iteration (one matmul per step for all n).
+
+    Runs in `dtype`, by default `ns_dtype(g.device)`; the result has that dtype."""
+    if g.dim() not in (2, 3):
+        raise ValueError(f"orthogonalize needs a matrix or a stack of matrices, got shape {tuple(g.shape)}")
     a, b, c = NS_COEFFS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
-    transposed = x.size(0) > x.size(1)
+    x = g.to(dtype or ns_dtype(g.device))
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT  # iterate on the wide orientation: X X^T is the smaller Gram matrix
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = x @ x.mT  # (rows, rows)
+        gram = x @ x.mT  # (..., rows, rows)
         poly = b * gram + c * (gram @ gram)
         x = a * x + poly @ x
     return x.mT if transposed else x
@@ -72,8 +82,11 @@ class Muon(ShardedOptimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = None,
     ) -> None:
+        """`ns_dtype`: the Newton-Schulz dtype; None: `ns_dtype(device)` of each matrix."""
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        self.ns_dtype = ns_dtype
         super().__init__(params, defaults, dist or DistInfo())
         indexed = self.indexed_params()
         for index, _, p in indexed:
@@ -113,23 +126,33 @@ class Muon(ShardedOptimizer):
         return owned
 
     def _update(self, grads: dict[int, torch.Tensor]) -> None:
-        broadcasts = []
-        for index, group, p in self.indexed_params():
-            if index in grads:
-                self._muon_matrix(group, p, grads[index])
-            if self.dist.is_distributed:
-                broadcasts.append(torch_dist.broadcast(p.data, src=self.owner(index), async_op=True))
-        for work in broadcasts:
-            work.wait()
+        """Momentum per matrix, then one batched Newton-Schulz per group of same-shape matrices (a
+        transformer has a handful of shapes: 6 iterations instead of 6 per layer), then the steps."""
+        params = {index: (group, p) for index, group, p in self.indexed_params()}
+        batches: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        for index, g in grads.items():
+            group, p = params[index]
+            update = self._momentum(group, p, g)
+            key = (tuple(update.shape), update.dtype, update.device, group["ns_steps"])
+            batches.setdefault(key, []).append((index, update))
+        for (_, _, _, ns_steps), items in batches.items():
+            ortho = orthogonalize(torch.stack([u for _, u in items]), ns_steps, self.ns_dtype)
+            for (index, _), update in zip(items, ortho.unbind(0), strict=True):
+                group, p = params[index]
+                scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+                p.data.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+        if self.dist.is_distributed:
+            works = [torch_dist.broadcast(p.data, src=self.owner(index), async_op=True)
+                     for index, (_, p) in params.items()]
+            for work in works:
+                work.wait()
 
-    def _muon_matrix(self, group: dict[str, Any], p: torch.Tensor, g: torch.Tensor) -> None:
-        """One Muon update of matrix p with its averaged gradient g (same shape)."""
+    def _momentum(self, group: dict[str, Any], p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Update matrix p's momentum buffer with its averaged gradient g; return the update to
+        orthogonalise (Nesterov: the gradient pulled toward the new buffer)."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf, momentum = state["momentum_buffer"], group["momentum"]
         buf.lerp_(g, 1.0 - momentum)
-        update = g.lerp(buf, momentum) if group["nesterov"] else buf
-        update = orthogonalize(update, group["ns_steps"])
-        scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
-        p.data.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+        return g.lerp(buf, momentum) if group["nesterov"] else buf

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as torch_dist
 
 from nanochat import compile_cache
-from nanochat.common import DistInfo, autocast_context
+from nanochat.common import DistInfo, autocast_context, training_dtype
 from nanochat.muon import Muon
 from nanochat.schedule import (
     FINAL_LR_FRAC,
@@ -57,6 +57,8 @@ class LoopConfig:
     log_every: int = 1  # call on_metrics every N steps (and at the end)
     peak_flops: float | None = None  # peak FLOP/s of ONE device for MFU (989e12: H100 bf16); None: no MFU
     compile: bool | None = None  # torch.compile the model's forward; None: `compile_pays_back` decides
+    precision: str | None = None  # "auto", "float32", "bfloat16" (nanochat.common.training_dtype); None:
+    # compute_dtype (bf16 autocast on CUDA, float32 on CPU)
 
 
 # torch.compile on CPU pays for itself only over enough steps. Measured on this project's 2-core
@@ -93,8 +95,9 @@ class _Forward:
     the FLOPs of a step (cfg.compile, else `compile_pays_back`, with the warm compile cost when this
     machine's inductor cache already holds the graph: nanochat/compile_cache.py)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: LoopConfig, steps: int, device_type: str) -> None:
-        self.model, self.cfg, self.steps, self.device_type = model, cfg, steps, device_type
+    def __init__(self, model: torch.nn.Module, cfg: LoopConfig, steps: int, device_type: str,
+                 dtype: torch.dtype) -> None:
+        self.model, self.cfg, self.steps, self.device_type, self.dtype = model, cfg, steps, device_type, dtype
         self.fn: Callable[..., torch.Tensor] | None = None
         self.compiled = False
         self.warm_cache = False  # the graph was compiled on this machine before
@@ -102,7 +105,7 @@ class _Forward:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.fn is None:
-            sig = compile_cache.signature(self.model, x)
+            sig = compile_cache.signature(self.model, x, self.dtype)
             self.warm_cache = compile_cache.was_compiled(sig)
             use = self.cfg.compile
             if use is None:
@@ -113,7 +116,8 @@ class _Forward:
             self.compiled = bool(use)
             self.fn = torch.compile(self.model, dynamic=False) if use else self.model
             self._record = sig if use and not self.warm_cache else None
-        out = self.fn(x, y)
+        with autocast_context(self.device_type, self.dtype):
+            out = self.fn(x, y)
         if self._record is not None:  # the first compiled call has compiled (forward and backward graphs)
             compile_cache.record_compiled(self._record)
             self._record = None
@@ -164,8 +168,7 @@ def _micro_batches(
         wait += time.perf_counter() - t0
         x = x.to(dist.device, non_blocking=True)
         y = y.to(dist.device, non_blocking=True)
-        with autocast_context(dist.device):
-            loss = forward(x, y)
+        loss = forward(x, y)  # under the loop's autocast
         loss_sum += loss.detach().float()
         (loss / cfg.grad_accum_steps).backward()
         tokens += x.numel()
@@ -210,7 +213,8 @@ def train_loop(
         raise ValueError(
             f"need 0 <= start_step ({start_step}) <= stop_step ({stop}) <= num_steps ({cfg.num_steps})"
         )
-    forward = _Forward(model, cfg, stop - start_step, torch.device(dist.device).type)
+    dtype = training_dtype(cfg.precision, dist.device)
+    forward = _Forward(model, cfg, stop - start_step, torch.device(dist.device).type, dtype)
     flops_per_token = model.estimate_flops() if hasattr(model, "estimate_flops") else None
     metrics: dict[str, Any] = {"step": start_step}
     if evaluate is not None and start_step == 0:
@@ -234,6 +238,7 @@ def train_loop(
             metrics.update(_step_metrics(loss, grad_norm, lrm, tokens, wait, dt, cfg, dist, flops_per_token))
             metrics["compiled"] = forward.compiled
             metrics["compile_cache_warm"] = forward.warm_cache
+            metrics["dtype"] = str(dtype).removeprefix("torch.")
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"training loss is {metrics['loss']} at step {done}: lower the lrs")
         if evaluate is not None and _due(done, cfg.eval_every, cfg.num_steps):
@@ -293,6 +298,25 @@ def evaluate_bpb(
 
     token_bytes (V,) long: UTF-8 bytes of each token id, 0 for special tokens, which are left
     out. bpb = sum of nats over counted target tokens / (ln 2 x their bytes), summed over ranks."""
+    nats, nbytes = bpb_sums(model, batches, token_bytes, dist, steps=steps)
+    return bpb_from_sums(nats, nbytes)
+
+
+def bpb_from_sums(nats: float, nbytes: int) -> float:
+    """Bits per byte of summed nats over summed bytes (inf for no bytes)."""
+    return float("inf") if nbytes == 0 else nats / (math.log(2) * nbytes)
+
+
+def bpb_sums(
+    model: torch.nn.Module,
+    batches: Iterator[Batch],
+    token_bytes: torch.Tensor,
+    dist: DistInfo,
+    *,
+    steps: int | None = None,
+) -> tuple[float, int]:
+    """(nats, bytes) summed over the counted target tokens of `steps` batches and over ranks: what
+    `evaluate_bpb` divides; parts of one stream evaluated apart add up (nanochat/evals/harness.py)."""
     token_bytes = token_bytes.to(dist.device)
     total_nats = torch.zeros((), dtype=torch.float64, device=dist.device)
     total_bytes = torch.zeros((), dtype=torch.long, device=dist.device)
@@ -309,6 +333,4 @@ def evaluate_bpb(
     if dist.is_distributed:
         torch_dist.all_reduce(total_nats, op=torch_dist.ReduceOp.SUM)
         torch_dist.all_reduce(total_bytes, op=torch_dist.ReduceOp.SUM)
-    if int(total_bytes) == 0:
-        return float("inf")
-    return float(total_nats) / (math.log(2) * int(total_bytes))
+    return float(total_nats), int(total_bytes)

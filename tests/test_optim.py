@@ -32,18 +32,53 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_newton_schulz_output_is_nearly_orthogonal():
     torch.manual_seed(0)
-    for shape in [(64, 128), (128, 48)]:
+    for shape, dtype in [((64, 128), torch.float32), ((128, 48), torch.float32), ((128, 48), torch.bfloat16)]:
         g = torch.randn(shape) @ torch.diag(torch.logspace(-2, 0, shape[1]))  # spread-out spectrum
         before = torch.linalg.svdvals(g)
         assert before.max() / before.min() > 30
-        x = orthogonalize(g)
-        assert x.shape == g.shape
+        x = orthogonalize(g, dtype=dtype)
+        assert x.shape == g.shape and x.dtype == dtype
+        x = x.float()
         singular = torch.linalg.svdvals(x)
         assert singular.min() > 0.6 and singular.max() < 1.25, singular  # Muon's intended band
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
         polar = u @ vh
         cosine = (x * polar).sum() / (x.norm() * polar.norm())
         assert cosine > 0.9
+
+
+def test_a_stack_is_orthogonalised_as_each_matrix_alone():
+    torch.manual_seed(0)
+    stack = torch.randn(3, 48, 128)
+    together = orthogonalize(stack)
+    for g, x in zip(stack, together, strict=True):
+        torch.testing.assert_close(x, orthogonalize(g), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="matrix or a stack"):
+        orthogonalize(torch.zeros(4))
+
+
+def test_muon_batches_same_shape_matrices_and_steps_each_as_alone():
+    """Three matrices of two shapes (one tall) in two groups with their own lrs: the batched update
+    equals three Muons of one matrix each; in bf16 too."""
+    for dtype, tol in [(None, dict(rtol=1e-4, atol=1e-5)), (torch.bfloat16, dict(rtol=2e-2, atol=2e-3))]:
+        torch.manual_seed(0)
+        shapes = [(16, 8), (8, 16), (16, 8)]
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+        alone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = Muon([dict(params=params[:2], lr=0.1), dict(params=params[2:], lr=0.05)], momentum=0.9,
+                   ns_dtype=dtype)
+        singles = [Muon([q], lr=lr, momentum=0.9, ns_dtype=dtype)
+                   for q, lr in zip(alone, [0.1, 0.1, 0.05], strict=True)]
+        for _ in range(3):
+            grads = [torch.randn(shape) for shape in shapes]
+            for p, q, g in zip(params, alone, grads, strict=True):
+                p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            for single in singles:
+                single.step()
+        for p, q in zip(params, alone, strict=True):
+            assert p.dtype == torch.float32
+            torch.testing.assert_close(p.detach(), q.detach(), **tol)
 
 
 def test_muon_step_is_nesterov_then_orthogonalised_and_scaled():

@@ -10,6 +10,7 @@ the session's local Ray cluster; the 2-node test runs this file as a child proce
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -227,6 +228,22 @@ def test_two_workers_match_one_process_survive_a_failure_and_resume_on_one(ray_c
     assert info["final_step"] == 30 and Tokenizer.load(info["tokenizer_dir"]).vocab_size == 512
     fresh = build_model(make_plan(spec.train, 512, 1).model, "cpu", spec.train.seed)
     assert not torch.equal(model.lm_head.weight, fresh.lm_head.weight)  # trained weights were exported
+
+
+@pytest.mark.cluster
+def test_a_bfloat16_run_trains_in_bfloat16_and_its_loss_falls(ray_cluster, embedded_pack, pack_tokenizer_dir,
+                                                              tmp_path):
+    """The tiny preset's default on this CPU kind (precision auto: bf16 where native) forced on the
+    micro preset (float32, for the exact checks above): the worker's loop and Muon run in bf16."""
+    storage = new_run(tmp_path, "bf16", pack_tokenizer_dir)
+    spec = micro_spec("num_iterations=12", "eval_every=0", "checkpoint_every=0", "precision=bfloat16",
+                      f"data={embedded_pack}")
+    assert spec.train.schedule.precision == "bfloat16"
+    meta = run_pretrain(spec, storage, config={})
+    records = [r for r in storage.read_metrics("pretrain") if r.get("loss") is not None]
+    assert {r["dtype"] for r in records} == {"bfloat16"} and len(records) == 12
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0 and meta["metrics"]["final_step"] == 12
+    assert math.isfinite(meta["metrics"]["val_bpb"])
 
 
 def two_node_run(workdir: Path, data: str, tokenizer_dir: str) -> dict:

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from nanochat.common import DistInfo
+from nanochat.common import DistInfo, training_dtype
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedule import grad_accum_steps, lr_multiplier, muon_momentum, num_steps_from
 from nanochat.sharding import load_optimizer_shards, optimizer_shard_state
@@ -143,6 +143,43 @@ def test_the_loop_compiles_on_a_warm_cache_and_notes_what_it_compiled(tmp_path, 
     monkeypatch.setattr("nanochat.train.CPU_COMPILE_WARM_S", 0.0)  # any saving beats a free compile
     final = train_loop(model, model.setup_optimizers(), as_batches(data), LoopConfig(2), SINGLE)
     assert final["compiled"] and final["compile_cache_warm"] and len(compiled) == 2
+
+
+# ---- precision ---------------------------------------------------------------------------------
+
+
+def test_precision_resolves_per_device(monkeypatch):
+    from nanochat import common
+
+    assert training_dtype(None, "cpu") == torch.float32 and training_dtype(None, "cuda") == torch.bfloat16
+    assert training_dtype("float32", "cuda") == torch.float32
+    assert training_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert training_dtype("auto", "cuda") == torch.bfloat16
+    for native, expected in [(True, torch.bfloat16), (False, torch.float32)]:
+        monkeypatch.setattr(common, "cpu_has_native_bf16", lambda native=native: native)
+        assert training_dtype("auto", "cpu") == expected
+    with pytest.raises(ValueError, match="'fp16' is not one of auto, float32, bfloat16"):
+        training_dtype("fp16", "cpu")
+
+
+def test_a_bfloat16_loop_trains_under_autocast_and_says_so():
+    """bfloat16 on CPU: the forward runs under bf16 autocast (the model sees bf16 activations), the
+    metrics say so, the loss falls as in float32 and the weights stay float32."""
+    seen_dtypes = []
+    data = blocks(1, rows=4) * 12
+    finals = {}
+    for precision in ("float32", "bfloat16"):
+        model = tiny_gpt(MODEL)
+        hook = model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: seen_dtypes.append(o.dtype))
+        final = train_loop(model, model.setup_optimizers(ns_dtype=training_dtype(precision, "cpu")),
+                           as_batches(data), LoopConfig(12, precision=precision), SINGLE)
+        hook.remove()
+        assert final["dtype"] == precision and all(p.dtype == torch.float32 for p in model.parameters())
+        finals[precision] = final["loss"]
+    assert set(seen_dtypes[:12]) == {torch.float32} and set(seen_dtypes[12:]) == {torch.bfloat16}
+    assert finals["bfloat16"] < 0.5 * math.log(VOCAB)
+    assert finals["bfloat16"] == pytest.approx(finals["float32"], rel=0.1)
+    assert finals["bfloat16"] != finals["float32"]
 
 
 # ---- the loop ---------------------------------------------------------------------------------
