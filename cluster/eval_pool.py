@@ -18,6 +18,10 @@ Notable:
 - `map` cuts the items into contiguous chunks (several per actor) handed to whichever actor is
   free (ray.util.ActorPool) and puts the results back in item order; the results are those of
   one process because every item is scored on its own;
+- `run_jobs` runs a whole evaluation's work as one queue (a `Jobs` list: bpb parts, CORE chunks,
+  chat chunks, ... with estimated costs), the costliest first, each to the next free actor: no
+  actor waits at a phase's end while another still has a backlog (before, the 25 s of validation
+  bpb held one actor while the chunks queued behind it);
 - a model or tokenizer that cannot be loaded is reported once, by `EvalPool.ready()`, with the
   actor's error, before any work is handed out.
 """
@@ -40,6 +44,41 @@ from nanochat.evals.harness import EvalState, load_eval_state, shard_items
 
 class EvalPoolError(RuntimeError):
     """The pool cannot be built or an actor failed; the message carries the actor's error."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of an evaluation's work: fn(state, *args) in an actor."""
+
+    label: str  # the work it belongs to ("CORE", "bpb", ...): progress lines, errors, timings
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    cost: float  # estimated actor-seconds (only the order and the progress estimate use it)
+
+
+class Jobs:
+    """A list of jobs built piece by piece; `add_chunks` returns a handle whose results `gather`
+    gives back in item order once `EvalPool.run_jobs` has run the list."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    def add(self, label: str, fn: Callable[..., Any], args: tuple[Any, ...], cost: float) -> slice:
+        self.jobs.append(Job(label, fn, args, cost))
+        return slice(len(self.jobs) - 1, len(self.jobs))
+
+    def add_chunks(self, label: str, fn: Callable[[Any, list[Any]], list[Any]], items: Sequence[Any],
+                   chunks: int, cost_per_item: float) -> slice:
+        """fn(state, chunk) over `chunks` contiguous chunks of items (fewer when there are fewer items)."""
+        start = len(self.jobs)
+        for chunk in shard_items(items, max(1, min(len(items), chunks))) if items else []:
+            self.jobs.append(Job(label, fn, (chunk,), cost_per_item * len(chunk)))
+        return slice(start, len(self.jobs))
+
+    @staticmethod
+    def gather(results: list[Any], handle: slice) -> list[Any]:
+        """The concatenated per-item results of the chunks `handle` names."""
+        return [r for out in results[handle] for r in out]
 
 
 @dataclass(frozen=True)
@@ -159,6 +198,46 @@ class EvalPool:
         if len(results) != len(items):
             raise EvalPoolError(f"{fn.__name__} returned {len(results)} results for {len(items)} items")
         return results
+
+    def run_jobs(self, jobs: Sequence[Job], progress: bool = True) -> tuple[list[Any], dict[str, float]]:
+        """Run every job, the costliest first, each on the next free actor (one in flight per actor).
+        Returns (results in the jobs' order, actor-seconds per label as the driver saw them). A
+        progress line per finished job: jobs done per label, elapsed, remaining by estimated cost.
+        On an error the caller closes the pool: its actors go, with the work they hold."""
+        self.ready()
+        order = sorted(range(len(jobs)), key=lambda i: (-jobs[i].cost, i))
+        results: list[Any] = [None] * len(jobs)
+        seconds: dict[str, float] = {}
+        totals: dict[str, int] = {}
+        for job in jobs:
+            totals[job.label] = totals.get(job.label, 0) + 1
+        done = dict.fromkeys(totals, 0)
+        cost_all = max(sum(j.cost for j in jobs), 1e-9)
+        cost_done = 0.0
+        running: dict[ray.ObjectRef, tuple[int, int, float]] = {}  # ref -> (job, actor, its start)
+        free, t0 = list(range(len(self.actors))), time.time()
+        while order or running:
+            while order and free:
+                i, actor = order.pop(0), free.pop(0)
+                running[self.actors[actor].run.remote(jobs[i].fn, *jobs[i].args)] = (i, actor, time.time())
+            ready, _ = ray.wait(list(running), num_returns=1)
+            i, actor, started = running.pop(ready[0])
+            job = jobs[i]
+            try:
+                results[i] = ray.get(ready[0])
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+                raise EvalPoolError(f"an evaluation actor failed on {job.label}: {e}") from e
+            free.append(actor)
+            seconds[job.label] = seconds.get(job.label, 0.0) + time.time() - started
+            done[job.label] += 1
+            cost_done += job.cost
+            if progress:
+                took = time.time() - t0
+                eta = took * (cost_all - cost_done) / max(cost_done, 1e-9)
+                parts = ", ".join(f"{label} {done[label]}/{n}" for label, n in totals.items())
+                print(f"[evaluate] {parts}: {100 * cost_done / cost_all:.0f}% in {took:.0f}s, eta {eta:.0f}s",
+                      flush=True)
+        return results, {label: round(s, 3) for label, s in seconds.items()}
 
     def close(self) -> None:
         """Kill the actors (their reserved CPUs/GPUs return to the cluster)."""

@@ -22,10 +22,11 @@ On the cluster (numbered as the Ray calls happen):
   2. EvalPool: evaluation actors sized to the cluster (a GPU each when there are GPUs), each loading
      the model once; for chat stages a SandboxPool too (GSM8K's tool, HumanEval's checks), its
      CPUs set aside before the evaluation actors are sized;
-  3. bpb on the validation shard (`eval_bpb`: its documents as one stream; not the training stages'
-     `val_bpb`, which packs rows) and the base samples run as single actor calls, while
-  4. the CORE or chat items and the format items are sharded over all actors; results come back in
-     item order and are summed; generated answers are checked in the driver and the sandbox pool.
+  3. one queue of all the work, the costliest jobs first, each to the next free actor: bpb on the
+     validation shard (`eval_bpb`: its documents as one stream, in 2 parts per actor whose sums add
+     up; not the training stages' `val_bpb`, which packs rows), the base samples, the CORE or chat
+     items and the format items in chunks; results come back in item order and are summed;
+  4. generated answers are checked in the driver and the sandbox pool.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from cluster.artifacts import find_model
-from cluster.eval_pool import EvalPool, EvalPoolError, load_from_storage, plan_pool
+from cluster.eval_pool import EvalPool, EvalPoolError, Jobs, load_from_storage, plan_pool
 from cluster.sandbox_pool import SandboxPool, SandboxPoolError
 from cluster.storage import RunStorage, git_commit, submitted_at, write_text_atomic
 from jobs.config import StageConfig, load_stage_config, stage_argparser
@@ -50,7 +51,7 @@ from nanochat.errors import entrypoint
 from nanochat.evals import chat as chat_eval
 from nanochat.evals.core import build_requests, core_results, score_requests
 from nanochat.evals.core_tasks import CoreSelection, select_core_tasks
-from nanochat.evals.harness import SAMPLE_PROMPTS, aggregate, sample_completions, val_bpb
+from nanochat.evals.harness import SAMPLE_PROMPTS, aggregate, combine_bpb, sample_completions, val_bpb
 from nanochat.report import EVAL_BPB
 from nanochat.tasks import Task, eval_tasks
 
@@ -153,21 +154,71 @@ def plan_work(stage: str, cfg: EvaluateConfig) -> Work:
                 chat_eval.format_requests(evals, cfg.format_items) if cfg.format_items else [], sample)
 
 
-def run_chat(pool: EvalPool, sandbox: SandboxPool | None, work: Work, cfg: EvaluateConfig) -> dict[str, Any]:
-    """The chat tasks on the pool: categorical in the actors, generative sampled there and checked here."""
-    reqs = work.chat_requests
-    categorical = [r for r in reqs if r.kind == "categorical"]
-    generative = [r for r in reqs if r.kind == "generative"]
-    tool = sandbox.tool() if sandbox is not None else None
-    answers = pool.map(chat_eval.score_choices, categorical, label="multiple choice")
-    answers += pool.map(chat_eval.SampleAnswers(work.sample, tool), generative, label="generation")
-    ordered = categorical + generative
+# Estimated actor-seconds per unit of work (the demo's evaluations: tiny preset, one thread per actor,
+# AMD EPYC, 2026-12-07). Only the queue's order (costliest first) and its eta use them; a bigger model
+# or a GPU scales all of them alike.
+COST_PER_BPB_TOKEN = 0.19e-3
+COST_PER_ITEM = {"CORE": 0.05, "multiple choice": 0.022, "generation": 0.13, "format": 0.015}
+COST_SAMPLES = 2.0
+
+
+@dataclass
+class Planned:
+    """The handles of one evaluation's jobs in its queue (cluster/eval_pool.py's Jobs)."""
+
+    jobs: Jobs
+    bpb: slice
+    samples: slice | None = None
+    core: slice | None = None
+    categorical: list[chat_eval.ChatRequest] | None = None
+    generative: list[chat_eval.ChatRequest] | None = None
+    chat: tuple[slice, slice] | None = None
+    format: slice | None = None
+
+
+def plan_jobs(work: Work, cfg: EvaluateConfig, val: list[str], num_actors: int,
+              tool: Any, core_requests: list[Any]) -> Planned:
+    """Every unit of the evaluation's work as one queue: the bpb stream in 2 parts per actor, the
+    samples, CORE in 8 chunks per actor, the chat items (generation in chunks of at most
+    GENERATION_ROWS, which decode together), the format items."""
+    jobs = Jobs()
+    parts = 2 * num_actors
+    plan = Planned(jobs, slice(len(jobs.jobs), len(jobs.jobs) + parts))
+    for k in range(parts):
+        jobs.add("bpb", val_bpb, (val, cfg.bpb_tokens, cfg.device_batch_size, k, parts),
+                 COST_PER_BPB_TOKEN * cfg.bpb_tokens / parts)
+    if work.core is not None:
+        plan.samples = jobs.add("samples", sample_completions, (list(SAMPLE_PROMPTS), cfg.sample_tokens),
+                                COST_SAMPLES)
+        plan.core = jobs.add_chunks("CORE", score_requests, core_requests, 8 * num_actors,
+                                    COST_PER_ITEM["CORE"])
+    if work.chat:
+        plan.categorical = [r for r in work.chat_requests if r.kind == "categorical"]
+        plan.generative = [r for r in work.chat_requests if r.kind == "generative"]
+        generation_chunks = max(2 * num_actors, -(-len(plan.generative) // chat_eval.GENERATION_ROWS))
+        plan.chat = (
+            jobs.add_chunks("multiple choice", chat_eval.score_choices, plan.categorical, 2 * num_actors,
+                            COST_PER_ITEM["multiple choice"]),
+            jobs.add_chunks("generation", chat_eval.SampleAnswers(work.sample, tool), plan.generative,
+                            generation_chunks, COST_PER_ITEM["generation"]))
+    if work.format_requests:
+        plan.format = jobs.add_chunks("format", chat_eval.check_format, work.format_requests, 2 * num_actors,
+                                      COST_PER_ITEM["format"])
+    return plan
+
+
+def chat_doc(plan: Planned, results: list[Any], sandbox: SandboxPool | None, work: Work,
+             cfg: EvaluateConfig) -> dict[str, Any]:
+    """The chat tasks' results: generated answers checked here and in the sandbox pool (HumanEval)."""
+    assert plan.chat is not None and plan.categorical is not None and plan.generative is not None
+    answers = Jobs.gather(results, plan.chat[0]) + Jobs.gather(results, plan.chat[1])
+    ordered = plan.categorical + plan.generative
 
     def humaneval(problems: list[dict[str, str]]) -> list[bool]:
         return [c.passed for c in sandbox.check_humaneval(problems, timeout_s=cfg.humaneval_timeout_s)]
 
-    results = chat_eval.check_answers(ordered, answers, work.chat, humaneval if sandbox is not None else None)
-    doc = chat_eval.chat_results(work.chat, aggregate(results), answers, work.sample.num_samples)
+    checked = chat_eval.check_answers(ordered, answers, work.chat, humaneval if sandbox is not None else None)
+    doc = chat_eval.chat_results(work.chat, aggregate(checked), answers, work.sample.num_samples)
     doc["examples"] = {name: [{"question": r.conversation["messages"][-2]["content"][:300],
                                "answers": list(a.texts)}
                               for r, a in zip(ordered, answers, strict=True) if r.task == name][:2]
@@ -192,34 +243,31 @@ def evaluate(storage: RunStorage, stage: str, cfg: EvaluateConfig, work: Work) -
     if need_sandbox:  # the sandbox actors' CPUs first: evaluation actors take what is left
         resources["CPU"] = resources.get("CPU", 0.0) - cfg.sandbox_actors * cfg.sandbox_cpus
     spec = plan_pool(cfg.num_actors, cfg.cpus_per_actor, resources, cfg.gpus_per_actor)
-    timings: dict[str, float] = {}
     doc: dict[str, Any] = {}
+    chat: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(EvalPool(functools.partial(load_from_storage, model_uri, tokenizer_uri),
                                             spec))  # 2.
         sandbox = (stack.enter_context(SandboxPool(cfg.sandbox_actors, cfg.sandbox_cpus))
                    if need_sandbox else None)
         actors = pool.ready()
-        timings["load_s"] = round(time.time() - t0, 3)
         t1 = time.time()
-        bpb_ref = pool.submit(0, val_bpb, val, cfg.bpb_tokens, cfg.device_batch_size)  # 3.
-        if work.core is not None:
-            samples_ref = pool.submit(1, sample_completions, list(SAMPLE_PROMPTS), cfg.sample_tokens)
-            core = core_results([t.meta for t in work.core.tasks],
-                                aggregate(pool.map(score_requests, core_requests, label="CORE")))
+        plan = plan_jobs(work, cfg, val, spec.num_actors, sandbox.tool() if sandbox is not None else None,
+                         core_requests)
+        results, actor_seconds = pool.run_jobs(plan.jobs.jobs)  # 3.
+        bpb = combine_bpb(results[plan.bpb])
+        if plan.core is not None and work.core is not None:
+            core = core_results([t.meta for t in work.core.tasks], aggregate(Jobs.gather(results, plan.core)))
             doc["core"] = {"label": work.core.label, "source": work.core.source, "note": work.core.note,
-                           "max_per_task": cfg.max_per_task, **core}  # 4.
-            doc["samples"] = pool.get(samples_ref, "sampling the fixed prompts")
-            timings["core_s"] = round(time.time() - t1, 3)
-        chat = run_chat(pool, sandbox, work, cfg) if work.chat else {}
-        if work.chat:
-            timings["chat_s"] = round(time.time() - t1, 3)
-        if work.format_requests:
-            chat.update(chat_eval.format_summary(pool.map(chat_eval.check_format, work.format_requests,
-                                                          label="format")))
-        bpb = pool.get(bpb_ref, "computing bpb")
-        timings["total_s"] = round(time.time() - t0, 3)
+                           "max_per_task": cfg.max_per_task, **core}
+            doc["samples"] = results[plan.samples][0]
+        if plan.chat is not None:
+            chat = chat_doc(plan, results, sandbox, work, cfg)  # 4.
+        if plan.format is not None:
+            chat.update(chat_eval.format_summary(Jobs.gather(results, plan.format)))
         t_end = time.time()
+        timings = {"load_s": round(t1 - t0, 3), "work_s": round(t_end - t1, 3),
+                   "total_s": round(t_end - t0, 3), "actor_seconds": actor_seconds}
         if sandbox is not None:
             doc["sandbox"] = sandbox.ready()
     if chat:

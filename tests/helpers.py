@@ -68,3 +68,24 @@ class ByteTokenizer:
 def hi(text: str = "hello there") -> list[dict]:
     """The `messages` of a chat request: one user turn saying `text`."""
     return [{"role": "user", "content": text}]
+
+
+def pid_and(state, value):
+    """An evaluation job for pool tests (in an importable module, as Ray pickles functions by reference):
+    (this actor's pid, value, when the call started), after 0.2 s."""
+    import os
+    import time
+
+    started = time.time()
+    time.sleep(0.2)
+    return (os.getpid(), value, started)
+
+
+def pid_chunk(state, chunk):
+    """pid_and over a chunk of values."""
+    return [pid_and(state, v) for v in chunk]
+
+
+def fail_job(state, what):
+    """An evaluation job that fails, naming `what`."""
+    raise ValueError(f"broken {what}")

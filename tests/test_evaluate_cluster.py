@@ -15,7 +15,7 @@ import math
 
 import pytest
 
-from cluster.eval_pool import EvalPool, EvalPoolError, PoolSpec, load_from_storage, plan_pool
+from cluster.eval_pool import EvalPool, EvalPoolError, Jobs, PoolSpec, load_from_storage, plan_pool
 from cluster.storage import RunStorage
 from jobs import evaluate as job
 from jobs.config import ConfigError, load_stage_config
@@ -24,7 +24,7 @@ from nanochat.evals import core as core_eval
 from nanochat.evals import core_tasks
 from nanochat.evals import harness as evaluation
 from nanochat.gpt import GPT, GPTConfig
-from tests.helpers import tiny_gpt
+from tests.helpers import fail_job, pid_and, pid_chunk, tiny_gpt
 
 SEQ_LEN = 128
 VOCAB = 512  # pack_tokenizer_dir's vocabulary: bytes, merges and nanochat's special tokens
@@ -114,6 +114,37 @@ def test_two_actors_give_exactly_the_totals_of_one_actor_and_of_one_process(ray_
     assert totals[1] == totals[2] == {t: (v.score_sum, v.count) for t, v in local.items()}
     assert {c for _, c in totals[2].values()} == {5}
     assert len({s for s, _ in totals[2].values()}) > 1  # a random model: the scores are not all alike
+
+
+@pytest.mark.cluster
+def test_one_queue_runs_every_job_costliest_first_and_the_bpb_parts_add_up(ray_cluster, pack_tokenizer_dir,
+                                                                            tmp_path, capsys):
+    """run_jobs: results in the jobs' order, both actors used, the costliest started first; a
+    failing job names its label. val_bpb in 3 parts combined = in one part, to the last float bits."""
+    model_dir = export(tiny_gpt(MODEL, init=False), pack_tokenizer_dir, tmp_path / "model")
+    loader = functools.partial(load_from_storage, model_dir, None)
+    shards = job.validation_shards(load_stage_config(job.EvaluateConfig, "evaluate", "micro"))
+    jobs = Jobs()
+    small = jobs.add_chunks("small", pid_chunk, list(range(6)), 3, cost_per_item=0.1)
+    big = jobs.add("big", pid_and, ("big",), cost=5.0)
+    parts = [jobs.add("bpb", evaluation.val_bpb, (shards, 4096, 4, k, 3), cost=1.0) for k in range(3)]
+    whole = jobs.add("bpb whole", evaluation.val_bpb, (shards, 4096, 4), cost=1.0)
+    with EvalPool(loader, PoolSpec(2, 1.0, 0.0, 1)) as pool:
+        results, seconds = pool.run_jobs(jobs.jobs)
+        assert [v for _, v, _ in Jobs.gather(results, small)] == list(range(6))
+        assert results[big][0][1] == "big" and set(seconds) == {"small", "big", "bpb", "bpb whole"}
+        assert len({pid for pid, _, _ in Jobs.gather(results, small)} | {results[big][0][0]}) == 2
+        assert results[big][0][2] < min(started for _, _, started in Jobs.gather(results, small))
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[evaluate]")]
+        assert len(lines) == len(jobs.jobs) and lines[-1].startswith("[evaluate] small 3/3, big 1/1, bpb 3/3")
+        combined = evaluation.combine_bpb([results[p][0] for p in parts])
+        alone = results[whole][0]
+        assert combined["tokens"] == alone["tokens"] >= 4096 and combined["bytes"] == alone["bytes"]
+        assert combined["bpb"] == pytest.approx(alone["bpb"], rel=1e-12)
+        failing = Jobs()
+        failing.add("CORE", fail_job, ("chunk",), cost=1.0)
+        with pytest.raises(EvalPoolError, match="(?s)failed on CORE.*broken chunk"):
+            pool.run_jobs(failing.jobs)
 
 
 @pytest.mark.cluster

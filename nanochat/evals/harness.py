@@ -235,25 +235,43 @@ def val_batches(docs: Iterable[str], tokenizer: Any, batch_size: int, seq_len: i
         yield batch(buffer)
 
 
-def val_bpb(state: EvalState, shards: Sequence[str], max_tokens: int, batch_size: int) -> dict[str, float]:
+def val_bpb(state: EvalState, shards: Sequence[str], max_tokens: int, batch_size: int,
+            part: int = 0, parts: int = 1) -> dict[str, float]:
     """Bits per byte of the model on the documents of `shards` (at most max_tokens targets), the
     documents concatenated into one BOS-separated stream at the model's context. Stored as
     `eval_bpb` in evaluate/<stage>.json (nanochat/report.py's `evaluation_bpb` reads it); training's
     `val_bpb` is another number: rows packed from BOS-led documents, eval_tokens of them
-    (nanochat/data/dataloader.py)."""
-    from nanochat.train import evaluate_bpb
+    (nanochat/data/dataloader.py).
 
+    With `parts` > 1 only the stream's batches number part, part + parts, ... are run (every part
+    reads and tokenizes the same stream): `combine_bpb` of all parts' results is the whole's bpb.
+    The result carries the sums: {"bpb", "nats", "bytes", "tokens"}."""
+    from nanochat.train import bpb_from_sums, bpb_sums
+
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}: need 0 <= part < parts")
     seq_len = state.max_seq_len or state.model.config.sequence_len
     batches = val_batches(iter_documents(shards), state.tokenizer, batch_size, seq_len, max_tokens)
     counted = [0]
 
     def counting() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in batches:
-            counted[0] += int((y >= 0).sum())
-            yield x, y
+        for i, (x, y) in enumerate(batches):
+            if i % parts == part:
+                counted[0] += int((y >= 0).sum())
+                yield x, y
 
-    bpb = evaluate_bpb(state.model, counting(), state.tokenizer.token_bytes(), DistInfo(device=state.device))
-    return {"bpb": bpb, "tokens": counted[0]}
+    nats, nbytes = bpb_sums(state.model, counting(), state.tokenizer.token_bytes(),
+                            DistInfo(device=state.device))
+    return {"bpb": bpb_from_sums(nats, nbytes), "nats": nats, "bytes": nbytes, "tokens": counted[0]}
+
+
+def combine_bpb(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The bpb of a stream from its parts' `val_bpb` results (their sums added)."""
+    from nanochat.train import bpb_from_sums
+
+    nats, nbytes = sum(p["nats"] for p in parts), int(sum(p["bytes"] for p in parts))
+    return {"bpb": bpb_from_sums(nats, nbytes), "nats": nats, "bytes": nbytes,
+            "tokens": int(sum(p["tokens"] for p in parts))}
 
 
 def sample_completions(state: EvalState, prompts: Sequence[str], max_new_tokens: int) -> list[dict[str, str]]:
