@@ -285,7 +285,6 @@ def _step_metrics(
     }
 
 
-@torch.no_grad()
 def evaluate_bpb(
     model: torch.nn.Module,
     batches: Iterator[Batch],
@@ -307,6 +306,7 @@ def bpb_from_sums(nats: float, nbytes: int) -> float:
     return float("inf") if nbytes == 0 else nats / (math.log(2) * nbytes)
 
 
+@torch.no_grad()
 def bpb_sums(
     model: torch.nn.Module,
     batches: Iterator[Batch],

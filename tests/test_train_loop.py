@@ -306,7 +306,11 @@ def test_evaluate_bpb_counts_only_real_bytes():
     inputs, targets = x[:, :-1], x[:, 1:].clone()
     targets[0, :4] = -1  # ignored positions
     targets[1, :2] = 1  # a special token as target
+    tracked = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: tracked.append(o.requires_grad))
     bpb = evaluate_bpb(model, iter([(inputs, targets)] * 2), token_bytes, SINGLE)
+    hook.remove()
+    assert tracked == [False, False]  # no autograd graph is built (a training model, grads enabled)
     with torch.no_grad():
         nats = model(inputs, targets, loss_reduction="none")
     counted = (targets >= 0) & (token_bytes[targets.clamp(min=0)] > 0)
