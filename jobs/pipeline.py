@@ -115,10 +115,12 @@ def check_placement(stages: list[registry.Stage], preset: dict, address: str, cl
     return cluster
 
 
-def run_stage_job(cmd: list[str], stage: str, run: str, address: str, poll_s: float = 2.0, *,
+def run_stage_job(cmd: list[str], stage: str, run: str, address: str, poll_s: float = 0.5, *,
                   pending_timeout_s: float = 1800.0, cluster=None) -> None:
     """Submit a stage as a Ray job and wait for it, printing its log as it grows; a job whose
-    work waits for resources longer than `pending_timeout_s` is stopped with a message naming them."""
+    work waits for resources longer than `pending_timeout_s` is stopped with a message naming them.
+    `poll_s`: between status checks (two small dashboard calls); at 2 s each stage's end was noticed
+    1 s late on average, 11 stages in the demo."""
     os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray when the client first connects
     from ray.job_submission import JobStatus, JobSubmissionClient
 
