@@ -164,14 +164,6 @@ class EvalPool:
             self._described = self._get([a.describe.remote() for a in self.actors], "loading the model")
         return self._described
 
-    def submit(self, actor: int, fn: Callable[..., Any], *args: Any) -> ray.ObjectRef:
-        """Run fn(state, *args) on actor number `actor` (modulo the pool size); returns an ObjectRef."""
-        return self.actors[actor % len(self.actors)].run.remote(fn, *args)
-
-    def get(self, refs: Any, what: str = "evaluation") -> Any:
-        """ray.get with the actor's error turned into an EvalPoolError naming `what`."""
-        return self._get(refs, what)
-
     def map(self, fn: Callable[[Any, list[Any]], list[Any]], items: Sequence[Any], chunks_per_actor: int = 4,
             label: str | None = None) -> list[Any]:
         """fn(state, chunk) over contiguous chunks of items on free actors; results in item order.

@@ -181,12 +181,11 @@ def plan_jobs(work: Work, cfg: EvaluateConfig, val: list[str], num_actors: int,
     """Every unit of the evaluation's work as one queue: the bpb stream in 2 parts per actor, the
     samples, CORE in 8 chunks per actor, the chat items (generation in chunks of at most
     GENERATION_ROWS, which decode together), the format items."""
-    jobs = Jobs()
-    parts = 2 * num_actors
-    plan = Planned(jobs, slice(len(jobs.jobs), len(jobs.jobs) + parts))
+    jobs, parts = Jobs(), 2 * num_actors
     for k in range(parts):
         jobs.add("bpb", val_bpb, (val, cfg.bpb_tokens, cfg.device_batch_size, k, parts),
                  COST_PER_BPB_TOKEN * cfg.bpb_tokens / parts)
+    plan = Planned(jobs, slice(0, parts))
     if work.core is not None:
         plan.samples = jobs.add("samples", sample_completions, (list(SAMPLE_PROMPTS), cfg.sample_tokens),
                                 COST_SAMPLES)
