@@ -47,7 +47,7 @@ SUBNET = "10.77.0"  # /24; the switch has no address, hosts get .2 (head), .11..
 SHARED_MOUNT = "/srv"  # where every host sees the shared (NFS stand-in) directory
 HOST_HOME = "/home/nanochat"
 GCS_PORT, DASHBOARD_PORT = 6379, 8265
-START_ATTEMPTS = 3  # `ray start` per host, see start_ray
+START_ATTEMPTS = 4  # `ray start` per host, see start_ray
 OBJECT_STORE_BYTES = 256 * 1024**2  # per host: the micro stages need little, and /dev/shm is a 2 GiB tmpfs
 
 
@@ -318,11 +318,14 @@ class HostCluster:
                         raise HostError(f"{e}\n{logs}") from None
                     print(f"hosts: ray start on {name} failed (attempt {attempt} of {START_ATTEMPTS}), "
                           f"retrying:\n{logs}", file=sys.stderr, flush=True)
-                    time.sleep(2.0 * attempt)
+                    time.sleep(5.0 * attempt)
 
     def ray_log_tails(self, host: str, lines: int = 15) -> str:
         """The last lines of the Ray logs that explain a failed start on `host` (its newest session)."""
-        logs = self.host_dir(host) / "tmp" / "ray" / "session_latest" / "logs"
+        # not session_latest: an absolute link to /tmp/ray/session_..., which is the host's own /tmp
+        # inside its namespace and nowhere (or another machine's Ray) seen from here
+        sessions = sorted((self.host_dir(host) / "tmp" / "ray").glob("session_2*"))
+        logs = (sessions[-1] if sessions else self.host_dir(host) / "tmp" / "ray" / "session_latest") / "logs"
         names = ["dashboard.log", "dashboard.err", "gcs_server.err", "raylet.err"]
         found = [logs / n for n in names] + sorted(logs.glob("dashboard_*.log")) if logs.is_dir() else []
         parts = []

@@ -12,6 +12,7 @@ Run: PYTHONPATH=. python -m pytest tests/test_hosts.py -q
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,22 @@ def clean_machine():
     with nothing_left_behind():
         yield
 
+
+
+def test_the_log_tails_of_a_failed_start_come_from_the_hosts_newest_session():
+    """session_latest is an absolute link into the host's own /tmp: read from here it points nowhere,
+    so the tails come from the newest session directory (a failed start once printed no logs)."""
+    hc = HostCluster(id=f"logtails{os.getpid()}")
+    ray_dir = hc.host_dir("head") / "tmp" / "ray"
+    try:
+        for name, text in [("session_2026-12-07_10-00-00_1", "older"), ("session_2026-12-07_11-00-00_2", "newest")]:
+            (ray_dir / name / "logs").mkdir(parents=True)
+            (ray_dir / name / "logs" / "dashboard_MetricsHead.log").write_text(f"{text}: why it died\n")
+        os.symlink("/tmp/ray/session_2026-12-07_11-00-00_2", ray_dir / "session_latest")
+        tails = hc.ray_log_tails("head")
+        assert "newest: why it died" in tails and "older" not in tails
+    finally:
+        shutil.rmtree(hc.dir, ignore_errors=True)
 
 def test_hosts_are_separate_machines_and_failures_work(clean_machine, tmp_path):
     with HostCluster.create(workers=2) as hc:
