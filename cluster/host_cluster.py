@@ -4,6 +4,7 @@ of a host and the command line.
 
 HostCluster keeps the bookkeeping (names, addresses, the state file written before anything is made);
 the Linux plumbing it calls (namespaces, cables, cgroups, the hosts' init) is cluster/netns.py.
+The file is over 500 lines, kept whole: one class, the lifecycle of the hosts and of Ray on them.
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ class Host:
     # custom Ray resources its `ray start` declares besides host_<name> (as a cluster.yaml node type's
     # `resources:`), e.g. {"rollout_host": 1}; kept across a restart
     resources: dict[str, float] = field(default_factory=dict)
+
+
+def _repo_visible(binds: list[list[str]], repo: Path) -> list[list[str]]:
+    """The host's binds, with the repository mounted first into the directory that will cover its
+    path (a clone under /tmp or /home, as CI's, would else be hidden inside the host: its Python
+    path and working directory gone, Ray's dashboard modules died at start). The binds are
+    recursive (netns._init), so the covering bind carries the repository's mount along."""
+    for source, dest in binds:
+        if repo.is_relative_to(dest):
+            inside = Path(source) / repo.relative_to(dest)
+            inside.mkdir(parents=True, exist_ok=True)
+            return [[str(repo), str(inside)], *binds]
+    return binds
 
 
 @dataclass
@@ -196,9 +210,10 @@ class HostCluster:
         (hdir / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
             f"{h.ip} nch-{h.name}\n" for h in self.hosts.values()))
         self.cgroup(host.name).mkdir(exist_ok=True)
+        binds = [[str(hdir / "tmp"), "/tmp"], [str(hdir / "home"), "/home"],
+                 [str(self.shared), SHARED_MOUNT], [str(hdir / "hosts"), "/etc/hosts"]]
         spec = {"hostname": f"nch-{host.name}", "ready": str(hdir / "ready"), "hide": str(BASE),
-                "binds": [[str(hdir / "tmp"), "/tmp"], [str(hdir / "home"), "/home"],
-                          [str(self.shared), SHARED_MOUNT], [str(hdir / "hosts"), "/etc/hosts"]]}
+                "binds": _repo_visible(binds, REPO_ROOT.resolve())}
         host.init_pid = None
         host.init_pid = start_init(host.name, ns, spec, self.cgroup(host.name),
                                    hdir.parent / f"{host.name}.init.log", deadline)

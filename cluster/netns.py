@@ -232,7 +232,7 @@ def _init(spec: dict) -> None:
     ready = open(spec["ready"], "w")  # noqa: SIM115 (opened before /var/tmp is hidden)
     socket.sethostname(spec["hostname"])
     for src, dest in spec["binds"]:
-        subprocess.run(["mount", "--bind", src, dest], check=True, timeout=30)
+        subprocess.run(["mount", "--rbind", src, dest], check=True, timeout=30)  # with the mounts below src
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "shm", "/dev/shm"], check=True, timeout=30)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "hidden", spec["hide"]], check=True, timeout=30)
     ready.write("ready")
