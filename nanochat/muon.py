@@ -34,7 +34,7 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 def ns_dtype(device: torch.device) -> torch.dtype:
     """The Newton-Schulz iteration's default dtype: bf16 on CUDA, float32 elsewhere. A training stage
-    whose precision is bf16 passes bf16 on CPU too (native there with AVX512-BF16 or AMX: ~2.7x the
+    whose precision is bf16 passes bf16 on CPU too (native there with AVX512-BF16 or AMX: ~2x the
     float32 speed on the demo's matrices, and the iteration tolerates it; nanochat/common.py)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -127,7 +127,7 @@ class Muon(ShardedOptimizer):
 
     def _update(self, grads: dict[int, torch.Tensor]) -> None:
         """Momentum per matrix, then one batched Newton-Schulz per group of same-shape matrices (a
-        transformer has a handful of shapes: 6 iterations instead of 6 per layer), then the steps."""
+        transformer has a handful of shapes: the tiny model's 24 matrices make 3 stacks), then the steps."""
         params = {index: (group, p) for index, group, p in self.indexed_params()}
         batches: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         for index, g in grads.items():
