@@ -56,7 +56,7 @@ from cluster.storage import RunStorage
 from cluster.train import build_model, make_plan
 from jobs.config import load_stage_config
 from jobs.pretrain import PretrainConfig
-from nanochat.common import DistInfo, training_dtype
+from nanochat.common import PRECISIONS, DistInfo, training_dtype
 from nanochat.data.dataloader import (
     DataPosition,
     RowBatcher,
@@ -200,7 +200,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--stage-compile", choices=("auto", "on", "off"), default="auto",
                    help="the stage's compile setting (auto: the stage's own rule for this many steps)")
-    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="every row's precision setting (auto: the stage's default, bfloat16 where native)")
     p.add_argument("--compare-float32", action="store_true",
                    help="also the reference in float32 (the project's CPU numerics before issue 21's bf16)")

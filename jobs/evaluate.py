@@ -154,12 +154,13 @@ def plan_work(stage: str, cfg: EvaluateConfig) -> Work:
                 chat_eval.format_requests(evals, cfg.format_items) if cfg.format_items else [], sample)
 
 
-# Estimated actor-seconds per unit of work (the demo's evaluations: tiny preset, one thread per actor,
-# AMD EPYC, 2026-12-07). Only the queue's order (costliest first) and its eta use them; a bigger model
-# or a GPU scales all of them alike.
-COST_PER_BPB_TOKEN = 0.19e-3
-COST_PER_ITEM = {"CORE": 0.05, "multiple choice": 0.022, "generation": 0.13, "format": 0.015}
-COST_SAMPLES = 2.0
+# Actor-seconds per unit of work, from the demo's `timings.actor_seconds` (tiny preset, one thread per
+# actor, AMD EPYC, 2026-12-07 17:04 UTC: bpb 26 s for 131,072 tokens, CORE 52 s for 896 items, samples
+# 0.14 s, chat multiple choice ~3.5 s for 144, generation ~14 s for 96, format 4-9 s for 200). Only the
+# queue's order (costliest first) and its eta use them; a bigger model or a GPU scales them alike.
+COST_PER_BPB_TOKEN = 0.2e-3
+COST_PER_ITEM = {"CORE": 0.058, "multiple choice": 0.024, "generation": 0.15, "format": 0.03}
+COST_SAMPLES = 0.15
 
 
 @dataclass
