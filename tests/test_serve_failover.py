@@ -1,6 +1,10 @@
 """Killing one of two replicas under load: streams on the killed replica end with an error (not a
 hang), streams on the other finish, and requests started a few seconds later all succeed.
 
+A stream lasts a few seconds here, so the test judges the streams that were still running when the
+replica died (one that had already sent [DONE] is not a failover case): the victim is the replica of
+a running stream, and at least one stream on it must have been cut.
+
 Its own Serve application (2 replicas of a random 2-layer GPT), deployed by `jobs.serve` from a run
 directory, on the session's local Ray cluster.
 Run: PYTHONPATH=. python -m pytest tests/test_serve_failover.py -q
@@ -21,6 +25,7 @@ from serve_app.testing import write_random_checkpoint
 pytestmark = pytest.mark.cluster
 
 APP, MODEL = "nanochat-failover", "nanochat-sft"
+SEQUENCE_LEN, STREAM_TOKENS = 1024, 960  # ~2x the seconds of a 480-token stream
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,7 @@ def failover_service(ray_cluster, tmp_path_factory):
     from jobs.serve import main
 
     storage = tmp_path_factory.mktemp("failover")
-    write_random_checkpoint(storage / "r1" / "sft" / "model", vocab_size=512, sequence_len=512)
+    write_random_checkpoint(storage / "r1" / "sft" / "model", vocab_size=512, sequence_len=SEQUENCE_LEN)
     (storage / "r1" / "sft" / "meta.json").write_text(json.dumps({"stage": "sft"}))
     port = free_port()
     sets = [f"app_name={APP}", f"port={port}", "num_replicas=2", "num_cpus=1", "torch_threads=1", "max_batch_size=8"]
@@ -50,15 +55,15 @@ def ask(url: str, max_tokens: int = 4) -> requests.Response:
 
 def stream_until_end(url: str, out: dict, started: threading.Event) -> None:
     """Stream a long reply; record the replica, tokens, whether [DONE] came, and any error."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": True,
-            "ignore_eos": True}
-    out.update(tokens=0, done=False, error=None)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": STREAM_TOKENS,
+            "stream": True, "ignore_eos": True}
+    out.update(tokens=0, done=False, done_at=None, error=None)
     try:
         with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=(10, 30)) as r:
             out["replica"] = r.headers.get("x-nanochat-replica")
             for line in r.iter_lines(decode_unicode=True):
                 if line == "data: [DONE]":
-                    out["done"] = True
+                    out["done"], out["done_at"] = True, time.monotonic()
                 elif line.startswith("data: "):
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
@@ -94,16 +99,22 @@ def test_killing_a_replica_under_load(failover_service) -> None:
         t.start()
     for ev in events:
         assert ev.wait(60), "a stream did not start"
-    victim = results[0]["replica"]
+    running = [r for r in results if r.get("replica") and not r["done"] and "ended" not in r]
+    assert running, f"every stream ended before the kill: {results}"
+    victim = running[0]["replica"]
     ray.kill(replica_actor(victim), no_restart=True)
     killed_at = time.monotonic()
     for t in threads:
         t.join(90)
     assert not any(t.is_alive() for t in threads), "a stream hung after the replica was killed"
 
-    on_victim = [r for r in results if r["replica"] == victim]
+    def finished_before_kill(r: dict) -> bool:
+        return r["done_at"] is not None and r["done_at"] < killed_at
+
+    cut = [r for r in results if r["replica"] == victim and not finished_before_kill(r)]
     survivors = [r for r in results if r["replica"] != victim]
-    for r in on_victim:  # ended with an error, promptly, never claiming to be complete
+    assert cut, f"no stream on {victim} was running when it was killed: {results}"
+    for r in cut:  # ended with an error, promptly, never claiming to be complete
         assert r["error"] or not r["done"], r
         assert r["ended"] - killed_at < 30, r
     for r in survivors:  # completed normally ([DONE], no error); the random model may spend part of its
