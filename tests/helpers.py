@@ -2,7 +2,8 @@
 
 - `tiny_gpt` / `random_gpt`: small GPTs on CPU, seeded, with nanochat's init or every weight random;
 - `ByteTokenizer`: UTF-8 bytes as token ids and BOS = 256, for code that needs only encode/decode;
-- `hi`: the `messages` of a one-turn chat request.
+- `hi`: the `messages` of a one-turn chat request;
+- `eventually`: wait (polling, with a deadline) for something another thread does.
 
 Import them as `from tests.helpers import ...` (the repository root is on sys.path when pytest runs).
 """
@@ -68,6 +69,19 @@ class ByteTokenizer:
 def hi(text: str = "hello there") -> list[dict]:
     """The `messages` of a chat request: one user turn saying `text`."""
     return [{"role": "user", "content": text}]
+
+
+def eventually(check, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """True as soon as `check()` is, polling every `interval` s; False after `timeout` s (a loaded CI
+    machine can take far longer than a fixed sleep allows, and a fixed sleep makes every run wait)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def pid_and(state, value):
