@@ -124,6 +124,8 @@ def test_a_replica_host_killed_under_streaming_load(tmp_path):
         assert report["answering_again_s"] is not None, report["after"]
         assert {rid for _, rid, _ in report["after"][-8:]} == {next(r for r in report["where"] if r != victim)}
         failed_after = sum(code != 200 for code, _, _ in report["after"])
-        print(f"serve-host scenario: streams on w2 ended {report['streams_ended_s']:.1f}s after the kill; "
+        cut_ended = max(r["ended"] for r in cut) - killed_at
+        print(f"serve-host scenario: {len(cut)} stream(s) on w2 ended {cut_ended:.1f}s after the kill, "
+              f"all {len(report['results'])} {report['streams_ended_s']:.1f}s after it; "
               f"8 answers in a row from w1 from {report['answering_again_s']:.1f}s after the kill; "
               f"{failed_after} new request(s) failed meanwhile", flush=True)
