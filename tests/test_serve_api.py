@@ -24,7 +24,7 @@ import requests
 from cluster.local import free_port
 from serve_app.config import ServeConfig
 from serve_app.testing import write_random_checkpoint
-from tests.helpers import hi
+from tests.helpers import eventually, hi
 
 pytestmark = pytest.mark.cluster
 
@@ -257,8 +257,12 @@ def test_client_disconnect_frees_the_slot(service) -> None:
         rid = json.loads(next(line for line in lines if line.startswith("data: "))[6:])["id"]
         for _ in range(5):
             next(lines)
-    time.sleep(2.0)  # disconnect -> handler cancelled -> slot freed before the next step
-    post(service, {"model": CHAT, "messages": hi(), "max_tokens": 4})  # a step after the cancel
+    def decoded_without_it() -> bool:  # disconnect -> handler cancelled -> slot freed before a later step
+        post(service, {"model": CHAT, "messages": hi(), "max_tokens": 4})  # a step after the cancel
+        last = step_log(service, 1)
+        return bool(last and last[-1]["rows"] and f"{rid}/0" not in last[-1]["rows"])
+
+    assert eventually(decoded_without_it, timeout=30, interval=0.5), "the abandoned request is still decoded"
     steps = step_log(service, 3000)
     mine = [s for s in steps if f"{rid}/0" in s["rows"]]
     assert mine and len(mine) < 200, f"{len(mine)} steps decoded the abandoned request"
