@@ -54,6 +54,7 @@ class Job:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     cost: float  # estimated actor-seconds (only the order and the progress estimate use it)
+    items: int | None = None  # a chunk's item count: fn must return one result per item (checked)
 
 
 class Jobs:
@@ -72,7 +73,7 @@ class Jobs:
         """fn(state, chunk) over `chunks` contiguous chunks of items (fewer when there are fewer items)."""
         start = len(self.jobs)
         for chunk in shard_items(items, max(1, min(len(items), chunks))) if items else []:
-            self.jobs.append(Job(label, fn, (chunk,), cost_per_item * len(chunk)))
+            self.jobs.append(Job(label, fn, (chunk,), cost_per_item * len(chunk), items=len(chunk)))
         return slice(start, len(self.jobs))
 
     @staticmethod
@@ -219,6 +220,10 @@ class EvalPool:
                 results[i] = ray.get(ready[0])
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
                 raise EvalPoolError(f"an evaluation actor failed on {job.label}: {e}") from e
+            if job.items is not None and len(results[i]) != job.items:  # would shift later items' results
+                name = getattr(job.fn, "__name__", job.fn)
+                raise EvalPoolError(f"{job.label}: a chunk of {job.items} items gave {len(results[i])} "
+                                    f"results ({name} must return one per item)")
             free.append(actor)
             seconds[job.label] = seconds.get(job.label, 0.0) + time.time() - started
             done[job.label] += 1

@@ -62,7 +62,7 @@ from cluster.shared_storage import verify_shared_storage
 from cluster.specs import Schedule, TrainSpec
 from cluster.storage import RunStorage, StorageError, write_text_atomic
 from nanochat import checkpoint as ckpt
-from nanochat.common import DistInfo, peak_bf16_flops, set_seed, training_dtype
+from nanochat.common import DistInfo, agreed_precision, peak_bf16_flops, set_seed, training_dtype
 from nanochat.data.positions import DataPosition, leftovers, resume_positions, start_positions
 from nanochat.errors import ConfigError
 from nanochat.gpt import GPT, GPTConfig
@@ -313,7 +313,10 @@ def train_worker(cfg: dict[str, Any]) -> None:
     dist = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), str(device))
     tokenizer = load_tokenizer(cfg["tokenizer"])
     plan = make_plan(spec, tokenizer.vocab_size, dist.world_size)
-    loop = replace(plan.loop, peak_flops=peak_bf16_flops(device))
+    precision = agreed_precision(plan.loop.precision, device, dist.world_size)  # a collective for "auto"
+    if dist.is_main and plan.loop.precision == "auto":
+        _say(f"precision auto: {precision} (bf16 only where every rank's device multiplies it natively)")
+    loop = replace(plan.loop, peak_flops=peak_bf16_flops(device), precision=precision)
     model = build_model(plan.model, device, spec.seed)
     if cfg["init_from"]:
         _load_initial_weights(model, cfg["init_from"], device)  # a checkpoint of this stage overrides them

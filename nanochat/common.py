@@ -7,7 +7,8 @@ Notable:
   actors); the core never calls init_process_group.
 - `compute_dtype`: bf16 autocast on CUDA, plain float32 on CPU (evaluation, inference);
   `training_dtype`: a training stage's `precision` setting, whose "auto" also trains in bf16 on a
-  CPU that multiplies bf16 natively (`native_bf16`: AVX512-BF16 or AMX).
+  CPU that multiplies bf16 natively (`native_bf16`: AVX512-BF16 or AMX); `agreed_precision` resolves
+  "auto" once for all ranks of a run.
 
 Nothing here runs at import time.
 """
@@ -82,9 +83,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def native_bf16(device: str | torch.device) -> bool:
-    """True where bf16 matmuls are native: CUDA, and CPUs with AVX512-BF16 or AMX."""
+    """True where bf16 matmuls are native: GPUs from Ampere on (not emulated, as on a V100 or T4), and
+    CPUs with AVX512-BF16 or AMX."""
     kind = torch.device(device).type
-    return kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16())
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return kind == "cpu" and cpu_has_native_bf16()
 
 
 def compute_dtype(device: str | torch.device) -> torch.dtype:
@@ -107,6 +111,25 @@ def training_dtype(precision: str | None, device: str | torch.device) -> torch.d
     if precision in PRECISIONS:
         return getattr(torch, precision)
     raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def agreed_precision(precision: str | None, device: str | torch.device, world_size: int) -> str | None:
+    """A stage's `precision` as every rank of the run will train it: "auto" becomes "bfloat16" only if
+    every rank's device multiplies bf16 natively, else "float32" (ranks on CPUs or GPUs of different
+    kinds, or a resume onto another kind, must not train in different dtypes); other values pass
+    through, validated. With world_size > 1 and "auto" it is a collective (MIN over the ranks): every
+    rank calls it, in the same place."""
+    if precision != "auto":
+        training_dtype(precision, device)
+        return precision
+    native = native_bf16(device)
+    if world_size > 1:
+        import torch.distributed as tdist
+
+        flag = torch.tensor([int(native)], device=device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+        native = bool(flag.item())
+    return "bfloat16" if native else "float32"
 
 
 def autocast_context(device: str | torch.device, dtype: torch.dtype | None = None) -> torch.autocast:

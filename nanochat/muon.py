@@ -4,7 +4,8 @@ sharded over ranks by whole matrices (ZeRO-2 style, no DDP).
 Notable:
 - Update: Nesterov momentum (buf = lerp(buf, g, 1 - momentum); u = lerp(g, buf, momentum)),
   then u is replaced by an approximately orthogonal matrix with the same row/column spaces
-  (5 quintic Newton-Schulz steps, bf16 on CUDA and in bf16 training on CPU, else float32), scaled
+  (5 quintic Newton-Schulz steps in `ns_dtype`: the stage's training dtype, so bf16 in bf16 training
+  on a GPU or a native-bf16 CPU, float32 in float32 training; default bf16 on CUDA), scaled
   by sqrt(max(1, rows / cols)) and applied with the group's lr. No weight decay (as in the seed).
   Same-shape matrices are orthogonalised together, as one stack (a transformer has a handful of
   shapes, so one batched matmul replaces one per layer).

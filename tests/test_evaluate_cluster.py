@@ -24,7 +24,7 @@ from nanochat.evals import core as core_eval
 from nanochat.evals import core_tasks
 from nanochat.evals import harness as evaluation
 from nanochat.gpt import GPT, GPTConfig
-from tests.helpers import fail_job, pid_and, pid_chunk, tiny_gpt
+from tests.helpers import fail_job, pid_and, pid_chunk, short_chunk, tiny_gpt
 
 SEQ_LEN = 128
 VOCAB = 512  # pack_tokenizer_dir's vocabulary: bytes, merges and nanochat's special tokens
@@ -120,7 +120,8 @@ def test_two_actors_give_exactly_the_totals_of_one_actor_and_of_one_process(ray_
 def test_one_queue_runs_every_job_costliest_first_and_the_bpb_parts_add_up(ray_cluster, pack_tokenizer_dir,
                                                                             tmp_path, capsys):
     """run_jobs: results in the jobs' order, both actors used, the costliest started first; a
-    failing job names its label. val_bpb in 3 parts combined = in one part, to the last float bits."""
+    failing job names its label, and so does a chunk that returns too few results. val_bpb in 3 parts
+    combined = in one part, to the last float bits."""
     model_dir = export(tiny_gpt(MODEL, init=False), pack_tokenizer_dir, tmp_path / "model")
     loader = functools.partial(load_from_storage, model_dir, None)
     shards = job.validation_shards(load_stage_config(job.EvaluateConfig, "evaluate", "micro"))
@@ -145,6 +146,10 @@ def test_one_queue_runs_every_job_costliest_first_and_the_bpb_parts_add_up(ray_c
         failing.add("CORE", fail_job, ("chunk",), cost=1.0)
         with pytest.raises(EvalPoolError, match="(?s)failed on CORE.*broken chunk"):
             pool.run_jobs(failing.jobs)
+        short = Jobs()
+        short.add_chunks("format", short_chunk, [1, 2, 3], 1, cost_per_item=0.1)
+        with pytest.raises(EvalPoolError, match="format: a chunk of 3 items gave 2 results"):
+            pool.run_jobs(short.jobs)
 
 
 @pytest.mark.cluster

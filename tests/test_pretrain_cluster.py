@@ -231,17 +231,23 @@ def test_two_workers_match_one_process_survive_a_failure_and_resume_on_one(ray_c
 
 
 @pytest.mark.cluster
+@pytest.mark.parametrize("precision, workers", [("bfloat16", 1), ("auto", 2)])
 def test_a_bfloat16_run_trains_in_bfloat16_and_its_loss_falls(ray_cluster, embedded_pack, pack_tokenizer_dir,
-                                                              tmp_path):
+                                                              tmp_path, precision, workers):
     """The tiny preset's default on this CPU kind (precision auto: bf16 where native) forced on the
-    micro preset (float32, for the exact checks above): the worker's loop and Muon run in bf16."""
+    micro preset (float32, for the exact checks above): the worker's loop and Muon run in bf16. With
+    "auto" on 2 workers the ranks agree on one dtype (a collective in every worker): bf16 where this
+    machine's CPU multiplies it natively, else float32."""
+    from nanochat.common import cpu_has_native_bf16
+
     storage = new_run(tmp_path, "bf16", pack_tokenizer_dir)
-    spec = micro_spec("num_iterations=12", "eval_every=0", "checkpoint_every=0", "precision=bfloat16",
-                      f"data={embedded_pack}")
-    assert spec.train.schedule.precision == "bfloat16"
+    spec = micro_spec("num_iterations=12", "eval_every=0", "checkpoint_every=0", f"precision={precision}",
+                      f"num_workers={workers}", f"data={embedded_pack}")
+    assert spec.train.schedule.precision == precision
     meta = run_pretrain(spec, storage, config={})
     records = [r for r in storage.read_metrics("pretrain") if r.get("loss") is not None]
-    assert {r["dtype"] for r in records} == {"bfloat16"} and len(records) == 12
+    expected = "bfloat16" if precision == "bfloat16" or cpu_has_native_bf16() else "float32"
+    assert {r["dtype"] for r in records} == {expected} and len(records) == 12
     assert records[-1]["loss"] < records[0]["loss"] - 1.0 and meta["metrics"]["final_step"] == 12
     assert math.isfinite(meta["metrics"]["val_bpb"])
 

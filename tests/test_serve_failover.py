@@ -79,9 +79,14 @@ def stream_until_end(url: str, out: dict, started: threading.Event) -> None:
         started.set()
 
 
+KILL_GRACE_S = 1.0  # a kill takes effect a little after it is asked for; a [DONE] arrives a little later
+
+
 def cut_streams(results: list[dict], victim: str, killed_at: float) -> list[dict]:
-    """The streams on `victim` that had not sent [DONE] by `killed_at` (wall clock, like the streams')."""
-    return [r for r in results if r.get("replica") == victim and not (r["done"] and r["done_at"] < killed_at)]
+    """The streams on `victim` that had not received [DONE] by `killed_at` + KILL_GRACE_S (wall clock,
+    like the streams'): one that completed as the kill was under way is not a failover case."""
+    return [r for r in results
+            if r.get("replica") == victim and not (r["done"] and r["done_at"] < killed_at + KILL_GRACE_S)]
 
 
 def replica_actor(replica_id: str):
@@ -115,7 +120,7 @@ def test_killing_a_replica_under_load(failover_service) -> None:
     assert not any(t.is_alive() for t in threads), "a stream hung after the replica was killed"
 
     cut = cut_streams(results, victim, killed_at)
-    survivors = [r for r in results if r["replica"] != victim]
+    survivors = [r for r in results if r.get("replica") != victim]
     assert cut, f"no stream on {victim} was running when it was killed: {results}"
     for r in cut:  # ended with an error, promptly, never claiming to be complete
         assert r["error"] or not r["done"], r

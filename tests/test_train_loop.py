@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,12 +155,48 @@ def test_precision_resolves_per_device(monkeypatch):
     assert training_dtype(None, "cpu") == torch.float32 and training_dtype(None, "cuda") == torch.bfloat16
     assert training_dtype("float32", "cuda") == torch.float32
     assert training_dtype("bfloat16", "cpu") == torch.bfloat16
-    assert training_dtype("auto", "cuda") == torch.bfloat16
     for native, expected in [(True, torch.bfloat16), (False, torch.float32)]:
         monkeypatch.setattr(common, "cpu_has_native_bf16", lambda native=native: native)
         assert training_dtype("auto", "cpu") == expected
+    # a GPU: bf16 when its matmuls are native (Ampere on), float32 where bf16 is only emulated (V100, T4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native, expected in [(True, torch.bfloat16), (False, torch.float32)]:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
+        assert training_dtype("auto", "cuda") == expected
     with pytest.raises(ValueError, match="'fp16' is not one of auto, float32, bfloat16"):
         training_dtype("fp16", "cpu")
+
+
+def _precision_rank(rank: int, store_path: str, out_dir: str, natives: list[bool]) -> None:
+    import torch.distributed as torch_dist
+
+    from nanochat import common
+
+    common.cpu_has_native_bf16 = lambda: natives[rank]  # this rank's CPU kind
+    torch_dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        agreed = [common.agreed_precision(p, "cpu", 2) for p in ("auto", "float32", "bfloat16")]
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(agreed))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("natives, auto", [([True, False], "float32"), ([True, True], "bfloat16")])
+def test_auto_precision_is_agreed_by_every_rank(tmp_path, natives, auto):
+    """Two gloo ranks on CPUs of different kinds (one multiplies bf16 natively, one does not) both
+    train "auto" in float32; two native ones in bfloat16; named precisions pass through."""
+    import torch.multiprocessing as mp
+
+    from nanochat.common import agreed_precision
+
+    out = tmp_path / natives.__repr__().replace(" ", "")
+    out.mkdir()
+    mp.spawn(_precision_rank, args=(str(out / "store"), str(out), natives), nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((out / f"rank{rank}.json").read_text()) == [auto, "float32", "bfloat16"]
+    with pytest.raises(ValueError, match="'fp8' is not one of"):
+        agreed_precision("fp8", "cpu", 1)
 
 
 def test_a_bfloat16_loop_trains_under_autocast_and_says_so():

@@ -8,8 +8,9 @@
   whose score depends only on the model and the item, and `aggregate` sums them in (task, index)
   order, so N shards give exactly the totals of 1 shard;
 - centring: `centred_mean` is CORE's and ChatCORE's mean of (acc - baseline) / (1 - baseline);
-- validation bits per byte over the validation shard (`val_bpb`, via nanochat.train.evaluate_bpb)
-  and greedy completions of fixed prompts (`sample_completions`, via nanochat.engine).
+- validation bits per byte over the validation shard, whole or one of `parts` interleaved parts
+  (`val_bpb`, via nanochat.train.bpb_sums; `combine_bpb` adds the parts' nats and bytes), and
+  greedy completions of fixed prompts (`sample_completions`, via nanochat.engine).
 
 Nothing here runs at import time. Tests: `python -m pytest tests/test_core_eval.py`.
 """
