@@ -116,9 +116,10 @@ def training_dtype(precision: str | None, device: str | torch.device) -> torch.d
 def agreed_precision(precision: str | None, device: str | torch.device, world_size: int) -> str | None:
     """A stage's `precision` as every rank of the run will train it: "auto" becomes "bfloat16" only if
     every rank's device multiplies bf16 natively, else "float32" (ranks on CPUs or GPUs of different
-    kinds, or a resume onto another kind, must not train in different dtypes); other values pass
-    through, validated. With world_size > 1 and "auto" it is a collective (MIN over the ranks): every
-    rank calls it, in the same place."""
+    kinds must not train in different dtypes; a resume onto other node kinds may switch every rank at
+    once, and the metrics' `dtype` shows it); other values pass through, validated. With
+    world_size > 1 and "auto" it is a collective (MIN over the ranks): every rank calls it, in the
+    same place."""
     if precision != "auto":
         training_dtype(precision, device)
         return precision
