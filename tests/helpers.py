@@ -3,7 +3,7 @@
 - `tiny_gpt` / `random_gpt`: small GPTs on CPU, seeded, with nanochat's init or every weight random;
 - `ByteTokenizer`: UTF-8 bytes as token ids and BOS = 256, for code that needs only encode/decode;
 - `hi`: the `messages` of a one-turn chat request;
-- `eventually`: wait (polling, with a deadline) for something another thread does.
+- `wait_for`: wait (polling, with a deadline) for something another thread or process does.
 
 Import them as `from tests.helpers import ...` (the repository root is on sys.path when pytest runs).
 """
@@ -71,17 +71,19 @@ def hi(text: str = "hello there") -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def eventually(check, timeout: float = 10.0, interval: float = 0.02) -> bool:
-    """True as soon as `check()` is, polling every `interval` s; False after `timeout` s (a loaded CI
-    machine can take far longer than a fixed sleep allows, and a fixed sleep makes every run wait)."""
+def wait_for(predicate, timeout_s: float, what: str, proc=None, interval: float = 0.1) -> None:
+    """Poll `predicate()` every `interval` s until it is true; an AssertionError naming `what` after
+    `timeout_s` s, or as soon as `proc` (a subprocess.Popen) has exited (a loaded CI machine can take far
+    longer than a fixed sleep allows, and a fixed sleep makes every run wait)."""
     import time
 
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
+    deadline = time.time() + timeout_s
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(interval)
-    return True
 
 
 def pid_and(state, value):

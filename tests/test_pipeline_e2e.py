@@ -18,13 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cluster.storage import RunStorage
 from jobs import pipeline, registry
+from tests.helpers import wait_for
 from tests.newcomer import RUN, describe
 
 pytestmark = pytest.mark.cluster
@@ -93,16 +93,6 @@ def test_the_runs_export_loads_in_transformers_offline(reference):
     assert "## Inference" in report and "TTFT" in (out / "README.md").read_text()
 
 
-def _wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout_s
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the pipeline exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.1)
-
-
 def _close(a, b, rel: float = 1e-3, abs_: float = 1e-4) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return a is not None and b is not None and math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
@@ -125,7 +115,7 @@ def test_a_pipeline_killed_during_sft_resumes_and_matches_the_uninterrupted_run(
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first_checkpoint = dest / "sft" / "checkpoint_0000010" / "state.json"
-        _wait_for(first_checkpoint.exists, 600, "the SFT stage's first checkpoint", proc)
+        wait_for(first_checkpoint.exists, 600, "the SFT stage's first checkpoint", proc)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -142,7 +132,7 @@ def test_a_pipeline_killed_during_sft_resumes_and_matches_the_uninterrupted_run(
     sft_jobs = [j for j in client.list_jobs() if (j.submission_id or "").startswith(f"{RUN}-sft-")
                 and str(tmp_path) in j.entrypoint]
     assert len(sft_jobs) == 1
-    _wait_for(lambda: client.get_job_status(sft_jobs[0].submission_id).is_terminal(), 120, "the SFT job to stop")
+    wait_for(lambda: client.get_job_status(sft_jobs[0].submission_id).is_terminal(), 120, "the SFT job to stop")
     assert client.get_job_status(sft_jobs[0].submission_id) == JobStatus.STOPPED
 
     # the job may save another checkpoint while it is being stopped: the rerun resumes from the last one

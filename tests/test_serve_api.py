@@ -24,7 +24,7 @@ import requests
 from cluster.local import free_port
 from serve_app.config import ServeConfig
 from serve_app.testing import write_random_checkpoint
-from tests.helpers import eventually, hi
+from tests.helpers import hi, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -262,7 +262,7 @@ def test_client_disconnect_frees_the_slot(service) -> None:
         last = step_log(service, 1)
         return bool(last and last[-1]["rows"] and f"{rid}/0" not in last[-1]["rows"])
 
-    assert eventually(decoded_without_it, timeout=30, interval=0.5), "the abandoned request is still decoded"
+    wait_for(decoded_without_it, 30, "a step without the abandoned request", interval=0.5)
     steps = step_log(service, 3000)
     mine = [s for s in steps if f"{rid}/0" in s["rows"]]
     assert mine and len(mine) < 200, f"{len(mine)} steps decoded the abandoned request"

@@ -17,7 +17,7 @@ from nanochat.gpt import GPT, GPTConfig
 from serve_app.scheduler import Overloaded, Scheduler
 from serve_app.schemas import ApiError, ChatCompletionRequest, parse_request
 from serve_app.textstream import ChoiceText, ToolTokens, merge_pieces
-from tests.helpers import eventually
+from tests.helpers import wait_for
 
 PY_START, PY_END, OUT_START, OUT_END, END = range(256, 261)
 TOKEN_BYTES = [bytes([i]) for i in range(256)] + [b""] * 5
@@ -245,8 +245,8 @@ def test_generation_over_a_served_model_without_ray() -> None:
 
     try:
         whole, choices = asyncio.run(main())
-        # the scheduler thread applies the cancel before its next step
-        assert eventually(lambda: served.engine.free_slots() == [0, 1, 2, 3]), served.engine.free_slots()
+        wait_for(lambda: served.engine.free_slots() == [0, 1, 2, 3], 10, "the scheduler thread to apply the "
+                 "cancel and free every slot", interval=0.02)
     finally:
         served.close()
     assert len(choices) == 4 and all(finish in ("stop", "length") for _, finish in choices)
@@ -315,7 +315,7 @@ def test_unloading_a_model_calls_back_once_and_zeroes_its_gauges(monkeypatch) ->
     try:
         hook = metrics.watch("m", lambda: 3)
         hook(type("Record", (), {"rows": [0, 1]})(), 5)
-        assert eventually(lambda: (3, "m") in metrics.queue.values)  # refreshed while loaded
+        wait_for(lambda: (3, "m") in metrics.queue.values, 10, "the gauge refreshed while loaded", interval=0.02)
         tok = Tokenizer.train_from_iterator(synthetic_texts(50), 280)
         model = GPT(GPTConfig(sequence_len=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2,
                               n_embd=32))
